@@ -1,0 +1,242 @@
+"""Typed configuration: YAML -> nested dataclasses, validated before any work starts.
+
+Every section is a dataclass with commented defaults. `load_config(path, overrides)` reads the YAML, applies
+`section.key=value` overrides (parsed as YAML scalars), and checks every key: unknown keys, wrong types and
+out-of-range values raise `ConfigError` with one line naming the key and how to fix it. Entry points turn a
+`ConfigError` into exit code 2 before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; its message is one line naming the key."""
+
+
+DATASETS = ("mnist", "fashion_mnist")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"            # mnist | fashion_mnist
+    root: str = ""                    # optional directory of IDX files (raw or .gz); empty: cache, then registries
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "fast"                # fast | reference (the paper's 10.2M UNet, state-dict compatible)
+    im_channels: int = 1
+    down_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    mid_channels: list[int] = field(default_factory=lambda: [128, 128, 64])
+    down_sample: list[bool] = field(default_factory=lambda: [True, True])
+    down_attention: list[bool] = field(default_factory=lambda: [False, False])  # attention in each down/up block
+    time_emb_dim: int = 128
+    num_down_layers: int = 1
+    num_mid_layers: int = 1
+    num_up_layers: int = 1
+    num_heads: int = 4
+
+
+@dataclass
+class DiffusionConfig:
+    num_timesteps: int = 1000         # T of training (and of PAPA's loss weights)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    sampler: str = "ancestral"        # ancestral | ddim
+    sample_steps: int = 100           # steps used when sampling; < T respaces the schedule (strided)
+    eta: float = 1.0                  # DDIM eta (only for sampler: ddim)
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 6000
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+@dataclass
+class ClassifierTrainConfig:
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1.0                   # Adadelta, as the PyTorch MNIST example
+    gamma: float = 0.7                # StepLR per epoch
+    seed: int = 1
+
+
+@dataclass
+class CheckpointsConfig:
+    base: str = "checkpoints/mnist/base_ddpm.pt"
+    oracle: str = "checkpoints/mnist/oracle.pt"
+    evaluator: str = "checkpoints/mnist/evaluator.pt"
+
+
+@dataclass
+class SampleConfig:
+    num: int = 100
+    batch_size: int = 100
+    seed: int = 0
+    epapa_k: int = 0                  # steps t < k use the frozen base model (ePAPA); 0: all steps the given model
+    out: str = "samples"
+
+
+@dataclass
+class Config:
+    task_name: str = "mnist"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    oracle: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
+    evaluator: ClassifierTrainConfig = field(default_factory=lambda: ClassifierTrainConfig(seed=2, lr=1e-3))
+    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# --------------------------------------------------------------------------- building from plain data
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of its fields, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(
+                f"unknown config key '{prefix}{k}'; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}' {msg}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range and consistency checks; raises ConfigError naming the key."""
+    _require(cfg.data.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}, got {cfg.data.dataset!r}")
+    m = cfg.model
+    _require(m.arch in ("fast", "reference"), "model.arch", f"must be 'fast' or 'reference', got {m.arch!r}")
+    _require(len(m.down_channels) >= 2, "model.down_channels", "needs at least two entries")
+    _require(all(c > 0 and c % 8 == 0 for c in m.down_channels + m.mid_channels), "model.down_channels",
+             "and model.mid_channels must be positive multiples of 8 (GroupNorm(8))")
+    _require(len(m.down_sample) == len(m.down_channels) - 1, "model.down_sample",
+             f"must have len(down_channels)-1 = {len(m.down_channels) - 1} entries")
+    _require(len(m.down_attention) == len(m.down_channels) - 1, "model.down_attention",
+             f"must have len(down_channels)-1 = {len(m.down_channels) - 1} entries")
+    _require(m.mid_channels[0] == m.down_channels[-1], "model.mid_channels",
+             "must start with down_channels[-1]")
+    _require(m.mid_channels[-1] == m.down_channels[-2], "model.mid_channels",
+             "must end with down_channels[-2] (the up path concatenates it with that skip)")
+    _require(m.time_emb_dim > 0 and m.time_emb_dim % 2 == 0, "model.time_emb_dim", "must be a positive even number")
+    for k in ("num_down_layers", "num_mid_layers", "num_up_layers", "num_heads", "im_channels"):
+        _require(getattr(m, k) >= 1, f"model.{k}", "must be >= 1")
+    d = cfg.diffusion
+    _require(d.num_timesteps >= 2, "diffusion.num_timesteps", "must be >= 2")
+    _require(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start",
+             "and diffusion.beta_end must satisfy 0 < beta_start < beta_end < 1")
+    _require(d.sampler in ("ancestral", "ddim"), "diffusion.sampler", f"must be 'ancestral' or 'ddim', got {d.sampler!r}")
+    _require(1 <= d.sample_steps <= d.num_timesteps, "diffusion.sample_steps",
+             f"must be in [1, diffusion.num_timesteps={d.num_timesteps}]")
+    _require(0.0 <= d.eta <= 1.0, "diffusion.eta", "must be in [0, 1]")
+    p = cfg.pretrain
+    for k in ("steps", "batch_size", "checkpoint_every"):
+        _require(getattr(p, k) >= 1, f"pretrain.{k}", "must be >= 1")
+    _require(p.lr > 0, "pretrain.lr", "must be > 0")
+    _require(0.0 <= p.ema_decay < 1.0, "pretrain.ema_decay", "must be in [0, 1)")
+    for sec in ("oracle", "evaluator"):
+        c = getattr(cfg, sec)
+        _require(c.epochs >= 1, f"{sec}.epochs", "must be >= 1")
+        _require(c.batch_size >= 1, f"{sec}.batch_size", "must be >= 1")
+        _require(c.lr > 0, f"{sec}.lr", "must be > 0")
+    s = cfg.sample
+    _require(s.num >= 1, "sample.num", "must be >= 1")
+    _require(s.batch_size >= 1, "sample.batch_size", "must be >= 1")
+    _require(0 <= s.epapa_k < d.num_timesteps, "sample.epapa_k",
+             f"must be in [0, diffusion.num_timesteps={d.num_timesteps}) (k >= T would train no step)")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. sample.num=16)")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config, apply `a.b=value` overrides, build the dataclasses and validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' not found; pass an existing YAML such as configs/mnist.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections at the top level")
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{ov}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return validate(_build(Config, data))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(cfg: Any) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
