@@ -111,7 +111,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Admits numpy arrays and dtypes only: anything else in the pickle (os.system, eval, …) is refused."""
 
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct")}
+               ("numpy._core.multiarray", "_reconstruct"),
+               ("_codecs", "encode")}  # protocol-2 pickles written by Python 3 spell bytes this way; it runs no code
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:

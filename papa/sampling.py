@@ -6,11 +6,10 @@ seed and index: not on the batch size, nor on how the samples are sharded over r
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from tqdm import tqdm
 
+from papa import ops
 from papa.schedule import NoiseSchedule
 
 
@@ -26,8 +25,7 @@ def _randn(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
 def sample(model: torch.nn.Module, sched: NoiseSchedule, num: int, *, steps: int, sampler: str = "ancestral",
            eta: float = 1.0, seed: int = 0, first_index: int = 0, batch_size: int = 100,
            base_model: torch.nn.Module | None = None, epapa_k: int = 0, image_shape: tuple[int, ...] = (1, 28, 28),
-           device: str | torch.device = "cpu", progress: bool = True,
-           step_fn: Callable | None = None) -> torch.Tensor:
+           device: str | torch.device = "cpu", progress: bool = True) -> torch.Tensor:
     """Draw `num` images in [−1, 1] (float32, CPU). Steps with t < epapa_k use `base_model` (ePAPA)."""
     if epapa_k > 0 and base_model is None:
         raise ValueError("epapa_k > 0 needs the frozen base model")
@@ -44,9 +42,9 @@ def sample(model: torch.nn.Module, sched: NoiseSchedule, num: int, *, steps: int
             net = base_model if t < epapa_k else model
             tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
             eps = net(x, tt)
-            noise = _randn(gens, image_shape).to(device) if t_prev >= 0 else None
-            step = (step_fn or sched.step)(x, eps, tt, torch.full_like(tt, t_prev), sampler, eta, noise=noise)
-            x = step.prev_sample
+            noise = _randn(gens, image_shape).to(device) if t_prev >= 0 else torch.zeros_like(x)
+            coef = sched.fused_coefficients(tt, torch.full_like(tt, t_prev), sampler, eta)
+            x, _, _ = ops.fused_step(x, eps, noise, coef)  # x_{t_prev}, x̂0, log-prob in one pass
             bar.update(1)
         out.append(x.float().clamp(-1, 1).cpu())
     bar.close()

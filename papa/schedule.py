@@ -110,6 +110,14 @@ class NoiseSchedule:
             raise ValueError(f"unknown sampler {sampler!r}; use 'ancestral' or 'ddim'")
         return {"c_xt": c_xt.float(), "c_eps": c_eps.float(), "std": std.float()}
 
+    def fused_coefficients(self, t: torch.Tensor, t_prev: torch.Tensor, sampler: str = "ancestral",
+                           eta: float = 1.0) -> torch.Tensor:
+        """(B, 5) float32 [c_xt, c_eps, σ, a0, b0] for `papa.ops.fused_step`, with x̂0 = a0·x_t − b0·ε̂."""
+        c = self.step_coefficients(t, t_prev, sampler, eta)
+        ab = self.alpha_bar(t, torch.float64)
+        a0, b0 = 1 / ab.sqrt(), (1 - ab).sqrt() / ab.sqrt()
+        return torch.stack([c["c_xt"], c["c_eps"], c["std"], a0.float(), b0.float()], 1)
+
     def step(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor | None = None,
              sampler: str = "ancestral", eta: float = 1.0, noise: torch.Tensor | None = None,
              prev_sample: torch.Tensor | None = None) -> StepOutput:

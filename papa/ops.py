@@ -1,0 +1,64 @@
+"""The one dispatch point for papa's fused ops: C++/CUDA extension, Triton, or the plain-torch reference.
+
+Each public op has a `*_ref` twin written in plain torch from the formula; it is the test oracle and the fallback.
+The backend is decided lazily at the first call (never at import time, so importing papa touches no GPU):
+`PAPA_OPS=torch|cpp|triton` forces one (for tests and debugging); otherwise CUDA tensors use the extension's CUDA
+kernels, CPU tensors the extension's vectorised CPU kernels, and anything the extension cannot take the reference.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from papa.schedule import LOG_SQRT_2PI
+
+BACKENDS = ("torch", "cpp", "triton")
+
+
+@functools.lru_cache(maxsize=1)
+def extension_available() -> bool:
+    try:
+        import papa._C  # noqa: F401  (registers torch.ops.papa.*)
+    except ImportError:
+        return False
+    torch.library.register_fake("papa::fused_step")(_fused_step_fake)
+    return True
+
+
+def forced_backend() -> str | None:
+    b = os.environ.get("PAPA_OPS", "").strip().lower()
+    if b and b not in BACKENDS:
+        raise ValueError(f"PAPA_OPS={b!r} is not one of {BACKENDS}")
+    return b or None
+
+
+def fused_step_ref(x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor, coef: torch.Tensor):
+    """Reference: μ = c_xt x + c_eps ε̂; x_prev = μ + σ z; x̂0 = clamp(a0 x − b0 ε̂); log π = mean(−z²/2) − log σ − ½log2π."""
+    c = coef.to(torch.float64 if x_t.dtype == torch.float64 else torch.float32)
+    b = lambda i: c[:, i].reshape(-1, *([1] * (x_t.ndim - 1)))
+    xf, ef, zf = (v.to(c.dtype) for v in (x_t, eps, noise))
+    x_prev = b(0) * xf + b(1) * ef + b(2) * zf
+    x0 = (b(3) * xf - b(4) * ef).clamp(-1, 1)
+    sigma = c[:, 2]
+    lp = -0.5 * zf.flatten(1).square().mean(1) - torch.log(sigma.clamp_min(1e-30)) - LOG_SQRT_2PI
+    lp = torch.where(sigma > 0, lp, torch.full_like(lp, math.nan)).float()
+    return x_prev.to(x_t.dtype), x0.to(x_t.dtype), lp
+
+
+def fused_step(x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor, coef: torch.Tensor):
+    """One sampling step in one pass: returns (x_prev, x̂0, log_prob (B,) float32). coef: (B, 5) float32."""
+    backend = forced_backend()
+    if backend == "torch" or (backend is None and not extension_available()):
+        return fused_step_ref(x_t, eps, noise, coef)
+    if backend == "triton":
+        raise NotImplementedError("fused_step has no Triton kernel: use PAPA_OPS=cpp or torch")
+    if not extension_available():
+        raise RuntimeError("PAPA_OPS=cpp but papa._C is not built: run `pip install --no-build-isolation -e .`")
+    return torch.ops.papa.fused_step(x_t, eps, noise, coef.float())
+
+
+def _fused_step_fake(x_t, eps, noise, coef):
+    return torch.empty_like(x_t), torch.empty_like(x_t), x_t.new_empty((x_t.shape[0],), dtype=torch.float32)

@@ -1,0 +1,95 @@
+"""The fused denoising step: C++ (and, on a GPU, CUDA) against the float64 plain-torch reference."""
+import pytest
+import torch
+
+from papa import ops
+from papa.schedule import NoiseSchedule
+
+needs_ext = pytest.mark.skipif(not ops.extension_available(), reason="papa._C not built (pip install -e .)")
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _inputs(B, shape, dtype, device="cpu"):
+    sched = NoiseSchedule()
+    t = torch.randint(1, 1000, (B,))
+    t[0] = 0  # one sample at the last step: σ = 0, log-prob NaN by convention
+    coef = sched.fused_coefficients(t, t - 1).to(device)
+    x, eps, z = (torch.randn(B, *shape, dtype=torch.float64).to(device=device, dtype=dtype) for _ in range(3))
+    return x, eps, z, coef
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B, shape", [(256, (1, 28, 28)), (3, (1, 5, 7))])
+def test_cpp_step_matches_float64_reference(dtype, B, shape):
+    x, eps, z, coef = _inputs(B, shape, dtype)
+    got = torch.ops.papa.fused_step(x, eps, z, coef)
+    want = ops.fused_step_ref(x.double(), eps.double(), z.double(), coef)
+    tol = TOL[dtype]
+    for g, w in zip(got[:2], want[:2]):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), w, atol=tol * 10, rtol=tol)
+    assert torch.isnan(got[2][0]) and torch.isnan(want[2][0])
+    torch.testing.assert_close(got[2][1:].double(), want[2][1:].double(), atol=1e-4, rtol=1e-5)
+
+
+@needs_ext
+def test_step_agrees_with_schedule_step():
+    sched = NoiseSchedule()
+    x, eps, z = torch.randn(3, 4, 1, 6, 6).unbind(0)
+    t, tp = torch.tensor([999, 500, 3, 1]), torch.tensor([989, 490, 2, 0])
+    for sampler, eta in (("ancestral", 1.0), ("ddim", 1.0), ("ddim", 0.5)):
+        ref = sched.step(x, eps, t, tp, sampler, eta, noise=z)
+        prev, x0, lp = ops.fused_step(x, eps, z, sched.fused_coefficients(t, tp, sampler, eta))
+        torch.testing.assert_close(prev, ref.prev_sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x0, ref.pred_x0, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lp, ref.log_prob, atol=1e-4, rtol=1e-5)
+
+
+@needs_ext
+def test_opcheck():
+    x, eps, z, coef = _inputs(4, (1, 6, 6), torch.float32)
+    coef = coef.clone()
+    coef[0, 2] = 0.3  # opcheck compares outputs: avoid NaN
+    torch.library.opcheck(torch.ops.papa.fused_step.default, (x, eps, z, coef))
+
+
+@needs_ext
+def test_bad_inputs_raise_clear_errors():
+    x, eps, z, coef = _inputs(4, (1, 6, 6), torch.float32)
+    with pytest.raises(RuntimeError, match="coef must be float32"):
+        torch.ops.papa.fused_step(x, eps, z, coef[:, :3])
+    with pytest.raises(RuntimeError, match="eps and noise must have"):
+        torch.ops.papa.fused_step(x, eps[:, :, :3], z, coef)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_dispatch_paths_agree(backend, monkeypatch):
+    if backend == "cpp" and not ops.extension_available():
+        pytest.skip("papa._C not built")
+    x, eps, z, coef = _inputs(5, (1, 28, 28), torch.float32)
+    monkeypatch.setenv("PAPA_OPS", backend)
+    got = ops.fused_step(x, eps, z, coef)
+    want = ops.fused_step_ref(x, eps, z, coef)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_bad_backend_name(monkeypatch):
+    monkeypatch.setenv("PAPA_OPS", "fortran")
+    x, eps, z, coef = _inputs(2, (1, 4, 4), torch.float32)
+    with pytest.raises(ValueError, match="PAPA_OPS"):
+        ops.fused_step(x, eps, z, coef)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_step_matches_reference(dtype):
+    x, eps, z, coef = _inputs(257, (1, 28, 28), dtype, "cuda")
+    got = torch.ops.papa.fused_step(x, eps, z, coef)
+    want = ops.fused_step_ref(x.double(), eps.double(), z.double(), coef)
+    tol = TOL[dtype]
+    for g, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(g.double(), w, atol=tol * 10, rtol=tol)
+    torch.testing.assert_close(got[2][1:].double(), want[2][1:].double(), atol=1e-4, rtol=1e-5)

@@ -1,0 +1,60 @@
+"""The sampler and `python -m papa.sample`: output files, determinism, batch independence, ePAPA switch."""
+import json
+
+import pytest
+import torch
+
+from papa import checkpoint
+from papa.config import load_config
+from papa.models import EvaluatorCNN, build_unet
+from papa.sampling import sample
+from papa.schedule import NoiseSchedule
+from conftest import ROOT
+
+
+def _tiny_model():
+    cfg = load_config(ROOT / "configs" / "mnist.yaml")
+    return build_unet(cfg.model).eval()
+
+
+def test_samples_do_not_depend_on_batch_size():
+    m, s = _tiny_model(), NoiseSchedule()
+    a = sample(m, s, 5, steps=4, seed=3, batch_size=5, progress=False)
+    b = torch.cat([sample(m, s, 2, steps=4, seed=3, batch_size=2, progress=False),
+                   sample(m, s, 3, steps=4, seed=3, first_index=2, batch_size=3, progress=False)])
+    assert a.shape == (5, 1, 28, 28) and torch.allclose(a, b, atol=1e-5)
+    c = sample(m, s, 5, steps=4, seed=4, batch_size=5, progress=False)
+    assert not torch.allclose(a, c)
+
+
+def test_epapa_switch_uses_base_model_below_k():
+    m, s = _tiny_model(), NoiseSchedule()
+    base = _tiny_model()  # other random weights
+    plain = sample(m, s, 2, steps=5, seed=0, progress=False)
+    same = sample(m, s, 2, steps=5, seed=0, base_model=m, epapa_k=400, progress=False)
+    mixed = sample(m, s, 2, steps=5, seed=0, base_model=base, epapa_k=400, progress=False)
+    assert torch.allclose(plain, same) and not torch.allclose(plain, mixed)
+    with pytest.raises(ValueError, match="base model"):
+        sample(m, s, 1, steps=2, epapa_k=10, progress=False)
+
+
+def test_sample_cli_writes_grid_tensor_and_stats(tmp_path):
+    from papa.sample import main
+    unet = _tiny_model()
+    checkpoint.atomic_save({"state_dict": unet.state_dict()}, tmp_path / "u.pt")
+    checkpoint.atomic_save({"state_dict": EvaluatorCNN().state_dict()}, tmp_path / "e.pt")
+    out = tmp_path / "out"
+    code = main.__wrapped__ if hasattr(main, "__wrapped__") else main
+    rc = code(["--config", str(ROOT / "configs" / "mnist.yaml"), "--checkpoint", str(tmp_path / "u.pt"),
+               "--set", f"checkpoints.evaluator={tmp_path / 'e.pt'}", "--set", f"checkpoints.base={tmp_path / 'u.pt'}",
+               "--set", "diffusion.sample_steps=3", "--num", "6", "--seed", "1", "--epapa-k", "300",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["num"] == 6 and len(stats["class_fraction"]) == 10
+    assert abs(sum(stats["class_fraction"]) - 1) < 1e-3 and 0 < stats["mean_confidence"] <= 1
+    assert stats["epapa_k"] == 300 and stats["seed"] == 1
+    imgs = torch.load(out / "samples.pt", weights_only=True)
+    assert imgs.shape == (6, 1, 28, 28) and imgs.min() >= -1 and imgs.max() <= 1
+    assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "config.yaml").is_file()
