@@ -1,0 +1,36 @@
+"""Benchmarks: fast path against its reference in the same run; gates are ratios with loose floors, never absolute
+times (these machines drift 20-30% between runs). One thread, fixed seeds; set MALLOC_MMAP_THRESHOLD_ and
+MALLOC_TRIM_THRESHOLD_ to 1073741824 before starting (as .ci/run does) to avoid bimodal eager timings."""
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    torch.set_num_threads(1)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        print("bench: MALLOC_MMAP_THRESHOLD_ not set; eager CPU timings may be bimodal", file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def min_time(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Best-of-`reps` wall time of fn() in seconds (the minimum is the least noisy estimator on a shared machine)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
