@@ -12,6 +12,37 @@ SHARED = ROOT.parent / "shared"
 REFERENCE = SHARED / "reference"
 
 torch.set_num_threads(1)
+# Triton kernels run under the interpreter on CPU tensors when there is no GPU; it must be set before the kernel
+# modules are imported (test code may query CUDA; papa itself never does at import time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _Poisoned:
+    """Stands in for the `torch` module inside a kernel module: every torch.empty/empty_like it allocates is filled
+    with NaN, so an element a kernel forgets to write shows up (the interpreter does not catch such bugs)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*a, **k):
+        t = torch.empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    @staticmethod
+    def empty_like(x, **k):
+        t = torch.empty_like(x, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    def apply(*modules):
+        for m in modules:
+            monkeypatch.setattr(m, "torch", _Poisoned())
+    return apply
 
 
 @pytest.fixture(autouse=True)
