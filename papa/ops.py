@@ -62,3 +62,56 @@ def fused_step(x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor, coef: 
 
 def _fused_step_fake(x_t, eps, noise, coef):
     return torch.empty_like(x_t), torch.empty_like(x_t), x_t.new_empty((x_t.shape[0],), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- step log-prob and the D3PO loss
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    b = forced_backend()
+    if b == "triton":
+        return True
+    return b is None and t.is_cuda
+
+
+def step_log_prob_ref(x_t, eps, x_prev, coef, reduce: str = "mean"):
+    """Plain-torch twin of `step_log_prob` (see papa_kernels.logprob)."""
+    from papa_kernels.logprob import gaussian_step_logprob_ref
+    return gaussian_step_logprob_ref(x_t, eps, x_prev, coef, reduce)
+
+
+def step_log_prob(x_t: torch.Tensor, eps: torch.Tensor, x_prev: torch.Tensor, coef: torch.Tensor,
+                  reduce: str = "mean") -> torch.Tensor:
+    """log π(x_prev | x_t) per sample under N(c_xt x_t + c_eps ε̂, σ²), differentiable in ε̂. coef: (B, 3) or (B, 5)
+    (the first three columns are used). Pixel mean by default (ALGORITHMS.md §3), `reduce='sum'` on request."""
+    coef = coef[:, :3]
+    if _use_triton(x_t):
+        from papa_kernels.logprob import gaussian_step_logprob
+        return gaussian_step_logprob(x_t, eps, x_prev, coef, reduce)
+    return step_log_prob_ref(x_t, eps, x_prev, coef, reduce)
+
+
+def d3po_loss_ref(lp_policy, lp_ref, h, beta: float = 0.1, clip: float = 0.1):
+    from papa_kernels.dpo import dpo_ratio_loss_ref
+    return dpo_ratio_loss_ref(lp_policy, lp_ref.detach(), h.to(lp_policy.dtype), beta, clip)
+
+
+def d3po_loss(lp_policy: torch.Tensor, lp_ref: torch.Tensor, h: torch.Tensor, beta: float = 0.1,
+              clip: float = 0.1) -> torch.Tensor:
+    """D3PO loss per pair (N,) from log-probs (N, 2) and preferences h (N, 2) ∈ {(1,−1), (−1,1), (0,0)}."""
+    if _use_triton(lp_policy):
+        from papa_kernels.dpo import dpo_ratio_loss
+        return dpo_ratio_loss(lp_policy, lp_ref, h, beta, clip)
+    return d3po_loss_ref(lp_policy, lp_ref, h, beta, clip)
+
+
+def fused_d3po_loss(x_t, eps_policy, eps_ref, x_prev, coef, h, beta: float = 0.1, clip: float = 0.1,
+                    reduce: str = "mean"):
+    """Log-probs of both pair members under policy and reference, and the D3PO loss, in one pass where Triton runs.
+    Tensors (N, 2, …), coef (N, 2, ≥3). Returns (loss (N,), lp_policy (N, 2), lp_ref (N, 2))."""
+    coef = coef[..., :3]
+    if _use_triton(x_t):
+        from papa_kernels.dpo import fused_d3po_loss as k
+        return k(x_t, eps_policy, eps_ref, x_prev, coef, h, beta, clip, reduce)
+    from papa_kernels.dpo import fused_d3po_loss_ref
+    return fused_d3po_loss_ref(x_t, eps_policy, eps_ref, x_prev, coef, h, beta, clip, reduce)

@@ -93,3 +93,33 @@ def test_cuda_step_matches_reference(dtype):
     for g, w in zip(got[:2], want[:2]):
         torch.testing.assert_close(g.double(), w, atol=tol * 10, rtol=tol)
     torch.testing.assert_close(got[2][1:].double(), want[2][1:].double(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logprob_and_d3po_dispatch_paths_agree(backend, monkeypatch):
+    monkeypatch.setenv("PAPA_OPS", backend)
+    sched = NoiseSchedule()
+    N = 3
+    # t ≥ 100: at tiny σ fp32 log-probs are huge and their differences (what D3PO uses) lose digits in any
+    # implementation; the float64 kernel tests cover the small-σ end
+    t = torch.randint(100, 1000, (N * 2,))
+    coef = sched.fused_coefficients(t, t - 1)
+    x, ep, p = (torch.randn(N * 2, 1, 6, 6) for _ in range(3))
+    er = ep + 0.01 * torch.randn_like(ep)
+    h = torch.tensor([[1.0, -1.0], [0.0, 0.0], [-1.0, 1.0]])
+    e1 = ep.clone().requires_grad_(True)
+    lp = ops.step_log_prob(x, e1, p, coef)
+    want = ops.step_log_prob_ref(x, ep, p, coef[:, :3])
+    torch.testing.assert_close(lp, want, atol=1e-4, rtol=1e-5)
+    lr = ops.step_log_prob(x, er, p, coef).detach()
+    loss = ops.d3po_loss(lp.view(N, 2), lr.view(N, 2), h, beta=50.0)
+    loss.sum().backward()
+    e2 = ep.clone().requires_grad_(True)
+    ref = ops.d3po_loss_ref(ops.step_log_prob_ref(x, e2, p, coef[:, :3]).view(N, 2), lr.view(N, 2), h, beta=50.0)
+    ref.sum().backward()
+    # β = 50 amplifies fp32 rounding of the log-probs (~1e-6 relative) fifty-fold
+    torch.testing.assert_close(loss, ref, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(e1.grad, e2.grad, atol=1e-5, rtol=1e-3)
+    fl, flp, flr = ops.fused_d3po_loss(x.view(N, 2, 1, 6, 6), ep.view(N, 2, 1, 6, 6), er.view(N, 2, 1, 6, 6),
+                                       p.view(N, 2, 1, 6, 6), coef.view(N, 2, 5), h, beta=50.0)
+    torch.testing.assert_close(fl, loss.detach(), atol=1e-6, rtol=1e-6)  # fused == unfused on the same backend
