@@ -93,6 +93,49 @@ class SampleConfig:
 
 
 @dataclass
+class FeedbackConfig:
+    source: str = "oracle"            # oracle (simulated user) | file (labels JSON: {"<image id>": 1 | -1 | 0})
+    preference: list[int] = field(default_factory=lambda: [1, 4, 7, 9])   # the user's liked classes
+    full_exploitation: bool = True    # non-preferred samples labelled -1 (true) or 0 (false: ignored)
+    labels_file: str = ""             # for source: file
+
+
+@dataclass
+class TrainConfig:
+    algo: str = "papa"                # papa (ePAPA is papa with epapa_k > 0)
+    rounds: int = 30
+    samples_per_round: int = 10       # labels asked per round
+    batch_size: int = 10              # samples per optimiser step
+    epochs_per_round: int = 1         # passes over the round's training set
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0            # 0: off
+    pref_loss_coef: float = 0.1
+    model_loss_coef: float = 0.009
+    epapa_k: int = 0                  # ePAPA: base model for t < k when sampling; train only t in [k, T-1]
+    timesteps_per_sample: int = 0     # M: stratified, importance-weighted subsample of the trained steps; 0 = all
+    timestep_chunk: int = 64          # (sample, t) items per UNet call; gradients accumulate chunk by chunk
+    t0_weight: str = "reference"      # lambda_0: reference (alpha_bar_{-1} wraps to alpha_bar_{T-1}) | skip | clamp (= lambda_1)
+    qpde_placement: str = "last"      # last (t = T-1, as the reference on one GPU) | random (one trained t) | every
+    qpde_on_negatives: bool = False   # also keep disliked samples close to the base model
+    replay: bool = False              # train on all feedback so far (paper figure) or this round's only (code)
+    loss_scale: str = "global"        # global: independent of ranks | reference: DDP mean over W ranks (8-GPU scaling)
+    noise_per_timestep: bool = False  # false: one eps draw reused for every t (reference)
+    seed: int = 0
+    output_dir: str = "runs"
+    sample_path: str = ""             # run directory name under output_dir/task_name (default: algo_seed)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5                    # evaluate every N rounds (the first and the last always)
+    num: int = 200                    # samples for intermediate evaluations
+    final_num: int = 500              # samples for the first and final evaluations
+    seed: int = 12345
+    batch_size: int = 250
+
+
+@dataclass
 class Config:
     task_name: str = "mnist"
     data: DataConfig = field(default_factory=DataConfig)
@@ -103,6 +146,9 @@ class Config:
     evaluator: ClassifierTrainConfig = field(default_factory=lambda: ClassifierTrainConfig(seed=2, lr=1e-3))
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------- building from plain data
@@ -196,6 +242,27 @@ def validate(cfg: Config) -> Config:
     _require(s.batch_size >= 1, "sample.batch_size", "must be >= 1")
     _require(0 <= s.epapa_k < d.num_timesteps, "sample.epapa_k",
              f"must be in [0, diffusion.num_timesteps={d.num_timesteps}) (k >= T would train no step)")
+    f = cfg.feedback
+    _require(f.source in ("oracle", "file"), "feedback.source", f"must be 'oracle' or 'file', got {f.source!r}")
+    _require(len(f.preference) >= 1 and all(0 <= c <= 9 for c in f.preference) and len(set(f.preference)) == len(f.preference),
+             "feedback.preference", f"must be distinct class indices in [0, 9], got {f.preference}")
+    _require(f.source != "file" or bool(f.labels_file), "feedback.labels_file", "must be set when feedback.source is 'file'")
+    t = cfg.train
+    _require(t.algo in ("papa",), "train.algo", f"must be 'papa', got {t.algo!r}")
+    for k in ("rounds", "samples_per_round", "batch_size", "epochs_per_round", "timestep_chunk"):
+        _require(getattr(t, k) >= 1, f"train.{k}", "must be >= 1")
+    _require(t.lr > 0, "train.lr", "must be > 0")
+    _require(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip", "and train.weight_decay must be >= 0")
+    _require(0 <= t.epapa_k < d.num_timesteps, "train.epapa_k",
+             f"must be in [0, diffusion.num_timesteps={d.num_timesteps}) (k >= T would train no step)")
+    _require(0 <= t.timesteps_per_sample <= d.num_timesteps - t.epapa_k, "train.timesteps_per_sample",
+             f"must be in [0, T - epapa_k = {d.num_timesteps - t.epapa_k}] (0 = all)")
+    _require(t.t0_weight in ("reference", "skip", "clamp"), "train.t0_weight", "must be reference, skip or clamp")
+    _require(t.qpde_placement in ("last", "random", "every"), "train.qpde_placement", "must be last, random or every")
+    _require(t.loss_scale in ("global", "reference"), "train.loss_scale", "must be global or reference")
+    e = cfg.eval
+    for k in ("every", "num", "final_num", "batch_size"):
+        _require(getattr(e, k) >= 1, f"eval.{k}", "must be >= 1")
     return cfg
 
 

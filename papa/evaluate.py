@@ -63,7 +63,7 @@ def class_stats(probs: torch.Tensor, preferred: list[int] | None = None) -> dict
         out["preferred_rate"] = float(in_pref.float().mean())
         sub = hist[pref] / hist[pref].sum().clamp_min(1e-12)
         ent = -(sub * sub.clamp_min(1e-12).log()).sum()
-        out["diversity"] = float(ent / math.log(len(preferred))) if len(preferred) > 1 else 1.0
+        out["diversity"] = abs(float(ent / math.log(len(preferred)))) if len(preferred) > 1 else 1.0
         out["preferred_fraction_within"] = [round(float(s), 4) for s in sub]
     return out
 

@@ -1,0 +1,116 @@
+"""PAPA / ePAPA loss (ALGORITHMS.md §2): an ELBO-weighted signed likelihood term plus QPDE, no reward model.
+
+For a sample x0 with label y ∈ {+1, −1, 0}, noise ε (one draw reused for every t, as the reference, unless
+`noise_per_timestep`), x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε:
+
+    pref(x0) = Σ_{t ∈ trained} λ_t · mean_pixels(ε_θ(x_t, t) − ε)²,     λ_t = (1 − α_t) / (α_t (1 − ᾱ_{t−1}))
+    QPDE     = mean_pixels(ε_θ(x_t*, t*) − ε_base(x_t*, t*))²             (only for y = +1 unless qpde_on_negatives)
+    loss     = mean_batch( y · pref · pref_loss_coef + QPDE · model_loss_coef )
+
+Liked samples get their likelihood bound raised, disliked ones lowered; QPDE keeps liked samples near the base model.
+ePAPA trains only t ∈ [k, T−1]. The sum over trained steps may be replaced by an unbiased stratified estimate with M
+steps per sample (one uniform draw per stratum, weighted by the stratum's size). Everything is expressed as a flat
+list of (sample, t, weights) items so the engine can push chunks of them through the UNet and shard them over ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from papa.schedule import NoiseSchedule
+
+
+def papa_weights(sched: NoiseSchedule, t0_weight: str = "reference") -> torch.Tensor:
+    """λ_t for t = 0 … T−1 (float64). t = 0: 'reference' wraps ᾱ_{−1} to ᾱ_{T−1} (≈ 1e-4, as the reference code),
+    'skip' gives 0, 'clamp' copies λ_1 (the true value is undefined: 1 − ᾱ_{−1} = 0)."""
+    b, ab = sched.betas64, sched.alpha_bars64
+    ab_prev = torch.roll(ab, 1)  # ab_prev[0] = ᾱ_{T−1}: the reference's wrap-around
+    lam = b / ((1 - b) * (1 - ab_prev))
+    if t0_weight == "skip":
+        lam[0] = 0.0
+    elif t0_weight == "clamp":
+        lam[0] = lam[1]
+    return lam
+
+
+@dataclass
+class WorkItems:
+    """A flat list of UNet evaluations for one optimiser step; loss = Σ_k w_pref[k]·mse(ε_θ, ε) + w_qpde[k]·mse(ε_θ, ε_base)."""
+    sample: torch.Tensor     # (K,) index into the minibatch
+    t: torch.Tensor          # (K,)
+    eps: torch.Tensor        # (K, C, H, W) target noise
+    w_pref: torch.Tensor     # (K,)
+    w_qpde: torch.Tensor     # (K,)
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def slice(self, sl: slice) -> "WorkItems":
+        return WorkItems(self.sample[sl], self.t[sl], self.eps[sl], self.w_pref[sl], self.w_qpde[sl])
+
+
+def trained_steps(cfg_train, T: int, lam: torch.Tensor) -> torch.Tensor:
+    steps = torch.arange(cfg_train.epapa_k, T)
+    return steps[lam[steps] > 0]
+
+
+def plan_items(x0: torch.Tensor, y: torch.Tensor, sched: NoiseSchedule, cfg_train, lam: torch.Tensor,
+               gen: torch.Generator) -> WorkItems:
+    """Build the work list for a minibatch x0 (B, C, H, W) with labels y (B,). Deterministic given `gen`."""
+    B = x0.shape[0]
+    steps = trained_steps(cfg_train, sched.T, lam)
+    n = len(steps)
+    M = cfg_train.timesteps_per_sample or n
+    samples, ts, wp, wq = [], [], [], []
+    for i in range(B):
+        if M >= n:
+            t_i, imp = steps, torch.ones(n, dtype=torch.float64)
+        else:  # stratified: M strata of the trained steps, one uniform draw in each, weight = stratum size
+            edges = torch.linspace(0, n, M + 1, dtype=torch.float64).round().long()
+            size = (edges[1:] - edges[:-1]).clamp_min(1)
+            off = (torch.rand(M, generator=gen, dtype=torch.float64) * size).long()
+            t_i, imp = steps[edges[:-1] + off], size.double()
+        y_i = float(y[i])
+        if y_i == 0:
+            continue  # an unlabeled (ignored) sample contributes nothing
+        w = y_i * cfg_train.pref_loss_coef * lam[t_i] * imp / B
+        q = torch.zeros(len(t_i), dtype=torch.float64)
+        wants_qpde = y_i > 0 or (cfg_train.qpde_on_negatives and y_i < 0)
+        extra_t = None
+        if wants_qpde:
+            qc = cfg_train.model_loss_coef / B
+            if cfg_train.qpde_placement == "every":
+                q[:] = qc / len(t_i)
+            else:
+                extra_t = steps[-1] if cfg_train.qpde_placement == "last" else \
+                    steps[torch.randint(0, n, (1,), generator=gen)].squeeze(0)
+        samples.append(torch.full((len(t_i),), i)); ts.append(t_i); wp.append(w); wq.append(q)
+        if extra_t is not None:
+            samples.append(torch.tensor([i])); ts.append(extra_t.reshape(1))
+            wp.append(torch.zeros(1, dtype=torch.float64)); wq.append(torch.tensor([cfg_train.model_loss_coef / B]))
+    if not ts:
+        return WorkItems(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), x0.new_zeros((0, *x0.shape[1:])),
+                         torch.zeros(0), torch.zeros(0))
+    sample, t = torch.cat(samples), torch.cat(ts)
+    if cfg_train.noise_per_timestep:
+        eps = torch.randn((len(t), *x0.shape[1:]), generator=gen)
+    else:
+        per_sample = torch.randn((B, *x0.shape[1:]), generator=gen)
+        eps = per_sample[sample]
+    return WorkItems(sample, t, eps, torch.cat(wp).float(), torch.cat(wq).float())
+
+
+def chunk_loss(model: torch.nn.Module, base: torch.nn.Module | None, x0: torch.Tensor, items: WorkItems,
+               sched: NoiseSchedule) -> torch.Tensor:
+    """Σ over the chunk's items of w_pref·mse(ε_θ(x_t,t), ε) + w_qpde·mse(ε_θ(x_t,t), ε_base(x_t,t)), as one graph."""
+    x_t = sched.add_noise(x0[items.sample], items.eps, items.t)
+    eps_hat = model(x_t, items.t)
+    mse = lambda a, b: (a - b).square().flatten(1).mean(1)
+    loss = (items.w_pref * mse(eps_hat, items.eps)).sum()
+    q = items.w_qpde != 0
+    if q.any():
+        with torch.no_grad():
+            eps_base = base(x_t[q], items.t[q])
+        loss = loss + (items.w_qpde[q] * mse(eps_hat[q], eps_base)).sum()
+    return loss

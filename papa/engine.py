@@ -1,0 +1,306 @@
+"""The round engine, shared by every method: sample → feedback → update → evaluate → record → checkpoint.
+
+One round: the current model draws `samples_per_round` images (sharded over ranks, per-sample seeds so the result does
+not depend on the number of ranks; ePAPA's base model below k), the feedback source labels them, the method's work
+list of (sample, timestep) items is split over ranks and pushed through the UNet in chunks whose gradients accumulate
+(peak memory does not grow with T), gradients are all-reduced once per optimiser step, and the evaluator judges a
+fixed-seed batch. Every round ends with an atomic checkpoint holding everything `--resume` needs; the two newest are
+kept, and a corrupt newest one falls back to the previous.
+
+Everything random in a round derives from (train.seed, round), so a resumed run repeats an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from papa import checkpoint, dist
+from papa.algos import papa as papa_algo
+from papa.config import Config, config_hash, dump_yaml, to_dict
+from papa.data import CLASS_NAMES, load_dataset
+from papa.evaluate import class_stats, classify, frechet_distance
+from papa.feedback import build_feedback, image_id
+from papa.models import load_classifier, load_unet
+from papa.pretrain import to_model_range
+from papa.sampling import sample
+from papa.schedule import NoiseSchedule
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradients became NaN/inf: the round is abandoned and the last good checkpoint kept."""
+
+
+@dataclass
+class RunState:
+    round: int = 0                                   # rounds completed
+    history_x: list = field(default_factory=list)    # per round: images (N, 1, 28, 28)
+    history_y: list = field(default_factory=list)    # per round: labels (N,)
+    metrics: list = field(default_factory=list)      # rows written to metrics.jsonl
+    elapsed: float = 0.0                             # seconds of training so far (across resumes)
+
+
+def default_sample_path(cfg: Config) -> str:
+    t = cfg.train
+    return cfg.train.sample_path or f"{t.algo}{f'_k{t.epapa_k}' if t.epapa_k else ''}_seed{t.seed}"
+
+
+def run_dir_for(cfg: Config) -> Path:
+    return Path(cfg.train.output_dir) / cfg.task_name / default_sample_path(cfg)
+
+
+class Engine:
+    def __init__(self, cfg: Config, run_dir: Path, rank: int = 0, world: int = 1, device=torch.device("cpu")):
+        self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, Path(run_dir), rank, world, device
+        self.main = rank == 0
+        ck, t = cfg.checkpoints, cfg.train
+        # load everything first: a bad path fails before anything is written
+        self.model = load_unet(cfg.model, ck.base).to(device)
+        self.base = load_unet(cfg.model, ck.base).to(device).requires_grad_(False)
+        self.evaluator = load_classifier("evaluator", ck.evaluator).to(device)
+        oracle = load_classifier("oracle", ck.oracle).to(device) if cfg.feedback.source == "oracle" else None
+        self.feedback = build_feedback(cfg, oracle)
+        self.sched = NoiseSchedule.from_config(cfg.diffusion)
+        self.lam = papa_algo.papa_weights(self.sched, t.t0_weight)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        xte, yte = load_dataset(cfg.data.dataset, "test", root=cfg.data.root or None)
+        pref = torch.tensor(cfg.feedback.preference)
+        keep = torch.isin(torch.from_numpy(yte).long(), pref)
+        _, self.test_feats = classify(self.evaluator, to_model_range(torch.from_numpy(xte[keep.numpy()])).to(device))
+        self.state = RunState()
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # ------------------------------------------------------------------ records
+    def log(self, msg: str) -> None:
+        if self.main:
+            tqdm.write(msg)
+            with open(self.run_dir / "log.txt", "a") as f:
+                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+
+    def _write_metrics(self) -> None:
+        rows = self.state.metrics
+        checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        keys = sorted({k for r in rows for k, v in r.items() if not isinstance(v, (list, dict))})
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        checkpoint.atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        s = self.state
+        path = self.ckpt_dir / f"round_{s.round:03d}.pt"
+        checkpoint.atomic_save({
+            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "round": s.round,
+            "history_x": s.history_x, "history_y": s.history_y, "metrics": s.metrics, "elapsed": s.elapsed,
+            "config_hash": config_hash(self.cfg), "torch_rng": torch.get_rng_state()}, path)
+        for old in sorted(self.ckpt_dir.glob("round_*.pt"))[:-2]:  # keep the newest two: latest and last good
+            old.unlink(missing_ok=True)
+        return path
+
+    def try_resume(self) -> bool:
+        """Load the newest readable checkpoint; a corrupt or truncated one is reported and skipped."""
+        for path in sorted(self.ckpt_dir.glob("round_*.pt"), reverse=True):
+            try:
+                st = checkpoint.load(path)
+                self.model.load_state_dict(st["model"])
+                self.opt.load_state_dict(st["opt"])
+            except (checkpoint.CheckpointError, KeyError, RuntimeError) as e:
+                self.log(f"warning: {path.name} is unusable ({str(e)[:100]}); trying the previous checkpoint")
+                continue
+            self.state = RunState(st["round"], st["history_x"], st["history_y"], st["metrics"], st["elapsed"])
+            torch.set_rng_state(st["torch_rng"])
+            self.log(f"resumed from {path} (round {self.state.round} done)")
+            return True
+        return False
+
+    # ------------------------------------------------------------------ phases
+    def _sample(self, n: int, seed: int, desc: str) -> torch.Tensor:
+        d, idx = self.cfg.diffusion, dist.shard(n, self.rank, self.world)
+        k = self.cfg.train.epapa_k
+        local = sample(self.model, self.sched, len(idx), steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
+                       seed=seed, first_index=idx.start, batch_size=self.cfg.eval.batch_size,
+                       base_model=self.base if k else None, epapa_k=k, device=self.device,
+                       progress=self.main and n > 50)
+        return dist.gather_cat(local, self.world)
+
+    def evaluate(self, num: int) -> dict:
+        self.model.eval()
+        imgs = self._sample(num, self.cfg.eval.seed, "eval")
+        probs, feats = classify(self.evaluator, imgs.to(self.device))
+        pref = self.cfg.feedback.preference
+        out = class_stats(probs.cpu(), pref)
+        sel = torch.isin(probs.argmax(1).cpu(), torch.tensor(pref))
+        out["fid_preferred"] = frechet_distance(feats[sel].cpu(), self.test_feats.cpu()) if sel.sum() >= 2 else math.nan
+        out["eval_num"] = num
+        return out, imgs
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, r: int) -> dict:
+        """The method's update on (x, y): minibatches of samples; each a work list chunked, sharded, accumulated."""
+        t = self.cfg.train
+        gen = torch.Generator().manual_seed(t.seed * 7919 + r)
+        self.model.train()
+        losses, n_items = [], 0
+        batches = [perm.split(t.batch_size) for perm in (torch.randperm(len(x), generator=gen)
+                                                        for _ in range(t.epochs_per_round))]
+        batches = [b for ep in batches for b in ep]
+        bar = tqdm(batches, desc=f"round {r + 1} update", disable=not self.main, leave=False, dynamic_ncols=True)
+        for mb in bar:
+            x0, yb = x[mb].to(self.device), y[mb]
+            items = papa_algo.plan_items(x0.cpu(), yb, self.sched, t, self.lam, gen)
+            if len(items) == 0:
+                continue
+            mine = dist.shard(len(items), self.rank, self.world)
+            self.opt.zero_grad(set_to_none=False)
+            total = 0.0
+            for c in range(mine.start, mine.stop, t.timestep_chunk):
+                chunk = items.slice(slice(c, min(c + t.timestep_chunk, mine.stop)))
+                chunk = papa_algo.WorkItems(chunk.sample.to(self.device), chunk.t.to(self.device),
+                                            chunk.eps.to(self.device), chunk.w_pref.to(self.device),
+                                            chunk.w_qpde.to(self.device))
+                loss = papa_algo.chunk_loss(self.model, self.base, x0, chunk, self.sched)
+                loss.backward()
+                total += loss.item()
+            ref_scale = t.loss_scale == "reference"
+            dist.all_reduce_grads(self.model, self.world, mean=ref_scale)
+            total = dist.all_reduce_sum(total, self.world) / (self.world if ref_scale else 1)
+            grads_ok = all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None)
+            if not math.isfinite(total) or not grads_ok:
+                raise NonFiniteLoss(f"non-finite loss ({total}) in round {r + 1}")
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.opt.step()
+            losses.append(total)
+            n_items += len(items)
+            bar.set_postfix(loss=f"{total:.4f}")
+        bar.close()
+        return {"loss": sum(losses) / max(1, len(losses)), "optimizer_steps": len(losses), "unet_items": n_items}
+
+    # ------------------------------------------------------------------ the loop
+    def _record_eval(self, row: dict, num: int, tag: str) -> None:
+        ev, imgs = self.evaluate(num)
+        row.update(ev)
+        if self.main:
+            from papa.sample import save_grid
+            save_grid(imgs[:64], self.run_dir / "rounds" / tag / "eval_grid.png", nrow=8)
+
+    def run(self, resume: bool = False) -> RunState:
+        cfg, t, s = self.cfg, self.cfg.train, None
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+        dist.barrier(self.world)
+        if resume:
+            self.try_resume()
+        s = self.state
+        if not s.metrics:  # round 0: the base model, before any feedback
+            row = {"round": 0, "labels_used": 0, "elapsed": 0.0}
+            self._record_eval(row, cfg.eval.final_num, "000")
+            s.metrics.append(row)
+            self._line(row)
+        for r in range(s.round, t.rounds):
+            t0 = time.time()
+            # 1. sample this round's images from the current model
+            self.model.eval()
+            imgs = self._sample(t.samples_per_round, t.seed * 100_003 + r + 1, "round")
+            # 2. feedback (rank 0 asks; every rank gets the same labels)
+            y = self.feedback(imgs.to(self.device), r + 1).cpu() if self.main else torch.zeros(len(imgs))
+            y = dist.broadcast_tensor(y, self.world)
+            if self.main:
+                self._save_round(r + 1, imgs, y)
+            s.history_x.append(imgs.cpu())
+            s.history_y.append(y)
+            # 3. update on this round's feedback, or on all feedback so far (replay)
+            x_train = torch.cat(s.history_x) if t.replay else imgs
+            y_train = torch.cat(s.history_y) if t.replay else y
+            upd = self.update(x_train, y_train, r)
+            # 4. evaluate (first and last on final_num samples), 5. record, 6. checkpoint
+            row = {"round": r + 1, "labels_used": (r + 1) * t.samples_per_round,
+                   "round_positive": int((y > 0).sum()), "round_negative": int((y < 0).sum()), **upd}
+            last = r + 1 == t.rounds
+            if last or (r + 1) % cfg.eval.every == 0:
+                self._record_eval(row, cfg.eval.final_num if last else cfg.eval.num, f"{r + 1:03d}")
+            s.elapsed += time.time() - t0
+            row["round_seconds"] = round(time.time() - t0, 2)
+            row["elapsed"] = round(s.elapsed, 1)
+            s.metrics.append(row)
+            s.round = r + 1
+            if self.main:
+                self._write_metrics()
+                self.save()
+            dist.barrier(self.world)
+            self._line(row)
+        if self.main:
+            self._write_metrics()
+            self.finish()
+        return s
+
+    def _line(self, row: dict) -> None:
+        parts = [f"round {row['round']:3d}", f"labels {row['labels_used']:4d}"]
+        if "preferred_rate" in row:
+            parts += [f"rate {row['preferred_rate']:.3f}", f"diversity {row['diversity']:.3f}",
+                      f"FID {row['fid_preferred']:.2f}"]
+        if "loss" in row:
+            parts += [f"loss {row['loss']:+.4f}"]
+        if "round_seconds" in row:
+            parts += [f"{row['round_seconds']:.1f}s"]
+        self.log(" | ".join(parts))
+
+    def _save_round(self, r: int, imgs: torch.Tensor, y: torch.Tensor) -> None:
+        from papa.sample import save_grid
+        d = self.run_dir / "rounds" / f"{r:03d}"
+        save_grid(imgs, d / "grid.png", nrow=min(10, len(imgs)))
+        buf = io.BytesIO()
+        torch.save(imgs, buf)
+        checkpoint.atomic_write_bytes(d / "images.pt", buf.getvalue())
+        labels = {image_id(r, i): int(v) for i, v in enumerate(y.tolist())}
+        checkpoint.atomic_write_text(d / "labels.json", json.dumps(labels, indent=1))
+
+    def finish(self) -> None:
+        """curves.png and summary.md from metrics."""
+        rows = [m for m in self.state.metrics if "preferred_rate" in m]
+        if rows:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+            lab = [m["labels_used"] for m in rows]
+            for ax, key, title in zip(axes, ("preferred_rate", "diversity", "fid_preferred"),
+                                      ("preferred-class rate (evaluator)", "diversity in preferred set",
+                                       "FID, preferred classes (evaluator features)")):
+                ax.plot(lab, [m[key] for m in rows], marker="o")
+                ax.set_xlabel("labels used")
+                ax.set_title(title, fontsize=10)
+                ax.grid(alpha=0.3)
+            axes[0].set_ylim(0, 1.02)
+            fig.suptitle(f"{self.cfg.task_name} · {default_sample_path(self.cfg)} · preference "
+                         f"{self.cfg.feedback.preference}", fontsize=10)
+            fig.tight_layout()
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=110)
+            plt.close(fig)
+            checkpoint.atomic_write_bytes(self.run_dir / "curves.png", buf.getvalue())
+        first, last = (rows[0], rows[-1]) if rows else ({}, {})
+        names = CLASS_NAMES[self.cfg.data.dataset]
+        fmt = lambda m, k: f"{m[k]:.3f}" if k in m else "n/a"
+        lines = [f"# {self.cfg.task_name}: {default_sample_path(self.cfg)}", "",
+                 f"Preference: {[names[c] for c in self.cfg.feedback.preference]}; method {self.cfg.train.algo}"
+                 f" (epapa_k {self.cfg.train.epapa_k}); {self.state.round} rounds × "
+                 f"{self.cfg.train.samples_per_round} samples; {self.state.elapsed:.0f} s of training.", "",
+                 "| | labels | preferred rate | diversity | FID (preferred) | confidence |", "|---|---|---|---|---|---|"]
+        for tag, m in (("base", first), ("final", last)):
+            if m:
+                lines.append(f"| {tag} | {m['labels_used']} | {fmt(m, 'preferred_rate')} | {fmt(m, 'diversity')} | "
+                             f"{fmt(m, 'fid_preferred')} | {fmt(m, 'mean_confidence')} |")
+        lines += ["", "Judged by the evaluator classifier (never the oracle that gave feedback) on "
+                  f"{self.cfg.eval.final_num} fixed-seed samples. Curves: `curves.png`; per-round images and labels: "
+                  "`rounds/`; every metric: `metrics.jsonl` / `metrics.csv`; config: `config.yaml`."]
+        checkpoint.atomic_write_text(self.run_dir / "summary.md", "\n".join(lines) + "\n")
