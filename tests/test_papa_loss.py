@@ -1,0 +1,109 @@
+"""PAPA loss against a plain loop written from the formula (ALGORITHMS.md §2), its weights, and its estimator."""
+import pytest
+import torch
+
+from papa.algos.papa import WorkItems, chunk_loss, papa_weights, plan_items
+from papa.config import TrainConfig
+from papa.schedule import NoiseSchedule
+
+
+@pytest.fixture(scope="module")
+def sched():
+    return NoiseSchedule()
+
+
+def test_weights_match_the_reference_values(sched):
+    lam = papa_weights(sched, "reference")
+    assert lam[1].item() == pytest.approx(1.2, abs=0.05)
+    assert lam[10].item() == pytest.approx(0.16, abs=0.01)
+    assert lam[999].item() == pytest.approx(0.020, abs=0.001)
+    assert lam.sum().item() == pytest.approx(20.3, abs=0.1)
+    assert 0 < lam[0].item() < 2e-4                      # the wrap-around: ᾱ_{−1} read as ᾱ_{T−1}
+    assert 300 < int(lam[1:].argmin()) + 1 < 400 and lam[1:].min() == pytest.approx(0.010, abs=0.001)
+    assert papa_weights(sched, "skip")[0] == 0 and papa_weights(sched, "clamp")[0] == lam[1]
+
+
+class TinyEps(torch.nn.Module):
+    """A cheap stand-in for the UNet with t-dependence, so the loop reference stays fast."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x) * (1 + t.float()[:, None, None, None] / 1000)
+
+
+def _reference_loss(model, base, x0, y, eps, sched, lam, steps, cfg):
+    """The reference's loop: for every sample, every trained t (the same ε), then QPDE at the last step."""
+    total = 0.0
+    for i in range(len(x0)):
+        pref = 0.0
+        for t in steps.tolist():
+            tt = torch.tensor([t])
+            x_t = sched.add_noise(x0[i:i + 1], eps[i:i + 1], tt)
+            pref = pref + lam[t] * (model(x_t, tt) - eps[i:i + 1]).square().mean()
+        qpde = 0.0
+        if y[i] > 0:
+            tt = torch.tensor([steps[-1].item()])
+            x_t = sched.add_noise(x0[i:i + 1], eps[i:i + 1], tt)
+            qpde = (model(x_t, tt) - base(x_t, tt).detach()).square().mean()
+        total = total + y[i] * pref * cfg.pref_loss_coef + qpde * cfg.model_loss_coef
+    return total / len(x0)
+
+
+@pytest.mark.parametrize("epapa_k", [0, 990])
+def test_full_sum_matches_the_reference_loop(sched, epapa_k):
+    cfg = TrainConfig(epapa_k=epapa_k, timesteps_per_sample=0)
+    sched_small = sched
+    lam = papa_weights(sched_small, cfg.t0_weight).float()
+    model, base = TinyEps(), TinyEps()
+    x0 = torch.rand(3, 1, 6, 6) * 2 - 1
+    y = torch.tensor([1.0, -1.0, 1.0])
+    gen = torch.Generator().manual_seed(0)
+    items = plan_items(x0, y, sched_small, cfg, lam.double(), gen)
+    eps = torch.randn((3, 1, 6, 6), generator=torch.Generator().manual_seed(0))  # the per-sample draw plan_items made
+    steps = torch.arange(epapa_k, 1000)
+    if epapa_k == 0:
+        # check the work list itself on the shortened case only: full T = 1000 loop is slow; use k = 990 for values
+        assert len(items) == 3 * 1000 + 2  # every step for each sample + QPDE at t = T−1 for the two positives
+        return
+    got = sum(chunk_loss(model, base, x0, items.slice(slice(c, c + 7)), sched_small) for c in range(0, len(items), 7))
+    want = _reference_loss(model, base, x0, y, eps, sched_small, lam, steps, cfg)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # chunking changes nothing: one big chunk gives the same gradient as many small ones
+    g1 = torch.autograd.grad(got, model.conv.weight)[0]
+    g2 = torch.autograd.grad(chunk_loss(model, base, x0, items, sched_small), model.conv.weight)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-8)
+
+
+def test_stratified_subsample_is_unbiased(sched):
+    """E[Σ_k w_k f(t_k)] over the stratified draw equals the full Σ_t λ_t f(t) (here f(t) = cos(t/50) + 2)."""
+    cfg = TrainConfig(timesteps_per_sample=20, pref_loss_coef=1.0)
+    lam = papa_weights(sched, cfg.t0_weight)
+    f = lambda t: torch.cos(t.double() / 50) + 2
+    full = (lam * f(torch.arange(1000))).sum().item()
+    gen = torch.Generator().manual_seed(1)
+    x0, y = torch.zeros(1, 1, 2, 2), torch.tensor([1.0])
+    ests = []
+    for _ in range(400):
+        it = plan_items(x0, y, sched, cfg, lam, gen)
+        pref = it.w_pref != 0
+        ests.append((it.w_pref[pref].double() * f(it.t[pref])).sum().item())
+    est = torch.tensor(ests)
+    assert abs(est.mean().item() - full) < 4 * est.std().item() / 20 + 1e-6
+    assert len(it.t[pref]) == 20
+
+
+def test_labels_zero_and_negatives_without_qpde(sched):
+    cfg = TrainConfig(timesteps_per_sample=5)
+    lam = papa_weights(sched, cfg.t0_weight)
+    it = plan_items(torch.zeros(3, 1, 2, 2), torch.tensor([0.0, -1.0, 1.0]), sched, cfg, lam,
+                    torch.Generator().manual_seed(0))
+    assert set(it.sample.tolist()) == {1, 2}                        # the 0-labelled sample is skipped
+    assert (it.w_pref[it.sample == 1] < 0).all() and (it.w_qpde[it.sample == 1] == 0).all()
+    assert (it.w_qpde[it.sample == 2] > 0).sum() == 1 and it.t[(it.w_qpde > 0)].item() == 999
+    cfg2 = TrainConfig(timesteps_per_sample=5, qpde_on_negatives=True, qpde_placement="every")
+    it2 = plan_items(torch.zeros(3, 1, 2, 2), torch.tensor([0.0, -1.0, 1.0]), sched, cfg2, lam,
+                     torch.Generator().manual_seed(0))
+    assert (it2.w_qpde[it2.sample == 1] > 0).all() and len(it2) == 10
