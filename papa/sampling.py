@@ -1,8 +1,12 @@
 """Batched reverse-diffusion sampling, with ePAPA's switch to the frozen base model for t < k.
 
-Noise is drawn per sample from a generator seeded by (seed, global sample index), so a sample depends only on its
-seed and index: not on the batch size, nor on how the samples are sharded over ranks. The sampler walks
-`NoiseSchedule.sampling_timesteps(steps)`: all T steps, or a respaced (strided) chain when steps < T.
+Noise is drawn per sample from a generator seeded by (seed, global sample index), all of a sample's noise in one draw
+(x_T, then one z per stochastic step), so a sample depends only on its seed and index: not on the batch size, nor on
+how the samples are sharded over ranks. The sampler walks `NoiseSchedule.sampling_timesteps(steps)`: all T steps, or a
+respaced (strided) chain when steps < T. Each step is one UNet call and one fused step op (`papa.ops.fused_step`).
+
+On CUDA with `cuda_graph=True` the UNet and the fused step are captured once per network into a CUDA graph over
+static buffers and replayed every step (shapes are static within a batch), removing per-kernel launch overhead.
 """
 from __future__ import annotations
 
@@ -17,34 +21,68 @@ def sample_generators(seed: int, indices: range | list[int]) -> list[torch.Gener
     return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
 
 
-def _randn(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in gens])
+def draw_noise(gens: list[torch.Generator], n_draws: int, image_shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, n_draws, *image_shape): draw 0 is x_T, draw i the noise of the i-th stochastic step."""
+    return torch.stack([torch.randn((n_draws, *image_shape), generator=g) for g in gens])
+
+
+class _GraphedStep:
+    """A CUDA graph of `eps = net(x, t); x_prev = fused_step(x, eps, z, coef)` over static buffers."""
+
+    def __init__(self, net: torch.nn.Module, x: torch.Tensor):
+        self.x, self.z = torch.zeros_like(x), torch.zeros_like(x)
+        self.t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        self.coef = torch.zeros(x.shape[0], 5, device=x.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture (allocator, cuDNN autotuning)
+            for _ in range(2):
+                self._body(net)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._body(net)
+
+    def _body(self, net):
+        return ops.fused_step(self.x, net(self.x, self.t), self.z, self.coef)[0]
+
+    def __call__(self, x, t, z, coef) -> torch.Tensor:
+        self.x.copy_(x), self.t.copy_(t), self.z.copy_(z), self.coef.copy_(coef)
+        self.graph.replay()
+        return self.out.clone()
 
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, sched: NoiseSchedule, num: int, *, steps: int, sampler: str = "ancestral",
            eta: float = 1.0, seed: int = 0, first_index: int = 0, batch_size: int = 100,
            base_model: torch.nn.Module | None = None, epapa_k: int = 0, image_shape: tuple[int, ...] = (1, 28, 28),
-           device: str | torch.device = "cpu", progress: bool = True) -> torch.Tensor:
+           device: str | torch.device = "cpu", progress: bool = True, cuda_graph: bool = False) -> torch.Tensor:
     """Draw `num` images in [−1, 1] (float32, CPU). Steps with t < epapa_k use `base_model` (ePAPA)."""
     if epapa_k > 0 and base_model is None:
         raise ValueError("epapa_k > 0 needs the frozen base model")
+    device = torch.device(device)
+    use_graph = cuda_graph and device.type == "cuda"
     ts = sched.sampling_timesteps(steps)
     out = []
     n_batches = (num + batch_size - 1) // batch_size
     bar = tqdm(total=n_batches * len(ts), desc="sampling", disable=not progress, dynamic_ncols=True, mininterval=1)
     for b0 in range(0, num, batch_size):
         idx = range(first_index + b0, first_index + min(num, b0 + batch_size))
-        gens = sample_generators(seed, idx)
-        x = _randn(gens, image_shape).to(device)
+        noise = draw_noise(sample_generators(seed, idx), len(ts), image_shape).to(device)
+        x = noise[:, 0]
+        graphs: dict[int, _GraphedStep] = {}
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             net = base_model if t < epapa_k else model
             tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-            eps = net(x, tt)
-            noise = _randn(gens, image_shape).to(device) if t_prev >= 0 else torch.zeros_like(x)
+            z = noise[:, i + 1] if t_prev >= 0 else torch.zeros_like(x)
             coef = sched.fused_coefficients(tt, torch.full_like(tt, t_prev), sampler, eta)
-            x, _, _ = ops.fused_step(x, eps, noise, coef)  # x_{t_prev}, x̂0, log-prob in one pass
+            if use_graph:
+                if id(net) not in graphs:
+                    graphs[id(net)] = _GraphedStep(net, x)
+                x = graphs[id(net)](x, tt, z, coef)
+            else:
+                x, _, _ = ops.fused_step(x, net(x, tt), z, coef)  # x_{t_prev}, x̂0, log-prob in one pass
             bar.update(1)
         out.append(x.float().clamp(-1, 1).cpu())
     bar.close()

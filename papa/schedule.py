@@ -46,6 +46,7 @@ class NoiseSchedule:
 
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
         self.T = num_timesteps
+        self._ab_tables: dict = {}
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         alphas = 1.0 - betas
         alpha_bars = torch.cumprod(alphas, 0)
@@ -65,8 +66,10 @@ class NoiseSchedule:
     # ---------------------------------------------------------------- one-line identities
     def alpha_bar(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """ᾱ_t with ᾱ_{−1} = 1, per-sample t (B,) -> (B,)."""
-        ab = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bars64]).to(device=t.device, dtype=dtype)
-        return ab[t + 1]
+        key = (t.device, dtype)
+        if key not in self._ab_tables:  # [ᾱ_{−1} = 1, ᾱ_0, …], cached per device so a sampling step moves nothing
+            self._ab_tables[key] = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bars64]).to(*key)
+        return self._ab_tables[key][t + 1]
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Forward process: x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε."""
