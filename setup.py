@@ -21,7 +21,7 @@ def extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-std=c++20"]
+    cxx = ["-O3", "-std=c++20", "-DPAPA_PYTHON_MODULE"]
     sources = ["csrc/ops.cpp"]
     want_cuda = os.environ.get("PAPA_BUILD_CUDA", "1") != "0"
     if want_cuda and torch.version.cuda and CUDA_HOME:

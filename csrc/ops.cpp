@@ -4,7 +4,9 @@
 //
 // x_t, eps, noise: (B, ...) same dtype; coef: (B, 5) float32 [c_xt, c_eps, sigma, a0, b0]; log_prob: (B,) float32.
 // The CUDA implementation is registered from step_cuda.cu when the extension is built with CUDA.
+#ifdef PAPA_PYTHON_MODULE
 #include <Python.h>
+#endif
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -12,6 +14,7 @@
 
 #include "step_kernel.h"
 
+#ifdef PAPA_PYTHON_MODULE
 extern "C" {
 // `import papa._C` loads this library, which registers the ops below with the dispatcher.
 PyObject* PyInit__C(void) {
@@ -19,6 +22,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 namespace papa {
 
