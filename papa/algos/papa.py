@@ -7,6 +7,8 @@ For a sample x0 with label y ∈ {+1, −1, 0}, noise ε (one draw reused for ev
     QPDE     = mean_pixels(ε_θ(x_t*, t*) − ε_base(x_t*, t*))²             (only for y = +1 unless qpde_on_negatives)
     loss     = mean_batch( y · pref · pref_loss_coef + QPDE · model_loss_coef )
 
+(`negative_weight` scales the y = −1 term; 1.0 is the reference, whose unlikelihood ascent is unbounded.)
+
 Liked samples get their likelihood bound raised, disliked ones lowered; QPDE keeps liked samples near the base model.
 ePAPA trains only t ∈ [k, T−1]. The sum over trained steps may be replaced by an unbiased stratified estimate with M
 steps per sample (one uniform draw per stratum, weighted by the stratum's size). Everything is expressed as a flat
@@ -75,6 +77,8 @@ def plan_items(x0: torch.Tensor, y: torch.Tensor, sched: NoiseSchedule, cfg_trai
         if y_i == 0:
             continue  # an unlabeled (ignored) sample contributes nothing
         w = y_i * cfg_train.pref_loss_coef * lam[t_i] * imp / B
+        if y_i < 0:
+            w = w * cfg_train.negative_weight
         q = torch.zeros(len(t_i), dtype=torch.float64)
         wants_qpde = y_i > 0 or (cfg_train.qpde_on_negatives and y_i < 0)
         extra_t = None
