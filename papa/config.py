@@ -115,6 +115,7 @@ class TrainConfig:
     epapa_k: int = 0                  # ePAPA: base model for t < k when sampling; train only t in [k, T-1]
     timesteps_per_sample: int = 0     # M: stratified, importance-weighted subsample of the trained steps; 0 = all
     timestep_chunk: int = 64          # (sample, t) items per UNet call; gradients accumulate chunk by chunk
+    weighting: str = "elbo"           # elbo: lambda_t as the reference | uniform: the same total spread evenly over t
     t0_weight: str = "reference"      # lambda_0: reference (alpha_bar_{-1} wraps to alpha_bar_{T-1}) | skip | clamp (= lambda_1)
     qpde_placement: str = "last"      # last (t = T-1, as the reference on one GPU) | random (one trained t) | every
     qpde_on_negatives: bool = False   # also keep disliked samples close to the base model
@@ -259,6 +260,7 @@ def validate(cfg: Config) -> Config:
              f"must be in [0, diffusion.num_timesteps={d.num_timesteps}) (k >= T would train no step)")
     _require(0 <= t.timesteps_per_sample <= d.num_timesteps - t.epapa_k, "train.timesteps_per_sample",
              f"must be in [0, T - epapa_k = {d.num_timesteps - t.epapa_k}] (0 = all)")
+    _require(t.weighting in ("elbo", "uniform"), "train.weighting", "must be elbo or uniform")
     _require(t.t0_weight in ("reference", "skip", "clamp"), "train.t0_weight", "must be reference, skip or clamp")
     _require(t.qpde_placement in ("last", "random", "every"), "train.qpde_placement", "must be last, random or every")
     _require(t.loss_scale in ("global", "reference"), "train.loss_scale", "must be global or reference")

@@ -68,7 +68,7 @@ class Engine:
         oracle = load_classifier("oracle", ck.oracle).to(device) if cfg.feedback.source == "oracle" else None
         self.feedback = build_feedback(cfg, oracle)
         self.sched = NoiseSchedule.from_config(cfg.diffusion)
-        self.lam = papa_algo.papa_weights(self.sched, t.t0_weight)
+        self.lam = papa_algo.papa_weights(self.sched, t.t0_weight, t.weighting)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         xte, yte = load_dataset(cfg.data.dataset, "test", root=cfg.data.root or None)
         pref = torch.tensor(cfg.feedback.preference)

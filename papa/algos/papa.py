@@ -23,7 +23,7 @@ import torch
 from papa.schedule import NoiseSchedule
 
 
-def papa_weights(sched: NoiseSchedule, t0_weight: str = "reference") -> torch.Tensor:
+def papa_weights(sched: NoiseSchedule, t0_weight: str = "reference", weighting: str = "elbo") -> torch.Tensor:
     """λ_t for t = 0 … T−1 (float64). t = 0: 'reference' wraps ᾱ_{−1} to ᾱ_{T−1} (≈ 1e-4, as the reference code),
     'skip' gives 0, 'clamp' copies λ_1 (the true value is undefined: 1 − ᾱ_{−1} = 0)."""
     b, ab = sched.betas64, sched.alpha_bars64
@@ -33,6 +33,8 @@ def papa_weights(sched: NoiseSchedule, t0_weight: str = "reference") -> torch.Te
         lam[0] = 0.0
     elif t0_weight == "clamp":
         lam[0] = lam[1]
+    if weighting == "uniform":  # the ELBO total, spread evenly: class identity is decided at high t, where λ_t is tiny
+        lam = torch.where(lam > 0, lam.sum() / (lam > 0).sum(), lam)
     return lam
 
 
