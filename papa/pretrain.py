@@ -31,6 +31,11 @@ def to_model_range(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float().div(127.5).sub(1).unsqueeze(1)
 
 
+def pretrain_hash(cfg) -> str:
+    """Hash of the sections that decide pretraining (the others, e.g. train or eval, may change freely)."""
+    return config_hash({k: to_dict(getattr(cfg, k)) for k in ("data", "model", "diffusion", "pretrain")})
+
+
 def lr_at(step: int, cfg) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -38,12 +43,20 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def _last_logged(out: Path, key: str):
+    lines = (out / "log.txt").read_text().splitlines() if (out / "log.txt").is_file() else []
+    return json.loads(lines[-1])[key] if lines else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m papa.pretrain", description=__doc__.splitlines()[0])
     add_config_args(ap)
     ap.add_argument("--out", default=None, help="run directory (default runs/pretrain/<task_name>)")
     ap.add_argument("--resume", action="store_true", help="continue from <out>/state.pt")
+    ap.add_argument("--force", action="store_true", help="resume although the pretraining config changed")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--stop-at", type=int, default=0, metavar="STEP",
+                    help="stop at this step and export (the learning-rate schedule stays that of pretrain.steps)")
     args = ap.parse_args(argv)
     cfg = config_from_args(args)
     if args.threads:
@@ -66,21 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     state_path = out / "state.pt"
     if args.resume and state_path.is_file():
         st = checkpoint.load(state_path)
-        if st["config_hash"] != config_hash(cfg):
-            raise checkpoint.CheckpointError(f"{state_path} was made with another config; rerun without --resume")
+        if st["config_hash"] != pretrain_hash(cfg) and not args.force:
+            raise checkpoint.CheckpointError(f"{state_path} was made with another data/model/diffusion/pretrain "
+                                             "config; rerun without --resume (or --force)")
         model.load_state_dict(st["model"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"]); step = st["step"]
         print(f"resumed from step {step}")
 
     def save_state():
         checkpoint.atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                "gen": gen.get_state(), "step": step, "config_hash": config_hash(cfg)}, state_path)
+                                "gen": gen.get_state(), "step": step, "config_hash": pretrain_hash(cfg)}, state_path)
 
     model.train()
     t0 = time.time()
-    bar = tqdm(total=p.steps, initial=step, desc="pretrain", dynamic_ncols=True)
+    last = min(p.steps, args.stop_at) if args.stop_at > 0 else p.steps
+    bar = tqdm(total=last, initial=step, desc="pretrain", dynamic_ncols=True, mininterval=2)
     running = None
-    while step < p.steps:
+    while step < last:
         idx = torch.randint(0, data.shape[0], (p.batch_size,), generator=gen)
         x0 = data[idx]
         t = torch.randint(0, sched.T, (p.batch_size,), generator=gen)
@@ -100,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}")
-        if step % p.checkpoint_every == 0 or step == p.steps:
+        if step % p.checkpoint_every == 0 or step == last:
             save_state()
             log.write(json.dumps({"step": step, "loss": running, "seconds": time.time() - t0}) + "\n")
             log.flush()
@@ -111,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint.atomic_save({"state_dict": sd, "model": to_dict(cfg.model), "kind": "unet"}, base)
     meta = {"file": str(base), "sha256": checkpoint.sha256_file(base), "kind": "base_ddpm",
             "command": f"python -m papa.pretrain --config {args.config}"
-                       + "".join(f" --set {o}" for o in args.overrides),
+                       + "".join(f" --set {o}" for o in args.overrides)
+                       + (f" --stop-at {args.stop_at}" if args.stop_at else ""),
             "config": to_dict(cfg), "data_sha256": sha256_array(x_np), "training_steps": step,
-            "final_loss_ema": running, "seconds": round(time.time() - t0, 1), "torch": torch.__version__}
+            "final_loss_ema": running if running is not None else _last_logged(out, "loss"), "seconds": round(_last_logged(out, "seconds") or time.time() - t0, 1),  # across resumes
+            "torch": torch.__version__}
     checkpoint.atomic_write_text(base.with_suffix(".json"), json.dumps(meta, indent=2))
     print(f"saved EMA weights (fp16) to {base} ({base.stat().st_size / 1e6:.2f} MB)")
     return 0
