@@ -16,7 +16,7 @@ if ! python -c "import torch, torchvision, yaml, tqdm, matplotlib, pytest_benchm
   python -m pip install -q -r requirements.txt
 fi
 # rebuild the extension only when its sources changed
-stamp=$(cat setup.py pyproject.toml csrc/* | sha256sum | cut -c1-16)
+stamp=$(cat setup.py pyproject.toml $(find csrc -type f | sort) | sha256sum | cut -c1-16)
 if [ "$(cat build/.ext_stamp 2>/dev/null)" != "$stamp" ] || ! python -c "import papa._C" 2>/dev/null; then
   echo "[setup] building papa and its extension (pip install --no-build-isolation -e .)"
   MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation --no-deps -e .
