@@ -9,7 +9,7 @@ Reported, not gated: the fused C++/CUDA step against the eager step, and one PAP
 import pytest
 import torch
 
-from conftest import ROOT
+from benchutil import ROOT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU benchmarks need one")
 

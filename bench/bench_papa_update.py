@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from benchutil import ROOT
 
 CHILD = ROOT / "bench" / "papa_update_child.py"
 

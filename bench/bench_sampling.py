@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, min_time
+from benchutil import ROOT, min_time
 from papa import ops
 from papa.config import load_config
 from papa.models import build_unet, load_unet

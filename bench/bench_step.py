@@ -8,7 +8,7 @@ thread. Both start from (x_t, ε̂, z, t, t_prev) and produce x_{t−1}, x̂0 an
 import pytest
 import torch
 
-from conftest import min_time
+from benchutil import min_time
 from papa import ops
 from papa.schedule import NoiseSchedule
 

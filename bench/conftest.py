@@ -3,14 +3,12 @@ times (these machines drift 20-30% between runs). One thread, fixed seeds; set M
 MALLOC_TRIM_THRESHOLD_ to 1073741824 before starting (as .ci/run does) to avoid bimodal eager timings."""
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
@@ -22,15 +20,3 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def min_time(fn, reps: int = 20, warmup: int = 3) -> float:
-    """Best-of-`reps` wall time of fn() in seconds (the minimum is the least noisy estimator on a shared machine)."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best

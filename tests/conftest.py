@@ -1,48 +1,10 @@
-"""Shared test set-up: one thread (less jitter), fixed seeds, paths, and small fixtures."""
-from __future__ import annotations
-
-import os
-from pathlib import Path
-
+"""Shared fixtures: one thread (less jitter), fixed seeds, NaN-poisoned kernel outputs. Helpers live in testutil."""
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-REFERENCE = SHARED / "reference"
+from testutil import Poisoned
 
 torch.set_num_threads(1)
-# Triton kernels run under the interpreter on CPU tensors when there is no GPU; it must be set before the kernel
-# modules are imported (test code may query CUDA; papa itself never does at import time).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class _Poisoned:
-    """Stands in for the `torch` module inside a kernel module: every torch.empty/empty_like it allocates is filled
-    with NaN, so an element a kernel forgets to write shows up (the interpreter does not catch such bugs)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*a, **k):
-        t = torch.empty(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    @staticmethod
-    def empty_like(x, **k):
-        t = torch.empty_like(x, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    def apply(*modules):
-        for m in modules:
-            monkeypatch.setattr(m, "torch", _Poisoned())
-    return apply
 
 
 @pytest.fixture(autouse=True)
@@ -51,20 +13,8 @@ def _seed():
 
 
 @pytest.fixture
-def chdir_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def reference_layout(name: str) -> list[tuple[str, tuple[int, ...]]]:
-    """Parse shared/reference/<name>.tsv, or a copy under tests/data when shared/ is not beside the repo."""
-    path = REFERENCE / name
-    if not path.is_file():
-        path = ROOT / "tests" / "data" / name
-    rows = []
-    for line in path.read_text().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, shape = line.split("\t")
-        rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
-    return rows
+def poison(monkeypatch):
+    def apply(*modules):
+        for m in modules:
+            monkeypatch.setattr(m, "torch", Poisoned())
+    return apply

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from papa.config import ConfigError, load_config
-from conftest import ROOT
+from testutil import ROOT
 
 
 @pytest.mark.parametrize("cfg", ["mnist", "fashion_mnist", "mnist_paper", "fashion_mnist_paper"])

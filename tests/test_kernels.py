@@ -10,7 +10,7 @@ import torch
 
 import papa_kernels.dpo as dpo
 import papa_kernels.logprob as lpk
-from conftest import DEVICE
+from testutil import DEVICE
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 SHAPES = [(6, (1, 28, 28)), (3, (1, 5, 7))]

@@ -5,7 +5,7 @@ from papa import checkpoint
 from papa.config import load_config
 from papa.models import OracleCNN, UNet, build_unet, load_classifier, load_unet
 from papa.models.unet import REFERENCE_KWARGS
-from conftest import ROOT, reference_layout
+from testutil import ROOT, reference_layout
 
 
 def _layout(module):

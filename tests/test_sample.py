@@ -9,7 +9,7 @@ from papa.config import load_config
 from papa.models import EvaluatorCNN, build_unet
 from papa.sampling import sample
 from papa.schedule import NoiseSchedule
-from conftest import ROOT
+from testutil import ROOT
 
 
 def _tiny_model():

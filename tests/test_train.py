@@ -14,7 +14,7 @@ import torch
 from papa import checkpoint
 from papa.config import load_config
 from papa.models import EvaluatorCNN, OracleCNN, build_unet
-from conftest import ROOT
+from testutil import ROOT
 
 TINY_MODEL = ["model.down_channels=[8,16,16,16]", "model.mid_channels=[16,16,16]", "model.time_emb_dim=16"]
 
