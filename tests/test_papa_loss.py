@@ -107,3 +107,12 @@ def test_labels_zero_and_negatives_without_qpde(sched):
     it2 = plan_items(torch.zeros(3, 1, 2, 2), torch.tensor([0.0, -1.0, 1.0]), sched, cfg2, lam,
                      torch.Generator().manual_seed(0))
     assert (it2.w_qpde[it2.sample == 1] > 0).all() and len(it2) == 10
+
+
+def test_uniform_weighting_spreads_the_elbo_total_evenly(sched):
+    lam = papa_weights(sched, "reference")
+    uni = papa_weights(sched, "reference", "uniform")
+    assert uni.sum().item() == pytest.approx(lam.sum().item(), rel=1e-12)
+    assert torch.allclose(uni, torch.full_like(uni, lam.sum().item() / 1000))
+    skip = papa_weights(sched, "skip", "uniform")
+    assert skip[0] == 0 and torch.allclose(skip[1:], torch.full_like(skip[1:], lam[1:].sum().item() / 999))

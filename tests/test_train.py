@@ -36,7 +36,7 @@ def overrides(tiny, out, rounds=3, extra=()):
         f"checkpoints.evaluator={tiny / 'evaluator.pt'}", f"train.output_dir={out}", f"train.rounds={rounds}",
         "train.samples_per_round=4", "train.batch_size=2", "train.timesteps_per_sample=6", "train.timestep_chunk=5",
         "train.lr=0.001", "diffusion.sample_steps=4", "eval.num=6", "eval.final_num=8", "eval.every=2",
-        "feedback.preference=[0,1,2,3,4]", *extra]
+        "feedback.preference=[0,1,2,3,4]", "train.sample_path=run", *extra]
 
 
 def args_for(ovs, *more):
@@ -69,7 +69,7 @@ def assert_same_metrics(a, b, tol=0.0):
 
 
 def run_dir(out):
-    return Path(out) / "mnist" / "papa_seed0"
+    return Path(out) / "mnist" / "run"
 
 
 def test_run_writes_the_whole_story(tiny, tmp_path):
