@@ -70,9 +70,12 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A papa checkpoint ({'state_dict': …}) or a bare reference state dict; `module.` stripped, cast to float32."""
+    """A shipped papa checkpoint ({'state_dict': …}), a trainer round checkpoint ({'model': …}) or a bare reference
+    state dict; `module.` prefixes stripped, floating tensors cast to float32."""
     obj = load(path)
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    sd = None
+    if isinstance(obj, dict):
+        sd = obj.get("state_dict", obj.get("model", obj))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"checkpoint '{path}' holds no state dict")
     return {k: v.float() if v.is_floating_point() else v for k, v in strip_module_prefix(sd).items()}

@@ -123,18 +123,19 @@ class Engine:
         return False
 
     # ------------------------------------------------------------------ phases
-    def _sample(self, n: int, seed: int, desc: str) -> torch.Tensor:
+    def _sample(self, n: int, seed: int) -> torch.Tensor:
         d, idx = self.cfg.diffusion, dist.shard(n, self.rank, self.world)
         k = self.cfg.train.epapa_k
         local = sample(self.model, self.sched, len(idx), steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
                        seed=seed, first_index=idx.start, batch_size=self.cfg.eval.batch_size,
                        base_model=self.base if k else None, epapa_k=k, device=self.device,
-                       progress=self.main and n > 50)
+                       progress=self.main and n > 50, cuda_graph=self.device.type == "cuda")
         return dist.gather_cat(local, self.world)
 
-    def evaluate(self, num: int) -> dict:
+    def evaluate(self, num: int) -> tuple[dict, torch.Tensor]:
+        """Evaluator metrics on `num` fixed-seed samples, and the samples."""
         self.model.eval()
-        imgs = self._sample(num, self.cfg.eval.seed, "eval")
+        imgs = self._sample(num, self.cfg.eval.seed)
         probs, feats = classify(self.evaluator, imgs.to(self.device))
         pref = self.cfg.feedback.preference
         out = class_stats(probs.cpu(), pref)
@@ -193,7 +194,7 @@ class Engine:
             save_grid(imgs[:64], self.run_dir / "rounds" / tag / "eval_grid.png", nrow=8)
 
     def run(self, resume: bool = False) -> RunState:
-        cfg, t, s = self.cfg, self.cfg.train, None
+        cfg, t = self.cfg, self.cfg.train
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
@@ -210,7 +211,7 @@ class Engine:
             t0 = time.time()
             # 1. sample this round's images from the current model
             self.model.eval()
-            imgs = self._sample(t.samples_per_round, t.seed * 100_003 + r + 1, "round")
+            imgs = self._sample(t.samples_per_round, t.seed * 100_003 + r + 1)
             # 2. feedback (rank 0 asks; every rank gets the same labels)
             y = self.feedback(imgs.to(self.device), r + 1).cpu() if self.main else torch.zeros(len(imgs))
             y = dist.broadcast_tensor(y, self.world)

@@ -55,15 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     s, d = cfg.sample, cfg.diffusion
     ckpt = args.checkpoint or cfg.checkpoints.base
     # load everything before writing anything: a bad path fails with nothing written
-    model = load_unet(cfg.model, ckpt)
-    base = load_unet(cfg.model, cfg.checkpoints.base) if s.epapa_k > 0 else None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_unet(cfg.model, ckpt).to(device)
+    base = load_unet(cfg.model, cfg.checkpoints.base).to(device) if s.epapa_k > 0 else None
     evaluator = load_classifier("evaluator", cfg.checkpoints.evaluator)
     out = Path(args.out or f"samples/{cfg.task_name}")
 
     t0 = time.time()
     images = sample(model, NoiseSchedule.from_config(d), s.num, steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
                     seed=s.seed, batch_size=s.batch_size, base_model=base, epapa_k=s.epapa_k,
-                    progress=not args.quiet)
+                    progress=not args.quiet, device=device, cuda_graph=device.type == "cuda")
     seconds = time.time() - t0
     probs, _ = classify(evaluator, images)
     stats = class_stats(probs)

@@ -58,3 +58,17 @@ def test_sample_cli_writes_grid_tensor_and_stats(tmp_path):
     assert imgs.shape == (6, 1, 28, 28) and imgs.min() >= -1 and imgs.max() <= 1
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "config.yaml").is_file()
+
+
+def test_sample_cli_takes_a_trainer_round_checkpoint(tmp_path):
+    """A finetuned model straight from a run's checkpoints/round_NNN.pt ({'model': …, 'opt': …, …})."""
+    from papa.sample import main
+    unet = _tiny_model()
+    opt = torch.optim.Adam(unet.parameters())
+    checkpoint.atomic_save({"model": unet.state_dict(), "opt": opt.state_dict(), "round": 3, "metrics": []},
+                           tmp_path / "round_003.pt")
+    checkpoint.atomic_save({"state_dict": EvaluatorCNN().state_dict()}, tmp_path / "e.pt")
+    rc = main(["--config", str(ROOT / "configs" / "mnist.yaml"), "--checkpoint", str(tmp_path / "round_003.pt"),
+               "--set", f"checkpoints.evaluator={tmp_path / 'e.pt'}", "--set", "diffusion.sample_steps=2",
+               "--num", "2", "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 0 and (tmp_path / "o" / "stats.json").is_file()
