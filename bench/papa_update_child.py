@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from papa.algos.papa import WorkItems, chunk_loss, papa_weights, plan_items  # noqa: E402
+from papa.algos.papa import chunk_loss, papa_weights, plan_items  # noqa: E402
 from papa.config import load_config  # noqa: E402
 from papa.models import build_unet, load_unet  # noqa: E402
 from papa.schedule import NoiseSchedule  # noqa: E402

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from papa import checkpoint, dist
 from papa.algos import papa as papa_algo
-from papa.config import Config, config_hash, dump_yaml, to_dict
+from papa.config import Config, config_hash, dump_yaml
 from papa.data import CLASS_NAMES, load_dataset
 from papa.evaluate import class_stats, classify, frechet_distance
 from papa.feedback import build_feedback, image_id

@@ -9,7 +9,6 @@ kept).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from papa.cli import add_config_args, run_main
-from papa.config import ConfigError, config_hash, load_config, to_dict
+from papa.config import ConfigError, load_config, to_dict
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from papa.algos.papa import WorkItems, chunk_loss, papa_weights, plan_items
+from papa.algos.papa import chunk_loss, papa_weights, plan_items
 from papa.config import TrainConfig
 from papa.schedule import NoiseSchedule
 

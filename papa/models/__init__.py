@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from papa.checkpoint import CheckpointError, load, load_state_dict
+from papa.checkpoint import CheckpointError, load_state_dict
 from papa.models.classifier import CLASSIFIERS, EvaluatorCNN, OracleCNN
 from papa.models.unet import UNet, build_unet
 
