@@ -44,8 +44,7 @@ def test_sample_cli_writes_grid_tensor_and_stats(tmp_path):
     checkpoint.atomic_save({"state_dict": unet.state_dict()}, tmp_path / "u.pt")
     checkpoint.atomic_save({"state_dict": EvaluatorCNN().state_dict()}, tmp_path / "e.pt")
     out = tmp_path / "out"
-    code = main.__wrapped__ if hasattr(main, "__wrapped__") else main
-    rc = code(["--config", str(ROOT / "configs" / "mnist.yaml"), "--checkpoint", str(tmp_path / "u.pt"),
+    rc = main(["--config", str(ROOT / "configs" / "mnist.yaml"), "--checkpoint", str(tmp_path / "u.pt"),
                "--set", f"checkpoints.evaluator={tmp_path / 'e.pt'}", "--set", f"checkpoints.base={tmp_path / 'u.pt'}",
                "--set", "diffusion.sample_steps=3", "--num", "6", "--seed", "1", "--epapa-k", "300",
                "--out", str(out), "--quiet"])
