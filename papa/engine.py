@@ -163,10 +163,7 @@ class Engine:
             self.opt.zero_grad(set_to_none=False)
             total = 0.0
             for c in range(mine.start, mine.stop, t.timestep_chunk):
-                chunk = items.slice(slice(c, min(c + t.timestep_chunk, mine.stop)))
-                chunk = papa_algo.WorkItems(chunk.sample.to(self.device), chunk.t.to(self.device),
-                                            chunk.eps.to(self.device), chunk.w_pref.to(self.device),
-                                            chunk.w_qpde.to(self.device))
+                chunk = items.slice(slice(c, min(c + t.timestep_chunk, mine.stop))).to(self.device)
                 loss = papa_algo.chunk_loss(self.model, self.base, x0, chunk, self.sched)
                 loss.backward()
                 total += loss.item()

@@ -53,6 +53,10 @@ class WorkItems:
     def slice(self, sl: slice) -> "WorkItems":
         return WorkItems(self.sample[sl], self.t[sl], self.eps[sl], self.w_pref[sl], self.w_qpde[sl])
 
+    def to(self, device) -> "WorkItems":
+        return WorkItems(self.sample.to(device), self.t.to(device), self.eps.to(device), self.w_pref.to(device),
+                         self.w_qpde.to(device))
+
 
 def trained_steps(cfg_train, T: int, lam: torch.Tensor) -> torch.Tensor:
     steps = torch.arange(cfg_train.epapa_k, T)
