@@ -1,7 +1,10 @@
 // papa's torch operators: schema definitions, the CPU implementation, and the Python module stub.
 //
 //   papa::fused_step(Tensor x_t, Tensor eps, Tensor noise, Tensor coef) -> (Tensor x_prev, Tensor x0, Tensor log_prob)
+//   papa::fused_step_out(x_t, eps, noise, coef, Tensor(a!) x_prev, Tensor(b!) x0, Tensor(c!) log_prob) -> ()
 //
+// The out variant writes into preallocated, contiguous buffers (a trajectory recorder's step slices), so a batch of
+// trajectories, each row at its own timestep (per-row coef), advances without allocating.
 // x_t, eps, noise: (B, ...) same dtype; coef: (B, 5) float32 [c_xt, c_eps, sigma, a0, b0]; log_prob: (B,) float32.
 // The CUDA implementation is registered from step_cuda.cu when the extension is built with CUDA.
 #ifdef PAPA_PYTHON_MODULE
@@ -39,12 +42,22 @@ void check_step_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Ten
               "papa::fused_step: all inputs must be on one device");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_step_cpu(const at::Tensor& x_t, const at::Tensor& eps,
-                                                              const at::Tensor& noise, const at::Tensor& coef) {
+void check_step_outputs(const at::Tensor& x, const at::Tensor& x_prev, const at::Tensor& x0,
+                        const at::Tensor& log_prob) {
+  for (const auto* o : {&x_prev, &x0})
+    TORCH_CHECK(o->sizes() == x.sizes() && o->scalar_type() == x.scalar_type() && o->is_contiguous() &&
+                    o->device() == x.device(),
+                "papa::fused_step_out: x_prev and x0 must be contiguous, of x_t's shape ", x.sizes(), " and dtype");
+  TORCH_CHECK(log_prob.dim() == 1 && log_prob.size(0) == x.size(0) && log_prob.scalar_type() == at::kFloat &&
+                  log_prob.is_contiguous() && log_prob.device() == x.device(),
+              "papa::fused_step_out: log_prob must be contiguous float32 of shape (B,)");
+}
+
+void fused_step_out_cpu(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& noise, const at::Tensor& coef,
+                        at::Tensor& x_prev, at::Tensor& x0, at::Tensor& log_prob) {
   check_step_inputs(x_t, eps, noise, coef);
+  check_step_outputs(x_t, x_prev, x0, log_prob);
   auto x = x_t.contiguous(), e = eps.contiguous(), z = noise.contiguous(), c = coef.contiguous();
-  auto x_prev = at::empty_like(x), x0 = at::empty_like(x);
-  auto log_prob = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   const int64_t B = x.size(0), D = x.numel() / B;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "papa_fused_step_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -60,13 +73,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_step_cpu(const at::Tensor& 
                                              x0p + b * D);
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_step_cpu(const at::Tensor& x_t, const at::Tensor& eps,
+                                                              const at::Tensor& noise, const at::Tensor& coef) {
+  check_step_inputs(x_t, eps, noise, coef);
+  auto x_prev = at::empty(x_t.sizes(), x_t.options()), x0 = at::empty(x_t.sizes(), x_t.options());
+  auto log_prob = at::empty({x_t.size(0)}, x_t.options().dtype(at::kFloat));
+  fused_step_out_cpu(x_t, eps, noise, coef, x_prev, x0, log_prob);
   return {x_prev, x0, log_prob};
 }
 
 TORCH_LIBRARY(papa, m) {
   m.def("fused_step(Tensor x_t, Tensor eps, Tensor noise, Tensor coef) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "fused_step_out(Tensor x_t, Tensor eps, Tensor noise, Tensor coef, Tensor(a!) x_prev, Tensor(b!) x0, "
+      "Tensor(c!) log_prob) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(papa, CPU, m) { m.impl("fused_step", &fused_step_cpu); }
+TORCH_LIBRARY_IMPL(papa, CPU, m) {
+  m.impl("fused_step", &fused_step_cpu);
+  m.impl("fused_step_out", &fused_step_out_cpu);
+}
 
 }  // namespace papa

@@ -11,6 +11,8 @@
 namespace papa {
 
 void check_step_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& noise, const at::Tensor& coef);
+void check_step_outputs(const at::Tensor& x, const at::Tensor& x_prev, const at::Tensor& x0,
+                        const at::Tensor& log_prob);
 
 template <typename scalar_t, typename acc_t>
 __global__ void fused_step_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ eps,
@@ -35,13 +37,12 @@ __global__ void fused_step_kernel(const scalar_t* __restrict__ x, const scalar_t
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_step_cuda(const at::Tensor& x_t, const at::Tensor& eps,
-                                                               const at::Tensor& noise, const at::Tensor& coef) {
+void fused_step_out_cuda(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& noise,
+                         const at::Tensor& coef, at::Tensor& x_prev, at::Tensor& x0, at::Tensor& log_prob) {
   check_step_inputs(x_t, eps, noise, coef);
+  check_step_outputs(x_t, x_prev, x0, log_prob);
   const c10::cuda::CUDAGuard guard(x_t.device());
   auto x = x_t.contiguous(), e = eps.contiguous(), z = noise.contiguous(), c = coef.contiguous();
-  auto x_prev = at::empty_like(x), x0 = at::empty_like(x);
-  auto log_prob = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   const int64_t B = x.size(0), D = x.numel() / B;
   const int threads = 256;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -53,9 +54,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_step_cuda(const at::Tensor&
         log_prob.mutable_data_ptr<float>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_step_cuda(const at::Tensor& x_t, const at::Tensor& eps,
+                                                               const at::Tensor& noise, const at::Tensor& coef) {
+  check_step_inputs(x_t, eps, noise, coef);
+  auto x_prev = at::empty(x_t.sizes(), x_t.options()), x0 = at::empty(x_t.sizes(), x_t.options());
+  auto log_prob = at::empty({x_t.size(0)}, x_t.options().dtype(at::kFloat));
+  fused_step_out_cuda(x_t, eps, noise, coef, x_prev, x0, log_prob);
   return {x_prev, x0, log_prob};
 }
 
-TORCH_LIBRARY_IMPL(papa, CUDA, m) { m.impl("fused_step", &fused_step_cuda); }
+TORCH_LIBRARY_IMPL(papa, CUDA, m) {
+  m.impl("fused_step", &fused_step_cuda);
+  m.impl("fused_step_out", &fused_step_out_cuda);
+}
 
 }  // namespace papa

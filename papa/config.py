@@ -102,10 +102,10 @@ class FeedbackConfig:
 
 @dataclass
 class TrainConfig:
-    algo: str = "papa"                # papa (ePAPA is papa with epapa_k > 0)
+    algo: str = "papa"                # papa (ePAPA: epapa_k > 0) | d3po | diffusion_dpo | ddpo | sdpo (papa.algos)
     rounds: int = 30
-    samples_per_round: int = 10       # labels asked per round
-    batch_size: int = 10              # samples per optimiser step
+    samples_per_round: int = 10       # feedback units per round: images (papa, ddpo) or pairs (d3po, diffusion_dpo, sdpo)
+    batch_size: int = 10              # units (images or pairs) per optimiser step
     epochs_per_round: int = 1         # passes over the round's training set
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -123,6 +123,17 @@ class TrainConfig:
     replay: bool = False              # train on all feedback so far (paper figure) or this round's only (code)
     loss_scale: str = "global"        # global: independent of ranks | reference: DDP mean over W ranks (8-GPU scaling)
     noise_per_timestep: bool = False  # false: one eps draw reused for every t (reference)
+    # trajectory methods (d3po, ddpo, sdpo): the sampler whose steps are recorded and trained
+    traj_steps: int = 20              # few-step sampling as in those papers
+    traj_sampler: str = "ddim"        # ddim | ancestral
+    traj_eta: float = 1.0             # DDIM eta (1: every step stochastic, as D3PO/DDPO/SDPO)
+    beta: float = 0.1                 # d3po: beta of the DPO logit; diffusion_dpo uses dpo_beta
+    clip: float = 0.1                 # d3po: the ratio is clipped to [1 - clip, 1 + clip]
+    dpo_beta: float = 5000.0          # diffusion_dpo: beta (the paper's value for pixel-mean MSE)
+    ppo_clip: float = 1e-4            # ddpo, sdpo: clip range of the policy ratio / log-ratio difference
+    adv_clip: float = 5.0             # ddpo, sdpo: advantages clipped to +-adv_clip
+    sdpo_gamma: float = 0.99          # sdpo: discount of the stepwise returns
+    sdpo_lambda: float = 0.99         # sdpo: step weight w_j = lambda^j
     seed: int = 0
     output_dir: str = "runs"
     sample_path: str = ""             # run directory name under output_dir/task_name (default: algo_seed)
@@ -250,7 +261,22 @@ def validate(cfg: Config) -> Config:
              "feedback.preference", f"must be distinct class indices in [0, 9], got {f.preference}")
     _require(f.source != "file" or bool(f.labels_file), "feedback.labels_file", "must be set when feedback.source is 'file'")
     t = cfg.train
-    _require(t.algo in ("papa",), "train.algo", f"must be 'papa', got {t.algo!r}")
+    from papa.algos import ALGOS, REWARD
+    _require(t.algo in ALGOS, "train.algo", f"must be one of {sorted(ALGOS)}, got {t.algo!r}")
+    _require(t.algo not in REWARD or f.source == "oracle", "feedback.source",
+             f"must be 'oracle' for train.algo={t.algo} (it needs a reward; label files hold choices, not rewards)")
+    _require(t.algo == "papa" or t.epapa_k == 0, "train.epapa_k", f"applies to papa only; set it to 0 for {t.algo}")
+    _require(t.algo == "papa" or not t.replay, "train.replay", f"applies to papa only; set it to false for {t.algo}")
+    _require(1 <= t.traj_steps <= d.num_timesteps, "train.traj_steps", f"must be in [1, {d.num_timesteps}]")
+    _require(t.traj_steps >= 2 or t.algo not in ("d3po", "ddpo", "sdpo"), "train.traj_steps",
+             "must be >= 2 (the last step has no density)")
+    _require(t.traj_sampler in ("ddim", "ancestral"), "train.traj_sampler", "must be ddim or ancestral")
+    _require(0.0 < t.traj_eta <= 1.0, "train.traj_eta", "must be in (0, 1] (eta = 0 has no density to train)")
+    for k in ("beta", "clip", "dpo_beta", "ppo_clip", "adv_clip"):
+        _require(getattr(t, k) > 0, f"train.{k}", "must be > 0")
+    _require(t.clip < 1, "train.clip", "must be < 1 (the ratio is clipped to [1 - clip, 1 + clip])")
+    for k in ("sdpo_gamma", "sdpo_lambda"):
+        _require(0 < getattr(t, k) <= 1, f"train.{k}", "must be in (0, 1]")
     for k in ("rounds", "samples_per_round", "batch_size", "epochs_per_round", "timestep_chunk"):
         _require(getattr(t, k) >= 1, f"train.{k}", "must be >= 1")
     _require(t.lr > 0, "train.lr", "must be > 0")

@@ -23,14 +23,14 @@ import torch
 from tqdm import tqdm
 
 from papa import checkpoint, dist
-from papa.algos import papa as papa_algo
+from papa.algos import get_method
 from papa.config import Config, config_hash, dump_yaml
 from papa.data import CLASS_NAMES, load_dataset
 from papa.evaluate import class_stats, classify, frechet_distance
-from papa.feedback import build_feedback, image_id
+from papa.feedback import build_feedback
 from papa.models import load_classifier, load_unet
 from papa.pretrain import to_model_range
-from papa.sampling import sample
+from papa.sampling import Trajectories, sample, sample_trajectories
 from papa.schedule import NoiseSchedule
 
 
@@ -41,8 +41,7 @@ class NonFiniteLoss(RuntimeError):
 @dataclass
 class RunState:
     round: int = 0                                   # rounds completed
-    history_x: list = field(default_factory=list)    # per round: images (N, 1, 28, 28)
-    history_y: list = field(default_factory=list)    # per round: labels (N,)
+    history: list = field(default_factory=list)      # per round: the method's training tensors (kept for replay)
     metrics: list = field(default_factory=list)      # rows written to metrics.jsonl
     elapsed: float = 0.0                             # seconds of training so far (across resumes)
 
@@ -68,12 +67,20 @@ class Engine:
         oracle = load_classifier("oracle", ck.oracle).to(device) if cfg.feedback.source == "oracle" else None
         self.feedback = build_feedback(cfg, oracle)
         self.sched = NoiseSchedule.from_config(cfg.diffusion)
-        self.lam = papa_algo.papa_weights(self.sched, t.t0_weight, t.weighting)
+        self.method = get_method(t.algo)(self)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         xte, yte = load_dataset(cfg.data.dataset, "test", root=cfg.data.root or None)
         pref = torch.tensor(cfg.feedback.preference)
         keep = torch.isin(torch.from_numpy(yte).long(), pref)
         _, self.test_feats = classify(self.evaluator, to_model_range(torch.from_numpy(xte[keep.numpy()])).to(device))
+        # a fixed probe for the KL-to-base diagnostic: real test images noised at fixed steps of the sampling chain
+        g = torch.Generator().manual_seed(cfg.eval.seed)
+        ts = torch.tensor(self.sched.sampling_timesteps(cfg.diffusion.sample_steps))
+        j = torch.randint(0, len(ts) - 1, (64,), generator=g)  # never the last step (σ = 0)
+        x0 = to_model_range(torch.from_numpy(xte[torch.randperm(len(xte), generator=g)[:64].numpy()]))
+        pt, ptp = ts[j], ts[j + 1]
+        self.probe = (self.sched.add_noise(x0, torch.randn(x0.shape, generator=g), pt).to(device), pt.to(device),
+                      self.sched.fused_coefficients(pt, ptp, cfg.diffusion.sampler, cfg.diffusion.eta).to(device))
         self.state = RunState()
         self.ckpt_dir = self.run_dir / "checkpoints"
 
@@ -100,7 +107,7 @@ class Engine:
         path = self.ckpt_dir / f"round_{s.round:03d}.pt"
         checkpoint.atomic_save({
             "model": self.model.state_dict(), "opt": self.opt.state_dict(), "round": s.round,
-            "history_x": s.history_x, "history_y": s.history_y, "metrics": s.metrics, "elapsed": s.elapsed,
+            "history": s.history, "metrics": s.metrics, "elapsed": s.elapsed,
             "config_hash": config_hash(self.cfg), "torch_rng": torch.get_rng_state()}, path)
         for old in sorted(self.ckpt_dir.glob("round_*.pt"))[:-2]:  # keep the newest two: latest and last good
             old.unlink(missing_ok=True)
@@ -116,60 +123,89 @@ class Engine:
             except (checkpoint.CheckpointError, KeyError, RuntimeError) as e:
                 self.log(f"warning: {path.name} is unusable ({str(e)[:100]}); trying the previous checkpoint")
                 continue
-            self.state = RunState(st["round"], st["history_x"], st["history_y"], st["metrics"], st["elapsed"])
+            self.state = RunState(st["round"], st["history"], st["metrics"], st["elapsed"])
             torch.set_rng_state(st["torch_rng"])
             self.log(f"resumed from {path} (round {self.state.round} done)")
             return True
         return False
 
     # ------------------------------------------------------------------ phases
-    def _sample(self, n: int, seed: int) -> torch.Tensor:
+    def sample_images(self, n: int, seed: int, epapa: bool = True) -> torch.Tensor:
+        """n images from the current model (ePAPA's base model below k when `epapa`), sharded over ranks, on every rank."""
         d, idx = self.cfg.diffusion, dist.shard(n, self.rank, self.world)
-        k = self.cfg.train.epapa_k
+        k = self.cfg.train.epapa_k if epapa else 0
         local = sample(self.model, self.sched, len(idx), steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
                        seed=seed, first_index=idx.start, batch_size=self.cfg.eval.batch_size,
                        base_model=self.base if k else None, epapa_k=k, device=self.device,
                        progress=self.main and n > 50, cuda_graph=self.device.type == "cuda")
         return dist.gather_cat(local, self.world)
 
+    def sample_trajectories(self, n: int, seed: int, paired: bool = False) -> Trajectories:
+        """n recorded trajectories with the training sampler (train.traj_*), sharded over ranks (whole pairs)."""
+        t = self.cfg.train
+        unit = 2 if paired else 1
+        idx = dist.shard(n // unit, self.rank, self.world)
+        local = sample_trajectories(self.model, self.sched, len(idx) * unit, steps=t.traj_steps,
+                                    sampler=t.traj_sampler, eta=t.traj_eta, seed=seed, first_index=idx.start * unit,
+                                    paired=paired, device=self.device)
+        for k in ("x", "x0_hat", "log_prob"):
+            local[k] = dist.gather_cat(local[k], self.world)
+        return local
+
+    def ask(self, query) -> torch.Tensor:
+        """Rank 0 asks the feedback source (`query()`); every rank gets the answer."""
+        y = query() if self.main else None
+        return dist.broadcast_tensor(y if y is not None else torch.zeros(0), self.world)
+
+    @torch.no_grad()
+    def kl_to_base(self) -> float:
+        """Mean per-step KL(p_θ ‖ p_base) of the sampling chain on a fixed probe, nats per pixel (pixel mean)."""
+        x, t, coef = self.probe
+        d = self.model(x, t) - self.base(x, t)
+        return float((coef[:, 1] ** 2 * d.square().flatten(1).mean(1) / (2 * coef[:, 2] ** 2)).mean())
+
     def evaluate(self, num: int) -> tuple[dict, torch.Tensor]:
         """Evaluator metrics on `num` fixed-seed samples, and the samples."""
         self.model.eval()
-        imgs = self._sample(num, self.cfg.eval.seed)
+        imgs = self.sample_images(num, self.cfg.eval.seed)
         probs, feats = classify(self.evaluator, imgs.to(self.device))
         pref = self.cfg.feedback.preference
         out = class_stats(probs.cpu(), pref)
         sel = torch.isin(probs.argmax(1).cpu(), torch.tensor(pref))
         out["fid_preferred"] = frechet_distance(feats[sel].cpu(), self.test_feats.cpu()) if sel.sum() >= 2 else math.nan
+        out["kl_to_base"] = self.kl_to_base()
         out["eval_num"] = num
         return out, imgs
 
-    def update(self, x: torch.Tensor, y: torch.Tensor, r: int) -> dict:
-        """The method's update on (x, y): minibatches of samples; each a work list chunked, sharded, accumulated."""
-        t = self.cfg.train
+    def update(self, data: dict, r: int) -> dict:
+        """The method's update: units shuffled into optimiser steps; each step's work list sharded over ranks and
+        pushed through the UNet in chunks whose gradients accumulate; one all-reduce per optimiser step."""
+        t, m = self.cfg.train, self.method
         gen = torch.Generator().manual_seed(t.seed * 7919 + r)
         self.model.train()
-        losses, n_items = [], 0
-        batches = [perm.split(t.batch_size) for perm in (torch.randperm(len(x), generator=gen)
-                                                        for _ in range(t.epochs_per_round))]
-        batches = [b for ep in batches for b in ep]
+        losses, n_items, stats = [], 0, {}
+        n = m.num_units(data)
+        batches = [b for _ in range(t.epochs_per_round) for b in torch.randperm(n, generator=gen).split(t.batch_size)]
         bar = tqdm(batches, desc=f"round {r + 1} update", disable=not self.main, leave=False, dynamic_ncols=True)
-        for mb in bar:
-            x0, yb = x[mb].to(self.device), y[mb]
-            items = papa_algo.plan_items(x0.cpu(), yb, self.sched, t, self.lam, gen)
+        for units in bar:
+            ctx, items = m.step_items(data, units, gen)
             if len(items) == 0:
                 continue
             mine = dist.shard(len(items), self.rank, self.world)
             self.opt.zero_grad(set_to_none=False)
-            total = 0.0
+            total, st = 0.0, {}
             for c in range(mine.start, mine.stop, t.timestep_chunk):
                 chunk = items.slice(slice(c, min(c + t.timestep_chunk, mine.stop))).to(self.device)
-                loss = papa_algo.chunk_loss(self.model, self.base, x0, chunk, self.sched)
+                loss, cs = m.loss(ctx, chunk)
                 loss.backward()
                 total += loss.item()
+                for k, v in cs.items():
+                    st[k] = st.get(k, 0.0) + float(v)
             ref_scale = t.loss_scale == "reference"
             dist.all_reduce_grads(self.model, self.world, mean=ref_scale)
             total = dist.all_reduce_sum(total, self.world) / (self.world if ref_scale else 1)
+            for k in m.stat_keys:  # the same keys on every rank: one collective each
+                stats[k] = stats.get(k, 0.0) + dist.all_reduce_sum(st.get(k, 0.0), self.world)
             grads_ok = all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None)
             if not math.isfinite(total) or not grads_ok:
                 raise NonFiniteLoss(f"non-finite loss ({total}) in round {r + 1}")
@@ -180,7 +216,8 @@ class Engine:
             n_items += len(items)
             bar.set_postfix(loss=f"{total:.4f}")
         bar.close()
-        return {"loss": sum(losses) / max(1, len(losses)), "optimizer_steps": len(losses), "unet_items": n_items}
+        return {"loss": sum(losses) / max(1, len(losses)), "optimizer_steps": len(losses), "unet_items": n_items,
+                **m.summarize(stats)}
 
     # ------------------------------------------------------------------ the loop
     def _record_eval(self, row: dict, num: int, tag: str) -> None:
@@ -206,23 +243,17 @@ class Engine:
             self._line(row)
         for r in range(s.round, t.rounds):
             t0 = time.time()
-            # 1. sample this round's images from the current model
+            # 1-2. the method samples from the current model and asks the feedback source (rank 0; all ranks agree)
             self.model.eval()
-            imgs = self._sample(t.samples_per_round, t.seed * 100_003 + r + 1)
-            # 2. feedback (rank 0 asks; every rank gets the same labels)
-            y = self.feedback(imgs.to(self.device), r + 1).cpu() if self.main else torch.zeros(len(imgs))
-            y = dist.broadcast_tensor(y, self.world)
+            data = self.method.collect(r)
             if self.main:
-                self._save_round(r + 1, imgs, y)
-            s.history_x.append(imgs.cpu())
-            s.history_y.append(y)
+                self._save_round(r + 1, data)
+            s.history.append(data.tensors if t.replay else {})
             # 3. update on this round's feedback, or on all feedback so far (replay)
-            x_train = torch.cat(s.history_x) if t.replay else imgs
-            y_train = torch.cat(s.history_y) if t.replay else y
-            upd = self.update(x_train, y_train, r)
+            upd = self.update(self.method.merge(s.history) if t.replay else data.tensors, r)
             # 4. evaluate (first and last on final_num samples), 5. record, 6. checkpoint
-            row = {"round": r + 1, "labels_used": (r + 1) * t.samples_per_round,
-                   "round_positive": int((y > 0).sum()), "round_negative": int((y < 0).sum()), **upd}
+            used = (s.metrics[-1]["labels_used"] if s.metrics else 0) + data.queries
+            row = {"round": r + 1, "labels_used": used, **data.stats, **upd}
             last = r + 1 == t.rounds
             if last or (r + 1) % cfg.eval.every == 0:
                 self._record_eval(row, cfg.eval.final_num if last else cfg.eval.num, f"{r + 1:03d}")
@@ -252,15 +283,14 @@ class Engine:
             parts += [f"{row['round_seconds']:.1f}s"]
         self.log(" | ".join(parts))
 
-    def _save_round(self, r: int, imgs: torch.Tensor, y: torch.Tensor) -> None:
+    def _save_round(self, r: int, data) -> None:
         from papa.sample import save_grid
         d = self.run_dir / "rounds" / f"{r:03d}"
-        save_grid(imgs, d / "grid.png", nrow=min(10, len(imgs)))
+        save_grid(data.images, d / "grid.png", nrow=min(10, len(data.images)))
         buf = io.BytesIO()
-        torch.save(imgs, buf)
+        torch.save(data.images.cpu(), buf)
         checkpoint.atomic_write_bytes(d / "images.pt", buf.getvalue())
-        labels = {image_id(r, i): int(v) for i, v in enumerate(y.tolist())}
-        checkpoint.atomic_write_text(d / "labels.json", json.dumps(labels, indent=1))
+        checkpoint.atomic_write_text(d / "labels.json", json.dumps(data.labels, indent=1))
 
     def finish(self) -> None:
         """curves.png and summary.md from metrics."""

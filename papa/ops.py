@@ -25,6 +25,7 @@ def extension_available() -> bool:
     except ImportError:
         return False
     torch.library.register_fake("papa::fused_step")(_fused_step_fake)
+    torch.library.register_fake("papa::fused_step_out")(_fused_step_out_fake)
     return True
 
 
@@ -48,20 +49,43 @@ def fused_step_ref(x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor, co
     return x_prev.to(x_t.dtype), x0.to(x_t.dtype), lp
 
 
-def fused_step(x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor, coef: torch.Tensor):
-    """One sampling step in one pass: returns (x_prev, x̂0, log_prob (B,) float32). coef: (B, 5) float32."""
+def _use_extension() -> bool:
     backend = forced_backend()
     if backend == "torch" or (backend is None and not extension_available()):
-        return fused_step_ref(x_t, eps, noise, coef)
+        return False
     if backend == "triton":
         raise NotImplementedError("fused_step has no Triton kernel: use PAPA_OPS=cpp or torch")
     if not extension_available():
         raise RuntimeError("PAPA_OPS=cpp but papa._C is not built: run `pip install --no-build-isolation -e .`")
-    return torch.ops.papa.fused_step(x_t, eps, noise, coef.float())
+    return True
+
+
+def fused_step(x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor, coef: torch.Tensor,
+               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+    """One sampling step in one pass: returns (x_prev, x̂0, log_prob (B,) float32). coef: (B, 5) float32, one row per
+    sample, so every row may sit at its own timestep (a batch of trajectories advanced at once).
+
+    `out=(x_prev, x0, log_prob)`: preallocated contiguous buffers (e.g. one step's slice of a trajectory recorder) that
+    receive the results without allocating; they are returned."""
+    if not _use_extension():
+        res = fused_step_ref(x_t, eps, noise, coef)
+        if out is None:
+            return res
+        for buf, r in zip(out, res):
+            buf.copy_(r)
+        return out
+    if out is None:
+        return torch.ops.papa.fused_step(x_t, eps, noise, coef.float())
+    torch.ops.papa.fused_step_out(x_t, eps, noise, coef.float(), *out)
+    return out
 
 
 def _fused_step_fake(x_t, eps, noise, coef):
     return torch.empty_like(x_t), torch.empty_like(x_t), x_t.new_empty((x_t.shape[0],), dtype=torch.float32)
+
+
+def _fused_step_out_fake(x_t, eps, noise, coef, x_prev, x0, log_prob):
+    return None
 
 
 # ----------------------------------------------------------------------------- step log-prob and the D3PO loss

@@ -87,3 +87,58 @@ def sample(model: torch.nn.Module, sched: NoiseSchedule, num: int, *, steps: int
         out.append(x.float().clamp(-1, 1).cpu())
     bar.close()
     return torch.cat(out)
+
+
+class Trajectories(dict):
+    """Recorded stochastic trajectories, batch first. Keys:
+    x (B, S+1, C, H, W): x at every visited step, x[:, 0] = x_T, x[:, -1] = the image;
+    x0_hat (B, S, C, H, W): the clamped x̂0 predicted at step j; log_prob (B, S): log π(x_{j+1} | x_j) under the
+    sampling model (pixel mean; NaN where σ = 0, which has no density); t, t_prev (S,); coef (S, 5) the fused step's
+    coefficients. `images` is x[:, -1]."""
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self["x"][:, -1]
+
+    def trained_steps(self) -> torch.Tensor:
+        """Indices j of the steps with a density (σ > 0): the ones a trajectory loss can train."""
+        return torch.nonzero(self["coef"][:, 2] > 0).flatten()
+
+
+@torch.no_grad()
+def sample_trajectories(model: torch.nn.Module, sched: NoiseSchedule, num: int, *, steps: int,
+                        sampler: str = "ddim", eta: float = 1.0, seed: int = 0, first_index: int = 0,
+                        paired: bool = False, image_shape: tuple[int, ...] = (1, 28, 28),
+                        device: str | torch.device = "cpu") -> Trajectories:
+    """Sample `num` trajectories and record every step (x_t, t, x_{t−1}, log-prob, x̂0) for trajectory losses.
+
+    `paired`: trajectories 2p and 2p+1 start from the same x_T (seeded by the global pair index) and differ in their
+    step noise (D3PO, SDPO). The recorder's buffers are step-major and preallocated; each step is one UNet call and
+    one `fused_step(..., out=...)` writing straight into step j's slices (all rows at the same t here; the op takes a
+    per-row t as well)."""
+    device = torch.device(device)
+    ts = sched.sampling_timesteps(steps)
+    S = len(ts)
+    idx = range(first_index, first_index + num)
+    noise = draw_noise(sample_generators(seed, idx), S + 1, image_shape)
+    if paired:
+        if first_index % 2 or num % 2:
+            raise ValueError("paired trajectories need an even count starting at an even index (whole pairs)")
+        pairs = draw_noise(sample_generators(seed + 7_777_777, range(first_index // 2, (first_index + num) // 2)), 1,
+                           image_shape)[:, 0]
+        noise[:, 0] = pairs.repeat_interleave(2, 0)
+    noise = noise.to(device)
+    xs = torch.empty((S + 1, num, *image_shape), device=device)
+    x0s = torch.empty((S, num, *image_shape), device=device)
+    lps = torch.empty((S, num), device=device)
+    xs[0] = noise[:, 0]
+    t_all = torch.tensor(ts, dtype=torch.long)
+    tp_all = torch.tensor(ts[1:] + [-1], dtype=torch.long)
+    coef_all = sched.fused_coefficients(t_all, tp_all, sampler, eta)
+    for j, t in enumerate(ts):
+        tt = torch.full((num,), t, device=device, dtype=torch.long)
+        coef = coef_all[j].to(device).expand(num, 5).contiguous()
+        z = noise[:, j + 1] if tp_all[j] >= 0 else torch.zeros_like(xs[0])
+        ops.fused_step(xs[j], model(xs[j], tt), z, coef, out=(xs[j + 1], x0s[j], lps[j]))
+    return Trajectories(x=xs.transpose(0, 1).cpu(), x0_hat=x0s.transpose(0, 1).cpu(), log_prob=lps.t().cpu(),
+                        t=t_all, t_prev=tp_all, coef=coef_all)

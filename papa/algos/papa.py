@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from papa.algos.base import Method, RoundData
+from papa.feedback import image_id
 from papa.schedule import NoiseSchedule
 
 
@@ -124,3 +126,31 @@ def chunk_loss(model: torch.nn.Module, base: torch.nn.Module | None, x0: torch.T
             eps_base = base(x_t[q], items.t[q])
         loss = loss + (items.w_qpde[q] * mse(eps_hat[q], eps_base)).sum()
     return loss
+
+
+class PAPA(Method):
+    """PAPA / ePAPA: one label per image (+1 / −1 / 0); the loss above over (sample, t) items."""
+    name = "papa"
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.lam = papa_weights(self.sched, self.t.t0_weight, self.t.weighting)
+
+    def collect(self, r: int) -> RoundData:
+        e, n = self.engine, self.t.samples_per_round
+        imgs = e.sample_images(n, self.t.seed * 100_003 + r + 1, epapa=True)
+        y = e.ask(lambda: e.feedback(imgs.to(e.device), r + 1).cpu())
+        return RoundData(imgs, {image_id(r + 1, i): int(v) for i, v in enumerate(y.tolist())}, n,
+                         {"x": imgs.cpu(), "y": y}, {"round_positive": int((y > 0).sum()),
+                                                    "round_negative": int((y < 0).sum())})
+
+    def num_units(self, data: dict) -> int:
+        return len(data["x"])
+
+    def step_items(self, data: dict, units: torch.Tensor, gen: torch.Generator):
+        x0 = data["x"][units]
+        return x0.to(self.engine.device), plan_items(x0, data["y"][units], self.sched, self.t, self.lam, gen)
+
+    def loss(self, x0: torch.Tensor, chunk: WorkItems):
+        import papa.algos.papa as this  # looked up at call time, so tests can poison it
+        return this.chunk_loss(self.engine.model, self.engine.base, x0, chunk, self.sched), {}
