@@ -25,9 +25,10 @@ from papa_kernels.logprob import _acc, _block, gaussian_step_logprob_ref
 
 
 def dpo_ratio_loss_ref(lp_policy, lp_ref, h, beta: float = 0.1, clip: float = 0.1):
-    """Plain torch twin, written as D3PO does it (clamp of the exponentiated ratio). Returns (N,) losses."""
-    ratio = torch.clamp(torch.exp(lp_policy - lp_ref), 1 - clip, 1 + clip)
-    z = beta * (h[:, 0] * torch.log(ratio[:, 0]) + h[:, 1] * torch.log(ratio[:, 1]))
+    """Plain torch twin. D3PO writes log(clamp(exp(Δ), 1 − ε, 1 + ε)); the same clamp is taken in log space here, so
+    a large Δ cannot overflow exp into an inf whose zero gradient times inf is NaN. Returns (N,) losses."""
+    log_r = torch.clamp(lp_policy - lp_ref, math.log(1 - clip), math.log(1 + clip))
+    z = beta * (h[:, 0] * log_r[:, 0] + h[:, 1] * log_r[:, 1])
     return -torch.nn.functional.logsigmoid(z)
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from papa import checkpoint, dist
 from papa.algos import get_method
-from papa.config import Config, config_hash, dump_yaml
+from papa.config import Config, config_hash, dump_yaml, to_dict
 from papa.data import CLASS_NAMES, load_dataset
 from papa.evaluate import class_stats, classify, frechet_distance
 from papa.feedback import build_feedback
@@ -32,6 +32,16 @@ from papa.models import load_classifier, load_unet
 from papa.pretrain import to_model_range
 from papa.sampling import Trajectories, sample, sample_trajectories
 from papa.schedule import NoiseSchedule
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    """Peak memory so far: the process's peak RSS (CPU; whole process, so runs sharing a process share it) and, on CUDA,
+    the peak of torch's allocator."""
+    import resource
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
 
 
 class NonFiniteLoss(RuntimeError):
@@ -221,11 +231,41 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def _record_eval(self, row: dict, num: int, tag: str) -> None:
+        t0 = time.time()
         ev, imgs = self.evaluate(num)
         row.update(ev)
         if self.main:
             from papa.sample import save_grid
             save_grid(imgs[:64], self.run_dir / "rounds" / tag / "eval_grid.png", nrow=8)
+        row["eval_seconds"] = round(time.time() - t0, 2)
+
+    def _base_eval_cache(self) -> Path:
+        """Where the base model's round-0 evaluation is kept for reuse: it depends only on the base checkpoint, the
+        evaluator, the data, the preference and the evaluation settings, so every method and seed shares it."""
+        cfg = self.cfg
+        key = {"files": [(p, Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in
+                         (cfg.checkpoints.base, cfg.checkpoints.evaluator)],
+               "model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion), "data": to_dict(cfg.data),
+               "preference": cfg.feedback.preference, "num": cfg.eval.final_num, "seed": cfg.eval.seed}
+        return Path(cfg.train.output_dir) / cfg.task_name / ".base_eval" / f"{config_hash(key)}.json"
+
+    def _round0(self) -> dict:
+        row = {"round": 0, "labels_used": 0, "elapsed": 0.0}
+        cache = self._base_eval_cache()
+        if cache.is_file():
+            row.update(json.loads(cache.read_text()))
+            row["eval_cached"] = True
+            if self.main and cache.with_suffix(".png").is_file():
+                dst = self.run_dir / "rounds" / "000" / "eval_grid.png"
+                checkpoint.atomic_write_bytes(dst, cache.with_suffix(".png").read_bytes())
+            return row
+        self._record_eval(row, self.cfg.eval.final_num, "000")
+        if self.main:
+            ev = {k: v for k, v in row.items() if k not in ("round", "labels_used", "elapsed", "eval_seconds")}
+            checkpoint.atomic_write_bytes(cache.with_suffix(".png"),
+                                          (self.run_dir / "rounds" / "000" / "eval_grid.png").read_bytes())
+            checkpoint.atomic_write_text(cache, json.dumps(ev))
+        return row
 
     def run(self, resume: bool = False) -> RunState:
         cfg, t = self.cfg, self.cfg.train
@@ -237,8 +277,7 @@ class Engine:
             self.try_resume()
         s = self.state
         if not s.metrics:  # round 0: the base model, before any feedback
-            row = {"round": 0, "labels_used": 0, "elapsed": 0.0}
-            self._record_eval(row, cfg.eval.final_num, "000")
+            row = self._round0()
             s.metrics.append(row)
             self._line(row)
         for r in range(s.round, t.rounds):
@@ -260,6 +299,7 @@ class Engine:
             s.elapsed += time.time() - t0
             row["round_seconds"] = round(time.time() - t0, 2)
             row["elapsed"] = round(s.elapsed, 1)
+            row.update(peak_memory_mb(self.device))
             s.metrics.append(row)
             s.round = r + 1
             if self.main:

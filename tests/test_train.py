@@ -53,7 +53,8 @@ def cli(args, **kw):
 
 def metrics(run_dir):
     rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("elapsed", "round_seconds")} for r in rows]
+    volatile = ("elapsed", "round_seconds", "eval_seconds", "peak_rss_mb", "peak_cuda_mb", "eval_cached")
+    return [{k: v for k, v in r.items() if k not in volatile} for r in rows]
 
 
 def assert_same_metrics(a, b, tol=0.0):
@@ -169,3 +170,82 @@ def test_two_ranks_give_the_metrics_of_one(tiny, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     # gradients are summed in another order and convolutions see other batch sizes: equal up to float rounding
     assert_same_metrics(metrics(run_dir(one)), metrics(run_dir(two)), tol=1e-3)
+
+
+def pair_labels_file(path, rounds, pairs):
+    """A labels file of pairwise choices, as a person would write it: alternate first / second preferred."""
+    labels = {f"r{r:03d}_p{p:03d}": (1 if (r + p) % 2 else -1) for r in range(1, rounds + 1) for p in range(pairs)}
+    path.write_text(json.dumps(labels))
+    return path
+
+
+@pytest.mark.parametrize("algo", ["d3po", "diffusion_dpo", "ddpo", "sdpo"])
+def test_every_method_runs_end_to_end(tiny, tmp_path, algo):
+    from papa.train import main
+    extra = [f"train.algo={algo}", "train.epapa_k=0", "train.traj_steps=4", "train.timestep_chunk=7"]
+    if algo in ("d3po", "diffusion_dpo"):  # choices from a labels file (the random oracle calls every pair a tie)
+        extra += ["feedback.source=file", f"feedback.labels_file={pair_labels_file(tmp_path / 'pairs.json', 2, 4)}"]
+    assert main(args_for(overrides(tiny, tmp_path / "out", rounds=2, extra=extra))) == 0
+    rd = run_dir(tmp_path / "out")
+    rows = metrics(rd)
+    per_round = 4 * (6 if algo == "sdpo" else 1)
+    assert [r["labels_used"] for r in rows] == [0, per_round, 2 * per_round]
+    assert all(r["optimizer_steps"] == 2 for r in rows[1:])  # 4 units, batch 2
+    assert rows[-1]["kl_to_base"] > 0 and rows[0]["kl_to_base"] == 0  # the policy moved away from the base
+    diag = {"d3po": "implicit_accuracy", "diffusion_dpo": "implicit_accuracy", "ddpo": "clip_fraction",
+            "sdpo": "clip_fraction"}[algo]
+    assert all(0 <= r[diag] <= 1 for r in rows[1:])
+    labels = json.loads((rd / "rounds/001/labels.json").read_text())
+    assert len(labels) == 4 and (rd / "summary.md").is_file()
+    if algo in ("d3po", "sdpo"):
+        assert torch.load(rd / "rounds/001/images.pt").shape == (8, 1, 28, 28)
+
+
+def test_d3po_on_two_ranks_matches_one(tiny, tmp_path):
+    extra = ["train.algo=d3po", "train.epapa_k=0", "train.traj_steps=4", "train.timestep_chunk=3",
+             "feedback.source=file", f"feedback.labels_file={pair_labels_file(tmp_path / 'pairs.json', 2, 4)}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli(args_for(overrides(tiny, one, rounds=2, extra=extra))).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "papa.train", *args_for(overrides(tiny, two, rounds=2, extra=extra))],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_metrics(metrics(run_dir(one)), metrics(run_dir(two)), tol=1e-3)
+
+
+def test_reward_methods_refuse_a_labels_file(tiny, tmp_path):
+    f = pair_labels_file(tmp_path / "pairs.json", 1, 1)
+    r = cli(args_for(overrides(tiny, tmp_path, extra=["train.algo=ddpo", "train.epapa_k=0", "feedback.source=file",
+                                                      f"feedback.labels_file={f}"])))
+    assert r.returncode == 2 and "feedback.source" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "mnist").exists()
+
+
+def test_compare_runs_reuses_and_reports(tiny, tmp_path):
+    import yaml
+    common = dict(o.split("=", 1) for o in overrides(tiny, tmp_path, rounds=2))
+    common = {k: yaml.safe_load(v) for k, v in common.items() if k not in ("train.output_dir", "train.sample_path")}
+    spec = {"base_config": str(ROOT / "configs" / "mnist.yaml"), "output_dir": str(tmp_path / "cmp"), "seeds": [0, 1],
+            "budget": 8, "common": {**common, "train.traj_steps": 4},
+            "methods": {"epapa": {"train.epapa_k": 500}, "ddpo": {"train.algo": "ddpo", "train.epapa_k": 0}}}
+    cfg = tmp_path / "compare.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "papa.compare", "--config", str(cfg), *a],
+                                    capture_output=True, text=True, cwd=ROOT)
+    r = run("--jobs", "2", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (tmp_path / "cmp" / "mnist" / "compare.md").read_text()
+    assert "| epapa | 2 |" in md and "| ddpo | 2 |" in md and "Most label-efficient" in md
+    assert (tmp_path / "cmp" / "mnist" / "compare.png").stat().st_size > 1000
+    for m in ("epapa", "ddpo"):
+        for s in (0, 1):
+            rows = metrics(tmp_path / "cmp" / "mnist" / f"{m}_seed{s}")
+            assert rows[-1]["labels_used"] == 8 and rows[0].get("eval_cached") in (None, True)
+    # a second call reuses every finished run
+    r = run()
+    assert r.returncode == 0 and "4 finished and reused, 0 to run" in r.stdout
+    # a budget mismatch is refused before any work, naming the method
+    spec["methods"]["ddpo"]["train.rounds"] = 3
+    cfg.write_text(yaml.safe_dump(spec))
+    r = run()
+    assert r.returncode == 2 and "compare method 'ddpo'" in r.stderr and "budget 8" in r.stderr

@@ -1,0 +1,325 @@
+"""Every method side by side on equal terms: `python -m papa.compare --config configs/compare_mnist.yaml`.
+
+Runs each method of the compare config (PAPA, ePAPA, D3PO, Diffusion-DPO, DDPO, SDPO) for every seed with the same
+base model, evaluator, evaluation seed and feedback budget (labels, pairs or reward queries: checked before anything
+runs), then writes `<output_dir>/<task>/compare.md` (final preferred-class rate, diversity, FID, KL to the base,
+feedback used, training and wall time, peak memory: mean ± std over seeds, plus each method's diagnostics) and
+`compare.png` (rate against feedback used, per method). Finished runs are reused, interrupted ones resumed
+(`papa.train --resume`), so rerunning the command continues where it stopped.
+
+On one process, runs are launched as `python -m papa.train` children, `--jobs` at a time (each with
+`--threads` torch threads), so each child's peak RSS is its own. Under `torchrun --nproc_per_node=N -m papa.compare`
+every run uses all N ranks, one run after another, in this process.
+
+Compare config (YAML):
+    base_config: configs/mnist.yaml        # every run starts from it
+    output_dir: runs/compare
+    seeds: [0, 1, 2]
+    budget: 300                            # feedback units per run: rounds × queries per round must equal it
+    common: {eval.every: 10}               # overrides for every method
+    methods: {epapa: {}, d3po: {train.algo: d3po}, ...}   # name -> overrides
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from papa.cli import run_main
+from papa.config import Config, ConfigError, load_config
+
+QUERIES_PER_UNIT = {"sdpo": 6}  # reward queries per pair (3 per trajectory); every other method: 1 per unit
+HEADLINE = [("preferred_rate", "preferred rate", "{:.3f}"), ("diversity", "diversity", "{:.3f}"),
+            ("fid_preferred", "FID (preferred)", "{:.2f}"), ("kl_to_base", "KL to base", "{:.3f}")]
+
+
+def load_compare(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"compare config '{path}' not found; pass e.g. configs/compare_mnist.yaml")
+    try:
+        spec = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"compare config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    known = {"base_config", "output_dir", "seeds", "budget", "common", "methods"}
+    for k in spec:
+        if k not in known:
+            raise ConfigError(f"unknown compare config key '{k}' in {path}; valid keys: {', '.join(sorted(known))}")
+    for k in ("base_config", "seeds", "budget", "methods"):
+        if k not in spec:
+            raise ConfigError(f"compare config '{path}' needs the key '{k}'")
+    if not (isinstance(spec["seeds"], list) and spec["seeds"] and all(isinstance(s, int) for s in spec["seeds"])):
+        raise ConfigError(f"compare config key 'seeds' must be a non-empty list of integers, got {spec['seeds']!r}")
+    if not isinstance(spec["methods"], dict) or not spec["methods"]:
+        raise ConfigError("compare config key 'methods' must map method names to overrides")
+    spec.setdefault("output_dir", "runs/compare")
+    spec.setdefault("common", {})
+    return spec
+
+
+def overrides_for(spec: dict, method: str, seed: int) -> list[str]:
+    ov = {**(spec["common"] or {}), **(spec["methods"][method] or {})}
+    ov.update({"train.seed": seed, "train.output_dir": spec["output_dir"], "train.sample_path": f"{method}_seed{seed}"})
+    return [f"{k}={json.dumps(v)}" for k, v in ov.items()]
+
+
+def plan(spec: dict) -> list[tuple[str, int, Config, list[str]]]:
+    """Every (method, seed) run with its validated config; the budget is checked for each method."""
+    runs = []
+    for method in spec["methods"]:
+        for seed in spec["seeds"]:
+            ov = overrides_for(spec, method, seed)
+            try:
+                cfg = load_config(spec["base_config"], ov)
+            except ConfigError as e:
+                raise ConfigError(f"compare method '{method}': {e}") from None
+            t = cfg.train
+            used = t.rounds * t.samples_per_round * QUERIES_PER_UNIT.get(t.algo, 1)
+            if used != spec["budget"]:
+                raise ConfigError(f"compare method '{method}' uses {used} feedback units (train.rounds {t.rounds} × "
+                                  f"samples_per_round {t.samples_per_round} × {QUERIES_PER_UNIT.get(t.algo, 1)} per "
+                                  f"unit), not the budget {spec['budget']}; change its rounds or samples_per_round")
+            runs.append((method, seed, cfg, ov))
+    return runs
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.train.output_dir) / cfg.task_name / cfg.train.sample_path
+
+
+def read_metrics(d: Path) -> list[dict]:
+    f = d / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
+
+
+def finished(cfg: Config) -> bool:
+    rows = read_metrics(run_dir(cfg))
+    return bool(rows) and rows[-1]["round"] == cfg.train.rounds and (run_dir(cfg) / "summary.md").is_file()
+
+
+def train_args(spec: dict, cfg: Config, ov: list[str], threads: int) -> list[str]:
+    d = run_dir(cfg)
+    args = ["--config", spec["base_config"], "--threads", str(threads)]
+    for o in ov:
+        args += ["--set", o]
+    if (d / "checkpoints").is_dir() and any((d / "checkpoints").glob("round_*.pt")):
+        args += ["--resume", str(d)]
+    elif d.exists():
+        args += ["--overwrite"]
+    return args
+
+
+def run_children(spec: dict, todo: list, jobs: int, threads: int, log_dir: Path) -> list[str]:
+    """Launch `python -m papa.train` children, `jobs` at a time; returns failures."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending, running, failed = list(todo), {}, []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    while pending or running:
+        while pending and len(running) < jobs:
+            method, seed, cfg, ov = pending.pop(0)
+            log = open(log_dir / f"{method}_seed{seed}.log", "a")
+            p = subprocess.Popen([sys.executable, "-m", "papa.train", *train_args(spec, cfg, ov, threads)],
+                                 stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[p.pid] = (p, log, method, seed, time.time())
+            print(f"[compare] started {method} seed {seed} (log {log.name})", flush=True)
+        pid, status, _ = os.wait4(-1, 0)
+        if pid not in running:
+            continue
+        p, log, method, seed, t0 = running.pop(pid)
+        log.close()
+        code = os.waitstatus_to_exitcode(status)
+        print(f"[compare] {method} seed {seed}: {'done' if code == 0 else f'FAILED (exit {code})'} in "
+              f"{time.time() - t0:.0f} s", flush=True)
+        if code != 0:
+            failed.append(f"{method} seed {seed} (exit {code}, log {log_dir / f'{method}_seed{seed}.log'})")
+    return failed
+
+
+def run_in_process(spec: dict, todo: list) -> None:
+    """Under torchrun: every run on all ranks, one after another."""
+    from papa import dist
+    from papa.engine import Engine
+    rank, world, device = dist.init()
+    try:
+        for method, seed, cfg, ov in todo:
+            d = run_dir(cfg)
+            resume = (d / "checkpoints").is_dir() and any((d / "checkpoints").glob("round_*.pt"))
+            if rank == 0:
+                print(f"[compare] {method} seed {seed} on {world} ranks", flush=True)
+            Engine(cfg, d, rank, world, device).run(resume=resume)
+            dist.barrier(world)
+    finally:
+        dist.teardown(world)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return math.nan, math.nan
+    m = sum(vals) / len(vals)
+    return m, (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+
+
+def _fmt(ms: tuple[float, float], f: str) -> str:
+    return "n/a" if math.isnan(ms[0]) else f"{f.format(ms[0])} ± {f.format(ms[1])}"
+
+
+def summarize_run(rows: list[dict]) -> dict:
+    evals = [r for r in rows if "preferred_rate" in r]
+    final = evals[-1]
+    out = {k: final.get(k, math.nan) for k, _, _ in HEADLINE}
+    out["labels_used"] = final["labels_used"]
+    out["wall_s"] = final.get("elapsed", 0.0)
+    out["train_s"] = sum(r.get("round_seconds", 0.0) - r.get("eval_seconds", 0.0) for r in rows if r["round"] > 0)
+    out["peak_rss_mb"] = max((r.get("peak_rss_mb", 0.0) for r in rows), default=math.nan)
+    out["curve"] = [(r["labels_used"], r["preferred_rate"]) for r in evals]
+    for k in ("implicit_accuracy", "clip_fraction", "approx_kl_old", "round_reward"):
+        vals = [r[k] for r in rows if k in r and not (isinstance(r[k], float) and math.isnan(r[k]))]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
+def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
+    by_method: dict[str, list[dict]] = {}
+    task = runs[0][2].task_name
+    for method, seed, cfg, _ in runs:
+        rows = read_metrics(run_dir(cfg))
+        if rows and finished(cfg):
+            by_method.setdefault(method, []).append(summarize_run(rows))
+    out_dir = Path(spec["output_dir"]) / task
+    lines = [f"# Comparison: {task}, preference {runs[0][2].feedback.preference}", "",
+             f"Command: `{command}`; {time.strftime('%Y-%m-%d')}; device: {device_name()}.",
+             f"Every method: the same base model, evaluator and evaluation seed, a budget of {spec['budget']} "
+             f"feedback units (labels, pair choices, or reward queries), seeds {spec['seeds']}. Final evaluation on "
+             f"{runs[0][2].eval.final_num} fixed-seed samples judged by the evaluator; mean ± std over seeds.", "",
+             "| method | runs | " + " | ".join(h for _, h, _ in HEADLINE) + " | feedback used | training s | "
+             "wall s | s per label | peak RSS MB |", "|---" * (len(HEADLINE) + 7) + "|"]
+    for method, res in by_method.items():
+        cells = [_fmt(_mean_std([r[k] for r in res]), f) for k, _, f in HEADLINE]
+        per_label = _mean_std([r["train_s"] / max(1, r["labels_used"]) for r in res])
+        lines.append(f"| {method} | {len(res)} | " + " | ".join(cells) +
+                     f" | {res[0]['labels_used']} | {_fmt(_mean_std([r['train_s'] for r in res]), '{:.0f}')} | "
+                     f"{_fmt(_mean_std([r['wall_s'] for r in res]), '{:.0f}')} | {_fmt(per_label, '{:.2f}')} | "
+                     f"{_fmt(_mean_std([r['peak_rss_mb'] for r in res]), '{:.0f}')} |")
+    base = read_metrics(run_dir(runs[0][2]))
+    if base:
+        lines += ["", f"Base model (round 0): preferred rate {base[0]['preferred_rate']:.3f}, FID (preferred) "
+                      f"{base[0]['fid_preferred']:.2f}, diversity {base[0]['diversity']:.3f}."]
+    diag = []
+    for method, res in by_method.items():
+        parts = [f"{k.replace('_', ' ')} {_fmt(_mean_std([r.get(k, math.nan) for r in res]), '{:.3g}')}"
+                 for k in ("implicit_accuracy", "clip_fraction", "approx_kl_old", "round_reward") if k in res[0]]
+        if parts:
+            diag.append(f"- {method}: " + ", ".join(parts) + " (mean over rounds)")
+    if diag:
+        lines += ["", "Diagnostics:", *diag]
+    if by_method:
+        best = max(by_method, key=lambda m: _mean_std([r["preferred_rate"] for r in by_method[m]])[0])
+        fast = min(by_method, key=lambda m: _mean_std([r["train_s"] / max(1, r["labels_used"])
+                                                       for r in by_method[m]])[0])
+        lines += ["", f"Most label-efficient at this budget (highest final preferred rate): **{best}**. "
+                      f"Fastest per label (training seconds per feedback unit, evaluation excluded): **{fast}**."]
+    missing = [f"{m} seed {s}" for m, s, c, _ in runs if not finished(c)]
+    if missing:
+        lines += ["", f"Not finished (excluded): {', '.join(missing)}."]
+    lines += ["", "KL to base: the mean per-step KL(p_θ ‖ p_base) of the sampling chain on a fixed probe of noised test "
+                  "images (nats per pixel); wall time includes evaluation, training time excludes it; peak RSS is each "
+                  "run's process (CPU).", ""]
+    from papa.checkpoint import atomic_write_bytes, atomic_write_text
+    md = out_dir / "compare.md"
+    atomic_write_text(md, "\n".join(lines))
+    png = out_dir / "compare.png"
+    atomic_write_bytes(png, plot(by_method, task, spec["budget"]))
+    return md, png
+
+
+def plot(by_method: dict, task: str, budget: int) -> bytes:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, res in by_method.items():
+        xs = [x for x, _ in res[0]["curve"]]
+        curves = [[y for _, y in r["curve"]] for r in res if len(r["curve"]) == len(xs)]
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(xs))]
+        std = [_mean_std([c[i] for c in curves])[1] for i in range(len(xs))]
+        line, = ax.plot(xs, mean, marker="o", label=f"{method} (n={len(curves)})")
+        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("feedback used (labels, pair choices or reward queries)")
+    ax.set_ylabel("preferred-class rate (evaluator)")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(0, budget)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{task}: rate against feedback, mean ± std over seeds", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def device_name() -> str:
+    import platform
+
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m papa.compare", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--config", default="configs/compare_mnist.yaml", help="compare config (YAML)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once on one process (children)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per child (0: cores / jobs)")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these methods (the report covers all)")
+    ap.add_argument("--report-only", action="store_true", help="write compare.md/png from finished runs, run nothing")
+    args = ap.parse_args(argv)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    spec = load_compare(args.config)
+    runs = plan(spec)  # validates every run before any work
+    if args.only:
+        unknown = [m for m in args.only if m not in spec["methods"]]
+        if unknown:
+            raise ConfigError(f"--only {' '.join(unknown)}: not in the compare config's methods "
+                              f"({', '.join(spec['methods'])})")
+    todo = [r for r in runs if not finished(r[2]) and (not args.only or r[0] in args.only)]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    command = "python -m papa.compare " + " ".join(argv if argv is not None else sys.argv[1:])
+    failed = []
+    print(f"[compare] {len(runs)} runs planned, {len(runs) - len(todo)} finished and reused, "
+          f"{0 if args.report_only else len(todo)} to run", flush=True)
+    if not args.report_only and todo:
+        if world > 1:
+            run_in_process(spec, todo)
+        else:
+            threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+            failed = run_children(spec, todo, args.jobs, threads, Path(spec["output_dir"]) / runs[0][2].task_name /
+                                  "logs")
+            if failed:
+                print("[compare] failed: " + "; ".join(failed), file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:
+        md, png = report(spec, runs, command)
+        print(f"[compare] wrote {md} and {png}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_main(main)
