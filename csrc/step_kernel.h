@@ -52,3 +52,41 @@ inline float step_sample(const scalar_t* x, const scalar_t* eps, const scalar_t*
 }
 
 }  // namespace papa
+
+namespace papa {
+
+// Per-step Gaussian log-probability of a stored x_prev under N(μ = c_xt·x_t + c_eps·ε̂, σ²) for one row of D pixels
+// (ALGORITHMS.md §3):  lp = scale·Σ_j −(x_prev_j − μ_j)²/(2σ²) − scale·D·(log σ + ½ log 2π),  scale = 1/D (mean) or 1.
+template <typename scalar_t, typename acc_t>
+PAPA_HD acc_t logprob_residual(scalar_t x, scalar_t eps, scalar_t x_prev, acc_t c_xt, acc_t c_eps) {
+  return static_cast<acc_t>(x_prev) - (c_xt * static_cast<acc_t>(x) + c_eps * static_cast<acc_t>(eps));
+}
+
+template <typename acc_t>
+PAPA_HD acc_t logprob_from_sum(acc_t sum_r2, acc_t sigma, int64_t numel, acc_t scale) {
+  return -scale * sum_r2 / (acc_t(2) * sigma * sigma) -
+         scale * static_cast<acc_t>(numel) * (std::log(sigma) + static_cast<acc_t>(kHalfLog2Pi));
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t logprob_row(const scalar_t* x, const scalar_t* eps, const scalar_t* x_prev, acc_t c_xt, acc_t c_eps,
+                         acc_t sigma, int64_t numel, acc_t scale) {
+  acc_t s = 0;
+  for (int64_t j = 0; j < numel; ++j) {
+    const acc_t r = logprob_residual<scalar_t, acc_t>(x[j], eps[j], x_prev[j], c_xt, c_eps);
+    s += r * r;
+  }
+  return logprob_from_sum<acc_t>(s, sigma, numel, scale);
+}
+
+// Backward of one element: with k = g·scale·(x_prev − μ)/σ²:  ∂/∂ε̂ = k·c_eps, ∂/∂x_t = k·c_xt, ∂/∂x_prev = −k.
+template <typename scalar_t, typename acc_t>
+PAPA_HD void logprob_grad_element(scalar_t x, scalar_t eps, scalar_t x_prev, acc_t c_xt, acc_t c_eps, acc_t k_row,
+                                  scalar_t* g_eps, scalar_t* g_x, scalar_t* g_prev) {
+  const acc_t k = k_row * logprob_residual<scalar_t, acc_t>(x, eps, x_prev, c_xt, c_eps);
+  *g_eps = static_cast<scalar_t>(k * c_eps);
+  *g_x = static_cast<scalar_t>(k * c_xt);
+  *g_prev = static_cast<scalar_t>(-k);
+}
+
+}  // namespace papa

@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     command = "python -m papa.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     failed = []
-    print(f"[compare] {len(runs)} runs planned, {len(runs) - len(todo)} finished and reused, "
+    done = sum(finished(r[2]) for r in runs)
+    print(f"[compare] {len(runs)} runs planned, {done} finished and reused, "
           f"{0 if args.report_only else len(todo)} to run", flush=True)
     if not args.report_only and todo:
         if world > 1:

@@ -26,6 +26,10 @@ def extension_available() -> bool:
         return False
     torch.library.register_fake("papa::fused_step")(_fused_step_fake)
     torch.library.register_fake("papa::fused_step_out")(_fused_step_out_fake)
+    torch.library.register_fake("papa::step_log_prob")(_step_log_prob_fake)
+    torch.library.register_fake("papa::step_log_prob_backward")(_step_log_prob_backward_fake)
+    torch.library.register_autograd("papa::step_log_prob", _step_log_prob_backward,
+                                    setup_context=_step_log_prob_setup)
     return True
 
 
@@ -98,6 +102,37 @@ def _use_triton(t: torch.Tensor) -> bool:
     return b is None and t.is_cuda
 
 
+def _logprob_backend(t: torch.Tensor) -> str:
+    """Triton on CUDA tensors, the C++ extension on CPU ones, the reference where neither is there (or forced)."""
+    b = forced_backend()
+    if b:
+        return b
+    if t.is_cuda:
+        return "triton"
+    return "cpp" if extension_available() else "torch"
+
+
+def _step_log_prob_fake(x_t, eps, x_prev, coef, mean):
+    return x_t.new_empty((x_t.shape[0],), dtype=torch.float64 if x_t.dtype == torch.float64 else torch.float32)
+
+
+def _step_log_prob_backward_fake(grad, x_t, eps, x_prev, coef, mean):
+    return torch.empty_like(x_t), torch.empty_like(x_t), torch.empty_like(x_t)
+
+
+def _step_log_prob_setup(ctx, inputs, output):
+    x_t, eps, x_prev, coef, mean = inputs
+    ctx.save_for_backward(x_t, eps, x_prev, coef)
+    ctx.mean = mean
+
+
+def _step_log_prob_backward(ctx, grad):
+    x_t, eps, x_prev, coef = ctx.saved_tensors
+    g_x, g_eps, g_prev = torch.ops.papa.step_log_prob_backward(grad, x_t, eps, x_prev, coef, ctx.mean)
+    need = ctx.needs_input_grad
+    return (g_x if need[0] else None, g_eps if need[1] else None, g_prev if need[2] else None, None, None)
+
+
 def step_log_prob_ref(x_t, eps, x_prev, coef, reduce: str = "mean"):
     """Plain-torch twin of `step_log_prob` (see papa_kernels.logprob)."""
     from papa_kernels.logprob import gaussian_step_logprob_ref
@@ -109,9 +144,16 @@ def step_log_prob(x_t: torch.Tensor, eps: torch.Tensor, x_prev: torch.Tensor, co
     """log π(x_prev | x_t) per sample under N(c_xt x_t + c_eps ε̂, σ²), differentiable in ε̂. coef: (B, 3) or (B, 5)
     (the first three columns are used). Pixel mean by default (ALGORITHMS.md §3), `reduce='sum'` on request."""
     coef = coef[:, :3]
-    if _use_triton(x_t):
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    backend = _logprob_backend(x_t)
+    if backend == "triton":
         from papa_kernels.logprob import gaussian_step_logprob
         return gaussian_step_logprob(x_t, eps, x_prev, coef, reduce)
+    if backend == "cpp":
+        if not extension_available():
+            raise RuntimeError("PAPA_OPS=cpp but papa._C is not built: run `pip install --no-build-isolation -e .`")
+        return torch.ops.papa.step_log_prob(x_t, eps, x_prev, coef, reduce == "mean")
     return step_log_prob_ref(x_t, eps, x_prev, coef, reduce)
 
 

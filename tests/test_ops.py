@@ -95,7 +95,7 @@ def test_cuda_step_matches_reference(dtype):
     torch.testing.assert_close(got[2][1:].double(), want[2][1:].double(), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cpp", marks=needs_ext)])
 def test_logprob_and_d3po_dispatch_paths_agree(backend, monkeypatch):
     monkeypatch.setenv("PAPA_OPS", backend)
     sched = NoiseSchedule()
@@ -122,4 +122,84 @@ def test_logprob_and_d3po_dispatch_paths_agree(backend, monkeypatch):
     torch.testing.assert_close(e1.grad, e2.grad, atol=1e-5, rtol=1e-3)
     fl, flp, flr = ops.fused_d3po_loss(x.view(N, 2, 1, 6, 6), ep.view(N, 2, 1, 6, 6), er.view(N, 2, 1, 6, 6),
                                        p.view(N, 2, 1, 6, 6), coef.view(N, 2, 5), h, beta=50.0)
-    torch.testing.assert_close(fl, loss.detach(), atol=1e-6, rtol=1e-6)  # fused == unfused on the same backend
+    # fused == unfused on the same backend; with PAPA_OPS=cpp the fused op is the torch twin (no C++ fused D3PO), so
+    # the two differ by fp32 log-prob rounding times β
+    tol = 1e-3 if backend == "cpp" else 1e-6
+    torch.testing.assert_close(fl, loss.detach(), atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------------------- papa::step_log_prob (C++, autograd)
+
+
+def _lp_inputs(B, shape, dtype, device="cpu"):
+    sched = NoiseSchedule()
+    t = torch.randint(1, 1000, (B,))
+    coef = sched.fused_coefficients(t, t - 1, "ddim", 1.0)[:, :3].to(device)
+    x, eps, p = (torch.randn(B, *shape, dtype=torch.float64).to(device=device, dtype=dtype) for _ in range(3))
+    return x, eps, p, coef
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 5, 7)])
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_cpp_step_log_prob_forward_backward_match_float64_reference(dtype, shape, reduce):
+    import papa.ops as ops_module
+    x, eps, p, coef = _lp_inputs(6, shape, dtype)
+    e1 = eps.clone().requires_grad_(True)
+    x1 = x.clone().requires_grad_(True)
+    got = torch.ops.papa.step_log_prob(x1, e1, p, coef, reduce == "mean")
+    g = torch.randn(6, dtype=torch.float64)
+    got.backward(g.to(got.dtype))
+    e2 = eps.double().requires_grad_(True)
+    x2 = x.double().requires_grad_(True)
+    want = ops_module.step_log_prob_ref(x2, e2, p.double(), coef.double(), reduce)
+    want.backward(g)
+    scale = 1.0 if reduce == "mean" else float(torch.tensor(shape).prod())
+    tol = TOL[dtype] * 10
+    torch.testing.assert_close(got.double(), want, atol=tol * scale * 100, rtol=tol * 10)
+    torch.testing.assert_close(e1.grad.double(), e2.grad, atol=tol * 100, rtol=tol * 10)
+    torch.testing.assert_close(x1.grad.double(), x2.grad, atol=tol * 100, rtol=tol * 10)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@needs_ext
+def test_cpp_step_log_prob_gradcheck_and_opcheck():
+    x, eps, p, coef = _lp_inputs(3, (2, 3, 3), torch.float64)
+    coef = coef.double()
+    for mean in (True, False):
+        torch.autograd.gradcheck(lambda xx, ee, pp: torch.ops.papa.step_log_prob(xx, ee, pp, coef, mean),
+                                 (x.requires_grad_(True), eps.requires_grad_(True), p.requires_grad_(True)))
+        torch.library.opcheck(torch.ops.papa.step_log_prob.default, (x, eps, p, coef, mean))
+        g = torch.randn(3, dtype=torch.float64)
+        torch.library.opcheck(torch.ops.papa.step_log_prob_backward.default, (g, x.detach(), eps.detach(),
+                                                                              p.detach(), coef, mean))
+
+
+@needs_ext
+def test_cpp_step_log_prob_rejects_bad_input():
+    x, eps, p, coef = _lp_inputs(2, (1, 4, 4), torch.float32)
+    with pytest.raises(RuntimeError, match="coef must be"):
+        torch.ops.papa.step_log_prob(x, eps, p, coef[:, :2], True)
+    with pytest.raises(RuntimeError, match="shape"):
+        torch.ops.papa.step_log_prob(x, eps[:, :, :2], p, coef, True)
+
+
+@needs_ext
+def test_fused_step_out_writes_into_preallocated_buffers():
+    x, eps, z, coef = _inputs(5, (1, 28, 28), torch.float32)
+    traj = torch.full((3, 5, 1, 28, 28), float("nan"))
+    x0 = torch.full((5, 1, 28, 28), float("nan"))
+    lp = torch.full((2, 5), float("nan"))
+    ret = ops.fused_step(x, eps, z, coef, out=(traj[1], x0, lp[1]))
+    want = ops.fused_step_ref(x.double(), eps.double(), z.double(), coef)
+    assert ret[0].data_ptr() == traj[1].data_ptr()
+    torch.testing.assert_close(traj[1].double(), want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x0.double(), want[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp[1, 1:].double(), want[2][1:].double(), atol=1e-4, rtol=1e-5)
+    assert torch.isnan(traj[0]).all() and torch.isnan(traj[2]).all() and torch.isnan(lp[0]).all()  # untouched
+    torch.library.opcheck(torch.ops.papa.fused_step_out.default,
+                          (x, eps, z, coef.clone().index_fill_(1, torch.tensor([2]), 0.3),
+                           torch.empty_like(x), torch.empty_like(x), torch.empty(5)))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.fused_step(x, eps, z, coef, out=(traj[:, 0].transpose(0, 1)[0], x0, lp[1]))

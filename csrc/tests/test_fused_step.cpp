@@ -48,6 +48,37 @@ int main() {
     threw = true;
   }
   EXPECT(threw, "a (B, 3) coef must be rejected");
+
+  // papa::fused_step_out writes into preallocated buffers and matches papa::fused_step
+  auto out_op = c10::Dispatcher::singleton().findSchemaOrThrow("papa::fused_step_out", "")
+                    .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                at::Tensor&, at::Tensor&, at::Tensor&)>();
+  {
+    auto x = at::randn({4, 1, 28, 28}), e = at::randn_like(x), z = at::randn_like(x);
+    auto coef = at::rand({4, papa::kNumCoef}, at::kFloat) + 0.1;
+    auto traj = at::full({3, 4, 1, 28, 28}, NAN), x0 = at::full_like(x, NAN), lp = at::full({4}, NAN);
+    auto slot = traj.select(0, 1);
+    out_op.call(x, e, z, coef, slot, x0, lp);
+    auto [prev, x0_want, lp_want] = op.call(x, e, z, coef);
+    EXPECT(at::equal(traj.select(0, 1), prev) && at::equal(x0, x0_want) && at::equal(lp, lp_want),
+           "fused_step_out differs from fused_step");
+    EXPECT(at::isnan(traj.select(0, 0)).all().item<bool>() && at::isnan(traj.select(0, 2)).all().item<bool>(),
+           "fused_step_out wrote outside its slot");
+  }
+
+  // papa::step_log_prob against the formula in double, mean and sum
+  auto lp_op = c10::Dispatcher::singleton().findSchemaOrThrow("papa::step_log_prob", "")
+                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  for (bool mean : {true, false}) {
+    auto x = at::randn({5, 3, 7, 7}, at::kDouble), e = at::randn_like(x), p = at::randn_like(x);
+    auto coef = at::rand({5, 3}, at::kDouble) + 0.2;
+    auto mu = coef.select(1, 0).view({5, 1, 1, 1}) * x + coef.select(1, 1).view({5, 1, 1, 1}) * e;
+    auto sig = coef.select(1, 2).view({5, 1, 1, 1});
+    auto per = (-(p - mu).pow(2) / (2 * sig * sig) - sig.log() - papa::kHalfLog2Pi).flatten(1);
+    auto want = mean ? per.mean(1) : per.sum(1);
+    EXPECT(at::allclose(lp_op.call(x, e, p, coef, mean), want, 1e-10, 1e-10), "step_log_prob mismatch (mean=%d)",
+           (int)mean);
+  }
   std::printf(failures ? "%d failed\n" : "all fused_step checks passed\n", failures);
   return failures ? 1 : 0;
 }
