@@ -19,7 +19,7 @@ pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>
   echo "build failed (see build.log); continuing on the torch fallbacks"; tail -20 "$OUT/build.log"; }
 echo "== GPU tests"
 python -m pytest -q tests/test_kernels.py tests/test_ops.py tests/test_sample.py tests/test_schedule.py \
-  tests/test_papa_loss.py 2>&1 | tee "$OUT/tests.log" | tail -5
+  tests/test_papa_loss.py tests/test_methods.py 2>&1 | tee "$OUT/tests.log" | tail -5
 echo "== GPU benchmarks"
 python -m pytest -q -s bench/bench_gpu.py bench/bench_step.py --benchmark-json="$OUT/bench.json" 2>&1 \
   | tee "$OUT/bench.log" | grep -E "x,|->|passed|failed|skipped|Error" | tail -20
