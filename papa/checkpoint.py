@@ -79,3 +79,17 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"checkpoint '{path}' holds no state dict")
     return {k: v.float() if v.is_floating_point() else v for k, v in strip_module_prefix(sd).items()}
+
+
+def save_fp16_with_sidecar(state_dict: dict, extra: dict, path: str | Path, kind: str, command: str,
+                           meta: dict) -> dict:
+    """Save a shipped model: floating tensors in fp16 (atomically) and a JSON sidecar beside it (`.json`) with its
+    file, sha256, kind, the command that made it and `meta` (config, data digest, steps, figures). Returns the sidecar."""
+    import json
+    path = Path(path)
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+    atomic_save({"state_dict": sd, **extra}, path)
+    side = {"file": str(path), "sha256": sha256_file(path), "kind": kind, "command": command, **meta,
+            "torch": torch.__version__}
+    atomic_write_text(path.with_suffix(".json"), json.dumps(side, indent=2))
+    return side

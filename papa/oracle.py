@@ -10,7 +10,6 @@ data digest, steps, test accuracy). `python -m papa.oracle --config … --eval-o
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -85,18 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         tcfg = getattr(cfg, kind)
         model, steps = train_classifier(kind, tcfg, xtr, ytr)
-        sd = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-        checkpoint.atomic_save({"state_dict": sd, "kind": kind}, path)
-        # measure the accuracy of what was saved (fp16 weights), not of the fp32 model in memory
-        acc = accuracy(load_classifier(kind, path), xte, yte)
-        meta = {"file": str(path), "sha256": checkpoint.sha256_file(path), "kind": kind,
-                "command": f"python -m papa.oracle --config {args.config} --which {kind}"
-                           + "".join(f" --set {o}" for o in args.overrides),
-                "config": {kind: to_dict(tcfg), "data": to_dict(cfg.data)},
+        command = (f"python -m papa.oracle --config {args.config} --which {kind}"
+                   + "".join(f" --set {o}" for o in args.overrides))
+        meta = {"config": {kind: to_dict(tcfg), "data": to_dict(cfg.data)},
                 "data_sha256": {"train_x": sha256_array(xtr_np), "train_y": sha256_array(ytr_np)},
-                "training_steps": steps, "test_accuracy": acc, "seconds": round(time.time() - t0, 1),
-                "torch": torch.__version__}
-        checkpoint.atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2))
+                "training_steps": steps, "seconds": round(time.time() - t0, 1)}
+        checkpoint.save_fp16_with_sidecar(model.state_dict(), {"kind": kind}, path, kind, command, meta)
+        # measure the accuracy of what was saved (fp16 weights), not of the fp32 model in memory
+        meta["test_accuracy"] = acc = accuracy(load_classifier(kind, path), xte, yte)
+        checkpoint.save_fp16_with_sidecar(model.state_dict(), {"kind": kind}, path, kind, command, meta)
         print(f"{kind}: test accuracy {acc:.4f}, saved to {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 

@@ -122,16 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
 
     base = Path(cfg.checkpoints.base)
-    sd = {k: v.half() if v.is_floating_point() else v for k, v in ema.state_dict().items()}
-    checkpoint.atomic_save({"state_dict": sd, "model": to_dict(cfg.model), "kind": "unet"}, base)
-    meta = {"file": str(base), "sha256": checkpoint.sha256_file(base), "kind": "base_ddpm",
-            "command": f"python -m papa.pretrain --config {args.config}"
-                       + "".join(f" --set {o}" for o in args.overrides)
-                       + (f" --stop-at {args.stop_at}" if args.stop_at else ""),
-            "config": to_dict(cfg), "data_sha256": sha256_array(x_np), "training_steps": step,
-            "final_loss_ema": running if running is not None else _last_logged(out, "loss"), "seconds": round(_last_logged(out, "seconds") or time.time() - t0, 1),  # across resumes
-            "torch": torch.__version__}
-    checkpoint.atomic_write_text(base.with_suffix(".json"), json.dumps(meta, indent=2))
+    command = (f"python -m papa.pretrain --config {args.config}" + "".join(f" --set {o}" for o in args.overrides)
+               + (f" --stop-at {args.stop_at}" if args.stop_at else ""))
+    meta = {"config": to_dict(cfg), "data_sha256": sha256_array(x_np), "training_steps": step,
+            "final_loss_ema": running if running is not None else _last_logged(out, "loss"),
+            "seconds": round(_last_logged(out, "seconds") or time.time() - t0, 1)}  # across resumes
+    checkpoint.save_fp16_with_sidecar(ema.state_dict(), {"model": to_dict(cfg.model), "kind": "unet"}, base,
+                                      "base_ddpm", command, meta)
     print(f"saved EMA weights (fp16) to {base} ({base.stat().st_size / 1e6:.2f} MB)")
     return 0
 
