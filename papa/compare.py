@@ -71,10 +71,10 @@ def overrides_for(spec: dict, method: str, seed: int) -> list[str]:
 
 
 def plan(spec: dict) -> list[tuple[str, int, Config, list[str]]]:
-    """Every (method, seed) run with its validated config; the budget is checked for each method."""
+    """Every (method, seed) run with its validated config, seed by seed; the budget is checked for each method."""
     runs = []
-    for method in spec["methods"]:
-        for seed in spec["seeds"]:
+    for seed in spec["seeds"]:  # seed-major: an interrupted comparison still covers every method
+        for method in spec["methods"]:
             ov = overrides_for(spec, method, seed)
             try:
                 cfg = load_config(spec["base_config"], ov)
