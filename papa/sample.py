@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epapa-k", type=int, default=None, help="use the base model for t < K (default: sample.epapa_k)")
     ap.add_argument("--out", default=None, help="output directory (default: samples/<task_name>)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--compile", action="store_true",
+                    help="run the UNet through torch.compile (about a minute to compile; ~2x faster calls on CPUs)")
     args = ap.parse_args(argv)
     for flag, key in (("num", "sample.num"), ("seed", "sample.seed"), ("epapa_k", "sample.epapa_k")):
         if getattr(args, flag) is not None:
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     images = sample(model, NoiseSchedule.from_config(d), s.num, steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
                     seed=s.seed, batch_size=s.batch_size, base_model=base, epapa_k=s.epapa_k,
-                    progress=not args.quiet, device=device, cuda_graph=device.type == "cuda")
+                    progress=not args.quiet, device=device, cuda_graph=device.type == "cuda", compile_unet=args.compile)
     seconds = time.time() - t0
     probs, _ = classify(evaluator, images)
     stats = class_stats(probs)

@@ -5,6 +5,10 @@ Noise is drawn per sample from a generator seeded by (seed, global sample index)
 how the samples are sharded over ranks. The sampler walks `NoiseSchedule.sampling_timesteps(steps)`: all T steps, or a
 respaced (strided) chain when steps < T. Each step is one UNet call and one fused step op (`papa.ops.fused_step`).
 
+With `compile_unet=True` the UNet runs through `torch.compile` (inductor: fused C++/OpenMP kernels on CPUs, Triton
+on GPUs), compiled once per network and batch shape and cached for the process; on the 2-core CPU it roughly halves a
+UNet call, which pays for the compilation (about a minute) within a few hundred calls (bench/bench_sampling.py).
+
 On CUDA with `cuda_graph=True` the UNet and the fused step are captured once per network into a CUDA graph over
 static buffers and replayed every step (shapes are static within a batch), removing per-kernel launch overhead.
 """
@@ -24,6 +28,17 @@ def sample_generators(seed: int, indices: range | list[int]) -> list[torch.Gener
 def draw_noise(gens: list[torch.Generator], n_draws: int, image_shape: tuple[int, ...]) -> torch.Tensor:
     """(B, n_draws, *image_shape): draw 0 is x_T, draw i the noise of the i-th stochastic step."""
     return torch.stack([torch.randn((n_draws, *image_shape), generator=g) for g in gens])
+
+
+_COMPILED: dict[int, torch.nn.Module] = {}
+
+
+def compiled(net: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile(net)`, cached per module for the life of the process (weights stay live parameters)."""
+    key = id(net)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(net, dynamic=False)
+    return _COMPILED[key]
 
 
 class _GraphedStep:
@@ -56,7 +71,8 @@ class _GraphedStep:
 def sample(model: torch.nn.Module, sched: NoiseSchedule, num: int, *, steps: int, sampler: str = "ancestral",
            eta: float = 1.0, seed: int = 0, first_index: int = 0, batch_size: int = 100,
            base_model: torch.nn.Module | None = None, epapa_k: int = 0, image_shape: tuple[int, ...] = (1, 28, 28),
-           device: str | torch.device = "cpu", progress: bool = True, cuda_graph: bool = False) -> torch.Tensor:
+           device: str | torch.device = "cpu", progress: bool = True, cuda_graph: bool = False,
+           compile_unet: bool = False) -> torch.Tensor:
     """Draw `num` images in [−1, 1] (float32, CPU). Steps with t < epapa_k use `base_model` (ePAPA)."""
     if epapa_k > 0 and base_model is None:
         raise ValueError("epapa_k > 0 needs the frozen base model")
@@ -74,6 +90,8 @@ def sample(model: torch.nn.Module, sched: NoiseSchedule, num: int, *, steps: int
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             net = base_model if t < epapa_k else model
+            if compile_unet and not use_graph:
+                net = compiled(net)
             tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
             z = noise[:, i + 1] if t_prev >= 0 else torch.zeros_like(x)
             coef = sched.fused_coefficients(tt, torch.full_like(tt, t_prev), sampler, eta)
