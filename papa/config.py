@@ -120,6 +120,7 @@ class TrainConfig:
     qpde_placement: str = "last"      # last (t = T-1, as the reference on one GPU) | random (one trained t) | every
     qpde_on_negatives: bool = False   # also keep disliked samples close to the base model
     negative_weight: float = 1.0      # scale of the unlikelihood term of disliked samples (reference 1.0: unbounded)
+    negative_cap: float = 0.0         # kappa > 0 bounds it: min(err, (1 + kappa) err_base); 0: unbounded (reference)
     replay: bool = False              # train on all feedback so far (paper figure) or this round's only (code)
     loss_scale: str = "global"        # global: independent of ranks | reference: DDP mean over W ranks (8-GPU scaling)
     noise_per_timestep: bool = False  # false: one eps draw reused for every t (reference)
@@ -286,6 +287,7 @@ def validate(cfg: Config) -> Config:
         _require(getattr(t, k) >= 1, f"train.{k}", "must be >= 1")
     _require(t.lr > 0, "train.lr", "must be > 0")
     _require(t.negative_weight >= 0, "train.negative_weight", "must be >= 0")
+    _require(t.negative_cap >= 0, "train.negative_cap", "must be >= 0 (0: unbounded, as the reference)")
     _require(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip", "and train.weight_decay must be >= 0")
     _require(0 <= t.epapa_k < d.num_timesteps, "train.epapa_k",
              f"must be in [0, diffusion.num_timesteps={d.num_timesteps}) (k >= T would train no step)")

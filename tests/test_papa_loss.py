@@ -116,3 +116,43 @@ def test_uniform_weighting_spreads_the_elbo_total_evenly(sched):
     assert torch.allclose(uni, torch.full_like(uni, lam.sum().item() / 1000))
     skip = papa_weights(sched, "skip", "uniform")
     assert skip[0] == 0 and torch.allclose(skip[1:], torch.full_like(skip[1:], lam[1:].sum().item() / 999))
+
+
+def test_negative_cap_bounds_the_unlikelihood_term(sched):
+    """κ > 0: a disliked sample's term is −w·min(err_θ, (1 + κ)·err_base); its gradient stops beyond the cap, while a
+    liked sample's term is untouched. Written from the formula, item by item."""
+    cfg = TrainConfig(timesteps_per_sample=4, epapa_k=500, negative_cap=0.5, qpde_on_negatives=False)
+    lam = papa_weights(sched, cfg.t0_weight)
+    base = TinyEps()
+    model = TinyEps()
+    with torch.no_grad():
+        model.conv.weight.add_(0.3 * torch.randn_like(model.conv.weight))
+    x0 = torch.rand(2, 1, 6, 6) * 2 - 1
+    y = torch.tensor([-1.0, 1.0])
+    items = plan_items(x0, y, sched, cfg, lam, torch.Generator().manual_seed(0))
+    assert items.cap is not None and (items.cap[items.sample == 0] == 1.5).all() and (items.cap[items.sample == 1] == 0).all()
+    got = chunk_loss(model, base, x0, items, sched)
+    want = 0.0
+    for k in range(len(items)):
+        i, t = int(items.sample[k]), items.t[k:k + 1]
+        x_t = sched.add_noise(x0[i:i + 1], items.eps[k:k + 1], t)
+        err = (model(x_t, t) - items.eps[k:k + 1]).square().mean()
+        if y[i] < 0:
+            err = torch.minimum(err, 1.5 * (base(x_t, t) - items.eps[k:k + 1]).square().mean().detach())
+        want = want + items.w_pref[k] * err
+        if items.w_qpde[k] != 0:
+            want = want + items.w_qpde[k] * (model(x_t, t) - base(x_t, t).detach()).square().mean()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    # a policy far worse than the base on the disliked sample: its term is capped, so it contributes no gradient
+    neg = items.slice(slice(0, int((items.sample == 0).sum())))
+    with torch.no_grad():
+        model.conv.bias.add_(5.0)
+    g = torch.autograd.grad(chunk_loss(model, base, x0, neg, sched), model.conv.weight, allow_unused=True)[0]
+    assert g is None or g.abs().max() == 0
+    # κ = 0 (the reference) leaves the term unbounded: the same items then do have a gradient
+    items0 = plan_items(x0, y, sched, TrainConfig(timesteps_per_sample=4, epapa_k=500, qpde_on_negatives=False), lam,
+                        torch.Generator().manual_seed(0))
+    assert items0.cap is None
+    g0 = torch.autograd.grad(chunk_loss(model, base, x0, items0.slice(slice(0, len(neg))), sched),
+                             model.conv.weight)[0]
+    assert g0.abs().max() > 0
