@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from papa.cli import run_main
-from papa.config import Config, ConfigError, load_config
+from papa.config import Config, ConfigError, load_config, to_dict
 
 QUERIES_PER_UNIT = {"sdpo": 6}  # reward queries per pair (3 per trajectory); every other method: 1 per unit
 HEADLINE = [("preferred_rate", "preferred rate", "{:.3f}"), ("diversity", "diversity", "{:.3f}"),
@@ -99,9 +99,24 @@ def read_metrics(d: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
 
 
+LOCATION_KEYS = ("train.output_dir", "train.sample_path")
+
+
+def config_changes(cfg: Config) -> list[str]:
+    """Keys in which the run directory's saved config differs from the planned one (location keys aside)."""
+    saved = run_dir(cfg) / "config.yaml"
+    if not saved.is_file():
+        return []
+    from papa.train import _diff
+    old = yaml.safe_load(saved.read_text())
+    return [k for k in _diff(old, to_dict(cfg)) if k not in LOCATION_KEYS]
+
+
 def finished(cfg: Config) -> bool:
+    """Finished with the planned config: reusable as it is."""
     rows = read_metrics(run_dir(cfg))
-    return bool(rows) and rows[-1]["round"] == cfg.train.rounds and (run_dir(cfg) / "summary.md").is_file()
+    return (bool(rows) and rows[-1]["round"] == cfg.train.rounds and (run_dir(cfg) / "summary.md").is_file()
+            and not config_changes(cfg))
 
 
 def train_args(spec: dict, cfg: Config, ov: list[str], threads: int) -> list[str]:
@@ -109,7 +124,11 @@ def train_args(spec: dict, cfg: Config, ov: list[str], threads: int) -> list[str
     args = ["--config", spec["base_config"], "--threads", str(threads)]
     for o in ov:
         args += ["--set", o]
-    if (d / "checkpoints").is_dir() and any((d / "checkpoints").glob("round_*.pt")):
+    changed = config_changes(cfg)
+    if changed:  # made with another config (e.g. the default changed): start it afresh
+        print(f"[compare] {d} was made with another config ({', '.join(changed)}); rerunning it", flush=True)
+        args += ["--overwrite"]
+    elif (d / "checkpoints").is_dir() and any((d / "checkpoints").glob("round_*.pt")):
         args += ["--resume", str(d)]
     elif d.exists():
         args += ["--overwrite"]
@@ -151,6 +170,12 @@ def run_in_process(spec: dict, todo: list) -> None:
         for method, seed, cfg, ov in todo:
             d = run_dir(cfg)
             resume = (d / "checkpoints").is_dir() and any((d / "checkpoints").glob("round_*.pt"))
+            if resume and config_changes(cfg):  # made with another config: start it afresh
+                resume = False
+                if rank == 0:
+                    for p in (d / "checkpoints").glob("round_*.pt"):
+                        p.unlink()
+                dist.barrier(world)
             if rank == 0:
                 print(f"[compare] {method} seed {seed} on {world} ranks", flush=True)
             Engine(cfg, d, rank, world, device).run(resume=resume)

@@ -244,6 +244,12 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     # a second call reuses every finished run
     r = run()
     assert r.returncode == 0 and "4 finished and reused, 0 to run" in r.stdout
+    # a finished run made with another config is not reused (the default changed, say), and the keys are named
+    from papa.compare import config_changes, finished, load_compare, plan
+    spec2 = {**spec, "common": {**spec["common"], "train.lr": 0.002}}
+    cfg.write_text(yaml.safe_dump(spec2))
+    runs = plan(load_compare(cfg))
+    assert not any(finished(c) for _, _, c, _ in runs) and config_changes(runs[0][2]) == ["train.lr"]
     # a budget mismatch is refused before any work, naming the method
     spec["methods"]["ddpo"]["train.rounds"] = 3
     cfg.write_text(yaml.safe_dump(spec))
