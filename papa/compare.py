@@ -255,6 +255,16 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
                                                        for r in by_method[m]])[0])
         lines += ["", f"Most label-efficient at this budget (highest final preferred rate): **{best}**. "
                       f"Fastest per label (training seconds per feedback unit, evaluation excluded): **{fast}**."]
+        if base:
+            bound = 1.5 * base[0]["fid_preferred"]
+            ok = [m for m in by_method
+                  if _mean_std([r["fid_preferred"] for r in by_method[m]])[0] <= bound]
+            if ok:
+                kept = max(ok, key=lambda m: _mean_std([r["preferred_rate"] for r in by_method[m]])[0])
+                lines.append(f"Highest final rate among methods whose mean FID stays within 1.5× the base's "
+                             f"({bound:.2f}): **{kept}**.")
+            else:
+                lines.append(f"No method kept its mean FID within 1.5× the base's ({bound:.2f}).")
     missing = [f"{m} seed {s}" for m, s, c, _ in runs if not finished(c)]
     if missing:
         lines += ["", f"Not finished (excluded): {', '.join(missing)}."]
