@@ -208,6 +208,7 @@ def summarize_run(rows: list[dict]) -> dict:
     out["train_s"] = sum(r.get("round_seconds", 0.0) - r.get("eval_seconds", 0.0) for r in rows if r["round"] > 0)
     out["peak_rss_mb"] = max((r.get("peak_rss_mb", 0.0) for r in rows), default=math.nan)
     out["curve"] = [(r["labels_used"], r["preferred_rate"]) for r in evals]
+    out["fid_curve"] = [(r["labels_used"], r["fid_preferred"]) for r in evals]
     for k in ("implicit_accuracy", "clip_fraction", "approx_kl_old", "round_reward"):
         vals = [r[k] for r in rows if k in r and not (isinstance(r[k], float) and math.isnan(r[k]))]
         if vals:
@@ -285,22 +286,27 @@ def plot(by_method: dict, task: str, budget: int) -> bytes:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method, res in by_method.items():
-        xs = [x for x, _ in res[0]["curve"]]
-        curves = [[y for _, y in r["curve"]] for r in res if len(r["curve"]) == len(xs)]
-        mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(xs))]
-        std = [_mean_std([c[i] for c in curves])[1] for i in range(len(xs))]
-        line, = ax.plot(xs, mean, marker="o", label=f"{method} (n={len(curves)})")
-        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("feedback used (labels, pair choices or reward queries)")
+        for a, key in ((ax, "curve"), (ax2, "fid_curve")):
+            xs = [x for x, _ in res[0][key]]
+            curves = [[y for _, y in r[key]] for r in res if len(r[key]) == len(xs)]
+            mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(xs))]
+            std = [_mean_std([c[i] for c in curves])[1] for i in range(len(xs))]
+            line, = a.plot(xs, mean, marker="o", label=f"{method} (n={len(curves)})")
+            a.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                           color=line.get_color(), alpha=0.15)
+    for a in (ax, ax2):
+        a.set_xlabel("feedback used (labels, pair choices or reward queries)")
+        a.set_xlim(0, budget)
+        a.grid(alpha=0.3)
     ax.set_ylabel("preferred-class rate (evaluator)")
     ax.set_ylim(0, 1.02)
-    ax.set_xlim(0, budget)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{task}: rate against feedback, mean ± std over seeds", fontsize=10)
+    ax.set_title(f"{task}: preferred-class rate, mean ± std over seeds", fontsize=10)
+    ax2.set_ylabel("FID of preferred-class samples (evaluator features)")
+    ax2.set_yscale("log")
+    ax2.set_title("quality: FID against real test images of the preferred classes", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
