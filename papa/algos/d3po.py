@@ -23,13 +23,17 @@ from papa.algos.base import Items, Method, RoundData, ratio
 from papa.feedback import pair_id
 
 
-def pair_trajectory_items(traj: dict, pairs: torch.Tensor, steps: torch.Tensor, **per_pair) -> Items:
-    """Items (pair, step): x_t and x_prev (K, 2, C, H, W), t (K,), coef (K, 5), plus per-pair tensors repeated."""
+def pair_trajectory_items(traj: dict, pairs: torch.Tensor, steps: torch.Tensor, per_member: dict | None = None,
+                          **per_pair) -> Items:
+    """Items (pair, step) in pair-major order: x_t and x_prev (K, 2, C, H, W), t (K,), coef (K, 5); `per_member`
+    tensors (2P, S) recorded per trajectory and step become (K, 2); `per_pair` tensors (P', …) are repeated per step."""
     x = traj["x"].view(-1, 2, *traj["x"].shape[1:])[pairs]  # (P', 2, S+1, C, H, W)
     P, S = len(pairs), len(steps)
     items = Items(x_t=x[:, :, steps].transpose(1, 2).reshape(P * S, 2, *x.shape[3:]),
                   x_prev=x[:, :, steps + 1].transpose(1, 2).reshape(P * S, 2, *x.shape[3:]),
                   t=traj["t"][steps].repeat(P), coef=traj["coef"][steps].repeat(P, 1))
+    for k, v in (per_member or {}).items():
+        items[k] = v.view(-1, 2, v.shape[1])[pairs][:, :, steps].transpose(1, 2).reshape(P * S, 2)
     for k, v in per_pair.items():
         items[k] = v.repeat_interleave(S, 0)
     return items

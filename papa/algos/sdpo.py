@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from papa import ops
 from papa.algos.base import Items, Method, RoundData, ratio
+from papa.algos.d3po import pair_trajectory_items
 from papa.feedback import pair_id
 
 QUERIES_PER_TRAJECTORY = 3
@@ -96,14 +97,9 @@ class SDPO(Method):
     def step_items(self, data: dict, units: torch.Tensor, gen: torch.Generator):
         steps = torch.nonzero(data["coef"][:, 2] > 0).flatten()
         P, S = len(units), len(steps)
-        pair = lambda v: v.view(-1, 2, v.shape[1])[units][:, :, steps].transpose(1, 2).reshape(P * S, 2)
-        x = data["x"].view(-1, 2, *data["x"].shape[1:])[units]
-        items = Items(x_t=x[:, :, steps].transpose(1, 2).reshape(P * S, 2, *x.shape[3:]),
-                      x_prev=x[:, :, steps + 1].transpose(1, 2).reshape(P * S, 2, *x.shape[3:]),
-                      t=data["t"][steps].repeat(P), coef=data["coef"][steps].repeat(P, 1),
-                      lp_old=pair(data["log_prob"]), adv=pair(data["adv"]),
-                      wj=(self.t.sdpo_lambda ** steps.double()).float().repeat(P),
-                      w=torch.full((P * S,), 1.0 / (P * S)))
+        items = pair_trajectory_items(data, units, steps, {"lp_old": data["log_prob"], "adv": data["adv"]})
+        items["wj"] = (self.t.sdpo_lambda ** steps.double()).float().repeat(P)
+        items["w"] = torch.full((P * S,), 1.0 / (P * S))
         return None, items
 
     def loss(self, ctx, c: Items):
