@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"({', '.join(spec['methods'])})")
     todo = [r for r in runs if not finished(r[2]) and (not args.only or r[0] in args.only)]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    command = "python -m papa.compare " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python -m papa.compare --config {args.config}"  # what produces these runs (flags only schedule them)
     failed = []
     done = sum(finished(r[2]) for r in runs)
     print(f"[compare] {len(runs)} runs planned, {done} finished and reused, "
