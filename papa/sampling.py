@@ -6,8 +6,8 @@ how the samples are sharded over ranks. The sampler walks `NoiseSchedule.samplin
 respaced (strided) chain when steps < T. Each step is one UNet call and one fused step op (`papa.ops.fused_step`).
 
 With `compile_unet=True` the UNet runs through `torch.compile` (inductor: fused C++/OpenMP kernels on CPUs, Triton
-on GPUs), compiled once per network and batch shape and cached for the process; on the 2-core CPU it roughly halves a
-UNet call, which pays for the compilation (about a minute) within a few hundred calls (bench/bench_sampling.py).
+on GPUs), compiled once per network and batch shape and cached for the process. Whether it pays for its
+compilation (about a minute on the 2-core CPU) depends on the load; bench/bench_sampling.py measures and reports it.
 
 On CUDA with `cuda_graph=True` the UNet and the fused step are captured once per network into a CUDA graph over
 static buffers and replayed every step (shapes are static within a batch), removing per-kernel launch overhead.
