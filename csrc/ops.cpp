@@ -36,6 +36,9 @@ PyObject* PyInit__C(void) {
 
 namespace papa {
 
+using FusedStepOut = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                              at::Tensor&, at::Tensor&);
+
 void check_step_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& noise, const at::Tensor& coef) {
   TORCH_CHECK(x.dim() >= 1 && x.size(0) > 0, "papa::fused_step: x_t must be (B, ...) with B > 0");
   TORCH_CHECK(eps.sizes() == x.sizes() && noise.sizes() == x.sizes(),
@@ -82,13 +85,20 @@ void fused_step_out_cpu(const at::Tensor& x_t, const at::Tensor& eps, const at::
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_step_cpu(const at::Tensor& x_t, const at::Tensor& eps,
-                                                              const at::Tensor& noise, const at::Tensor& coef) {
+// fused_step on any backend: allocate the three outputs, then run that backend's fused_step_out into them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_step_into_new(const at::Tensor& x_t, const at::Tensor& eps,
+                                                                   const at::Tensor& noise, const at::Tensor& coef,
+                                                                   FusedStepOut out) {
   check_step_inputs(x_t, eps, noise, coef);
   auto x_prev = at::empty(x_t.sizes(), x_t.options()), x0 = at::empty(x_t.sizes(), x_t.options());
   auto log_prob = at::empty({x_t.size(0)}, x_t.options().dtype(at::kFloat));
-  fused_step_out_cpu(x_t, eps, noise, coef, x_prev, x0, log_prob);
+  out(x_t, eps, noise, coef, x_prev, x0, log_prob);
   return {x_prev, x0, log_prob};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_step_cpu(const at::Tensor& x_t, const at::Tensor& eps,
+                                                              const at::Tensor& noise, const at::Tensor& coef) {
+  return fused_step_into_new(x_t, eps, noise, coef, &fused_step_out_cpu);
 }
 
 void check_logprob_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& x_prev, const at::Tensor& coef) {

@@ -15,6 +15,11 @@ void check_logprob_inputs(const at::Tensor& x, const at::Tensor& eps, const at::
 at::ScalarType logprob_acc_type(const at::Tensor& x);
 void check_step_outputs(const at::Tensor& x, const at::Tensor& x_prev, const at::Tensor& x0,
                         const at::Tensor& log_prob);
+using FusedStepOut = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                              at::Tensor&, at::Tensor&);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_step_into_new(const at::Tensor& x_t, const at::Tensor& eps,
+                                                                   const at::Tensor& noise, const at::Tensor& coef,
+                                                                   FusedStepOut out);
 
 template <typename scalar_t, typename acc_t>
 __global__ void fused_step_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ eps,
@@ -60,11 +65,7 @@ void fused_step_out_cuda(const at::Tensor& x_t, const at::Tensor& eps, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_step_cuda(const at::Tensor& x_t, const at::Tensor& eps,
                                                                const at::Tensor& noise, const at::Tensor& coef) {
-  check_step_inputs(x_t, eps, noise, coef);
-  auto x_prev = at::empty(x_t.sizes(), x_t.options()), x0 = at::empty(x_t.sizes(), x_t.options());
-  auto log_prob = at::empty({x_t.size(0)}, x_t.options().dtype(at::kFloat));
-  fused_step_out_cuda(x_t, eps, noise, coef, x_prev, x0, log_prob);
-  return {x_prev, x0, log_prob};
+  return fused_step_into_new(x_t, eps, noise, coef, &fused_step_out_cuda);
 }
 
 template <typename acc_t>

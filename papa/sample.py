@@ -1,9 +1,11 @@
 """Sample images from a base or finetuned papa model and judge them with the evaluator.
 
     python -m papa.sample --config configs/mnist.yaml [--checkpoint PATH] [--num N] [--seed S] [--out DIR]
+                          [--precision bf16] [--compile]
 
 Writes to DIR (default `samples/<task_name>`): `grid.png` (an image grid), `samples.pt` (float tensor (N, 1, 28, 28)
-in [−1, 1]) and `stats.json` (the evaluator's class histogram, mean confidence, settings and timing). ePAPA's switch
+in [−1, 1]) and `stats.json` (the evaluator's class histogram, mean confidence, FID against the test set on evaluator
+features when the dataset is available, settings and timing). ePAPA's switch
 is honoured: with `--epapa-k K` (or `sample.epapa_k`), steps t < K use the frozen base model (`checkpoints.base`).
 """
 from __future__ import annotations
@@ -33,9 +35,11 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from papa.evaluate import class_stats, classify
+    from papa.data import DataError, load_dataset
+    from papa.evaluate import class_stats, classify, frechet_distance
+    from papa.pretrain import to_model_range
     from papa.models import load_classifier, load_unet
-    from papa.sampling import sample
+    from papa.sampling import PRECISIONS, sample, supports_bf16
     from papa.schedule import NoiseSchedule
 
     ap = argparse.ArgumentParser(prog="python -m papa.sample", description=__doc__.splitlines()[0],
@@ -48,8 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default: samples/<task_name>)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--compile", action="store_true",
-                    help="run the UNet through torch.compile (about a minute to compile; ~2x faster calls on CPUs)")
+                    help="run the UNet through torch.compile (inductor; compiles for up to a minute; ~1.2x per "
+                         "step on the 2-core CPU, see bench/README.md)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="UNet precision: bf16 runs it under autocast (about 2x faster on CPUs with AMX/AVX-512-BF16 "
+                         "and on GPUs; images not bit-equal to fp32, statistics in docs/SAMPLING.md)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for flag, key in (("num", "sample.num"), ("seed", "sample.seed"), ("epapa_k", "sample.epapa_k")):
         if getattr(args, flag) is not None:
             args.overrides.append(f"{key}={getattr(args, flag)}")
@@ -62,15 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     base = load_unet(cfg.model, cfg.checkpoints.base).to(device) if s.epapa_k > 0 else None
     evaluator = load_classifier("evaluator", cfg.checkpoints.evaluator)
     out = Path(args.out or f"samples/{cfg.task_name}")
+    if args.precision == "bf16" and not supports_bf16(device):
+        print(f"warning: --precision bf16 on a {device.type} without fast bf16 kernels may be slower than fp32")
 
     t0 = time.time()
     images = sample(model, NoiseSchedule.from_config(d), s.num, steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
                     seed=s.seed, batch_size=s.batch_size, base_model=base, epapa_k=s.epapa_k,
-                    progress=not args.quiet, device=device, cuda_graph=device.type == "cuda", compile_unet=args.compile)
+                    progress=not args.quiet, device=device, cuda_graph=device.type == "cuda", compile_unet=args.compile,
+                    precision=args.precision)
     seconds = time.time() - t0
-    probs, _ = classify(evaluator, images)
+    probs, feats = classify(evaluator, images)
     stats = class_stats(probs)
-    stats.update(class_names=CLASS_NAMES[cfg.data.dataset], checkpoint=str(ckpt), sampler=d.sampler,
+    try:
+        xte, _ = load_dataset(cfg.data.dataset, "test", root=cfg.data.root or None)
+        stats["fid_vs_test"] = frechet_distance(feats, classify(evaluator, to_model_range(torch.from_numpy(xte)))[1])
+    except (DataError, OSError, ValueError) as e:  # no offline copy of the test set: the rest still stands
+        stats["fid_vs_test"], stats["fid_note"] = None, f"test set unavailable: {e}"
+    stats.update(precision=args.precision, compiled=args.compile, class_names=CLASS_NAMES[cfg.data.dataset], checkpoint=str(ckpt), sampler=d.sampler,
                  sample_steps=d.sample_steps, seed=s.seed, epapa_k=s.epapa_k, sample_seconds=round(seconds, 2),
                  torch_threads=torch.get_num_threads())
     out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     frac = " ".join(f"{n}:{f:.2f}" for n, f in zip(range(10), stats["class_fraction"]))
     print(f"{s.num} samples in {seconds:.1f}s -> {out}/grid.png | classes {frac} | "
-          f"mean confidence {stats['mean_confidence']:.3f}")
+          f"mean confidence {stats['mean_confidence']:.3f}"
+          + (f" | FID vs test {stats['fid_vs_test']:.2f}" if stats["fid_vs_test"] is not None else ""))
     return 0
 
 

@@ -9,6 +9,11 @@ With `compile_unet=True` the UNet runs through `torch.compile` (inductor: fused 
 on GPUs), compiled once per network and batch shape and cached for the process. Whether it pays for its
 compilation (about a minute on the 2-core CPU) depends on the load; bench/bench_sampling.py measures and reports it.
 
+With `precision="bf16"` the UNet runs under `torch.autocast` in bfloat16 (oneDNN's AMX/AVX-512-BF16 kernels on CPUs
+that have them, tensor cores on GPUs); ε̂ is cast back to float32 before the step, so the step, the noise and x stay
+float32. ε̂ moves by about 1e-2 per call, so the samples are not bit-equal to float32 ones; their evaluator statistics
+are compared in docs/SAMPLING.md. Training and evaluation inside runs keep float32 (deterministic, exact).
+
 On CUDA with `cuda_graph=True` the UNet and the fused step are captured once per network into a CUDA graph over
 static buffers and replayed every step (shapes are static within a batch), removing per-kernel launch overhead.
 """
@@ -39,6 +44,40 @@ def compiled(net: torch.nn.Module) -> torch.nn.Module:
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(net, dynamic=False)
     return _COMPILED[key]
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def supports_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast here: a CUDA device with bf16, or a CPU with AVX-512-BF16/AMX (oneDNN)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class _Autocast(torch.nn.Module):
+    """The UNet under bf16 autocast, returning float32 ε̂."""
+
+    def __init__(self, net: torch.nn.Module, device_type: str):
+        super().__init__()
+        self.net, self.device_type = net, device_type
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.net(x, t).float()
+
+
+_AUTOCAST: dict[tuple[int, str], _Autocast] = {}
+
+
+def autocast_bf16(net: torch.nn.Module, device_type: str) -> _Autocast:
+    """The bf16 wrapper of `net`, one per network (so compiled and graphed wrappers are reused across calls; the
+    cache holds `net`, so its id stays unique)."""
+    key = (id(net), device_type)
+    if key not in _AUTOCAST:
+        _AUTOCAST[key] = _Autocast(net, device_type)
+    return _AUTOCAST[key]
 
 
 class _GraphedStep:
@@ -72,11 +111,16 @@ def sample(model: torch.nn.Module, sched: NoiseSchedule, num: int, *, steps: int
            eta: float = 1.0, seed: int = 0, first_index: int = 0, batch_size: int = 100,
            base_model: torch.nn.Module | None = None, epapa_k: int = 0, image_shape: tuple[int, ...] = (1, 28, 28),
            device: str | torch.device = "cpu", progress: bool = True, cuda_graph: bool = False,
-           compile_unet: bool = False) -> torch.Tensor:
+           compile_unet: bool = False, precision: str = "fp32") -> torch.Tensor:
     """Draw `num` images in [−1, 1] (float32, CPU). Steps with t < epapa_k use `base_model` (ePAPA)."""
     if epapa_k > 0 and base_model is None:
         raise ValueError("epapa_k > 0 needs the frozen base model")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = torch.device(device)
+    if precision == "bf16":
+        model = autocast_bf16(model, device.type)
+        base_model = autocast_bf16(base_model, device.type) if base_model is not None else None
     use_graph = cuda_graph and device.type == "cuda"
     ts = sched.sampling_timesteps(steps)
     out = []

@@ -38,6 +38,24 @@ def test_epapa_switch_uses_base_model_below_k():
         sample(m, s, 1, steps=2, epapa_k=10, progress=False)
 
 
+def test_bf16_precision_stays_near_fp32_and_checks_its_argument():
+    """bf16 autocast moves ε̂ by bf16 rounding only (relative error ~1e-2 on a random UNet), the sampler runs it (its
+    images differ from float32's), and the step and noise stay float32 (same seed → same images on a rerun)."""
+    from papa.sampling import autocast_bf16
+    m, s = _tiny_model(), NoiseSchedule()
+    x, t = torch.randn(4, 1, 28, 28), torch.tensor([0, 10, 500, 999])
+    with torch.no_grad():
+        e32, e16 = m(x, t), autocast_bf16(m, "cpu")(x, t)
+    assert e16.dtype == torch.float32 and 0 < float((e16 - e32).norm() / e32.norm()) < 3e-2
+    assert autocast_bf16(m, "cpu") is autocast_bf16(m, "cpu")
+    a = sample(m, s, 4, steps=4, seed=0, progress=False)
+    b = sample(m, s, 4, steps=4, seed=0, progress=False, precision="bf16")
+    assert b.dtype == torch.float32 and torch.isfinite(b).all() and not torch.equal(a, b)
+    assert torch.equal(b, sample(m, s, 4, steps=4, seed=0, progress=False, precision="bf16"))
+    with pytest.raises(ValueError, match="precision"):
+        sample(m, s, 1, steps=2, progress=False, precision="fp8")
+
+
 def test_sample_cli_writes_grid_tensor_and_stats(tmp_path):
     from papa.sample import main
     unet = _tiny_model()
@@ -52,7 +70,8 @@ def test_sample_cli_writes_grid_tensor_and_stats(tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["num"] == 6 and len(stats["class_fraction"]) == 10
     assert abs(sum(stats["class_fraction"]) - 1) < 1e-3 and 0 < stats["mean_confidence"] <= 1
-    assert stats["epapa_k"] == 300 and stats["seed"] == 1
+    assert stats["epapa_k"] == 300 and stats["seed"] == 1 and stats["precision"] == "fp32"
+    assert stats["fid_vs_test"] is None or stats["fid_vs_test"] >= 0
     imgs = torch.load(out / "samples.pt", weights_only=True)
     assert imgs.shape == (6, 1, 28, 28) and imgs.min() >= -1 and imgs.max() <= 1
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
