@@ -108,7 +108,10 @@ def config_changes(cfg: Config) -> list[str]:
     if not saved.is_file():
         return []
     from papa.train import _diff
-    old = yaml.safe_load(saved.read_text())
+    try:
+        old = to_dict(load_config(saved))  # through the dataclasses: keys added since then take their defaults
+    except ConfigError:
+        return ["config.yaml (no longer a valid config)"]
     return [k for k in _diff(old, to_dict(cfg)) if k not in LOCATION_KEYS]
 
 

@@ -108,6 +108,7 @@ class TrainConfig:
     batch_size: int = 10              # units (images or pairs) per optimiser step
     epochs_per_round: int = 1         # passes over the round's training set
     lr: float = 1e-5
+    lr_decay: str = "none"            # per-round learning rate: none | linear (lr·(R−r)/R in round r = 0…R−1) | cosine
     weight_decay: float = 0.0
     grad_clip: float = 1.0            # 0: off
     pref_loss_coef: float = 0.1
@@ -286,6 +287,7 @@ def validate(cfg: Config) -> Config:
     for k in ("rounds", "samples_per_round", "batch_size", "epochs_per_round", "timestep_chunk"):
         _require(getattr(t, k) >= 1, f"train.{k}", "must be >= 1")
     _require(t.lr > 0, "train.lr", "must be > 0")
+    _require(t.lr_decay in ("none", "linear", "cosine"), "train.lr_decay", "must be none, linear or cosine")
     _require(t.negative_weight >= 0, "train.negative_weight", "must be >= 0")
     _require(t.negative_cap >= 0, "train.negative_cap", "must be >= 0 (0: unbounded, as the reference)")
     _require(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip", "and train.weight_decay must be >= 0")

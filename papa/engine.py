@@ -61,6 +61,15 @@ def default_sample_path(cfg: Config) -> str:
     return cfg.train.sample_path or f"{t.algo}{f'_k{t.epapa_k}' if t.epapa_k else ''}_seed{t.seed}"
 
 
+def round_lr(lr: float, decay: str, r: int, rounds: int) -> float:
+    """The learning rate of round r (0-based) of `rounds`: constant, linear to lr/R in the last round, or cosine."""
+    if decay == "linear":
+        return lr * (rounds - r) / rounds
+    if decay == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * r / rounds))
+    return lr
+
+
 def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.train.output_dir) / cfg.task_name / default_sample_path(cfg)
 
@@ -192,6 +201,8 @@ class Engine:
         pushed through the UNet in chunks whose gradients accumulate; one all-reduce per optimiser step."""
         t, m = self.cfg.train, self.method
         gen = torch.Generator().manual_seed(t.seed * 7919 + r)
+        for g in self.opt.param_groups:  # a function of the round only, so a resumed run sets the same value
+            g["lr"] = round_lr(t.lr, t.lr_decay, r, t.rounds)
         self.model.train()
         losses, n_items, stats = [], 0, {}
         n = m.num_units(data)

@@ -23,6 +23,7 @@ def test_shipped_configs_load(cfg):
     ("pretrain.lr=-1", "pretrain.lr"),
     ("data.dataset=cifar", "data.dataset"),
     ("diffusion.eta=true", "diffusion.eta"),
+    ("train.lr_decay=step", "train.lr_decay"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

@@ -172,6 +172,17 @@ def test_two_ranks_give_the_metrics_of_one(tiny, tmp_path):
     assert_same_metrics(metrics(run_dir(one)), metrics(run_dir(two)), tol=1e-3)
 
 
+def test_lr_decay_sets_each_rounds_learning_rate(tiny, tmp_path):
+    from papa.engine import round_lr
+    from papa.train import main
+    assert [round_lr(1.0, "linear", r, 4) for r in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert [round(round_lr(1.0, "cosine", r, 4), 6) for r in range(4)] == [1.0, 0.853553, 0.5, 0.146447]
+    assert round_lr(3e-4, "none", 3, 4) == 3e-4
+    assert main(args_for(overrides(tiny, tmp_path, rounds=3, extra=["train.lr_decay=linear"]))) == 0
+    last = checkpoint.load(run_dir(tmp_path) / "checkpoints" / "round_003.pt")
+    assert last["opt"]["param_groups"][0]["lr"] == pytest.approx(0.001 / 3)
+
+
 def pair_labels_file(path, rounds, pairs):
     """A labels file of pairwise choices, as a person would write it: alternate first / second preferred."""
     labels = {f"r{r:03d}_p{p:03d}": (1 if (r + p) % 2 else -1) for r in range(1, rounds + 1) for p in range(pairs)}
