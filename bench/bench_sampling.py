@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from benchutil import ROOT, min_time
+from benchutil import ROOT, interleaved_min_times, min_time
 from papa import ops
 from papa.config import load_config
 from papa.models import build_unet, load_unet
@@ -46,14 +46,17 @@ def test_sampling_loop_fused_vs_eager(benchmark, monkeypatch):
     """The whole loop with the fused step against the same loop on the torch reference step (20 steps, 32 images)."""
     cfg = load_config(ROOT / "configs" / "mnist.yaml")
     model, sched = _model(cfg), NoiseSchedule.from_config(cfg.diffusion)
-    run = lambda: sample(model, sched, 32, steps=20, seed=0, batch_size=32, progress=False)
-    monkeypatch.setenv("PAPA_OPS", "torch")
-    t_ref = min_time(run, reps=3, warmup=1)
-    monkeypatch.setenv("PAPA_OPS", "cpp")
-    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    ratio = t_ref / benchmark.stats.stats.min
-    benchmark.extra_info.update(eager_s=t_ref, speedup=ratio)
-    print(f"\nsampling loop 32x20 steps: reference-step loop {t_ref:.2f} s, fused {benchmark.stats.stats.min:.2f} s, "
+    def run(backend):
+        monkeypatch.setenv("PAPA_OPS", backend)
+        return sample(model, sched, 32, steps=20, seed=0, batch_size=32, progress=False)
+
+    # the two loops differ by ~1 % of their time, so they are timed in alternation: load that comes and goes on the
+    # shared machine then hits both alike (separate blocks measured 0.83x-1.2x under load)
+    best = interleaved_min_times({"torch": lambda: run("torch"), "cpp": lambda: run("cpp")}, reps=5)
+    benchmark.pedantic(lambda: run("cpp"), rounds=1, iterations=1)
+    ratio = best["torch"] / best["cpp"]
+    benchmark.extra_info.update(eager_s=best["torch"], fused_s=best["cpp"], speedup=ratio)
+    print(f"\nsampling loop 32x20 steps: reference-step loop {best['torch']:.2f} s, fused {best['cpp']:.2f} s, "
           f"{ratio:.2f}x")
     assert ratio >= 0.9
 
