@@ -109,6 +109,8 @@ class TrainConfig:
     epochs_per_round: int = 1         # passes over the round's training set
     lr: float = 1e-5
     lr_decay: str = "none"            # per-round learning rate: none | linear (lr·(R−r)/R in round r = 0…R−1) | cosine
+    ema_decay: float = 0.0            # > 0: evaluate (and save as "ema") an EMA of the policy, updated every optimiser
+                                      # step; feedback rounds still sample the live policy. 0: off
     weight_decay: float = 0.0
     grad_clip: float = 1.0            # 0: off
     pref_loss_coef: float = 0.1
@@ -287,6 +289,7 @@ def validate(cfg: Config) -> Config:
     for k in ("rounds", "samples_per_round", "batch_size", "epochs_per_round", "timestep_chunk"):
         _require(getattr(t, k) >= 1, f"train.{k}", "must be >= 1")
     _require(t.lr > 0, "train.lr", "must be > 0")
+    _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1) (0: off)")
     _require(t.lr_decay in ("none", "linear", "cosine"), "train.lr_decay", "must be none, linear or cosine")
     _require(t.negative_weight >= 0, "train.negative_weight", "must be >= 0")
     _require(t.negative_cap >= 0, "train.negative_cap", "must be >= 0 (0: unbounded, as the reference)")

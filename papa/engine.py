@@ -11,6 +11,7 @@ Everything random in a round derives from (train.seed, round), so a resumed run 
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -88,6 +89,8 @@ class Engine:
         self.sched = NoiseSchedule.from_config(cfg.diffusion)
         self.method = get_method(t.algo)(self)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        # the evaluated model: the policy itself, or an exponential moving average of its weights (train.ema_decay)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if t.ema_decay > 0 else None
         xte, yte = load_dataset(cfg.data.dataset, "test", root=cfg.data.root or None)
         pref = torch.tensor(cfg.feedback.preference)
         keep = torch.isin(torch.from_numpy(yte).long(), pref)
@@ -126,6 +129,7 @@ class Engine:
         path = self.ckpt_dir / f"round_{s.round:03d}.pt"
         checkpoint.atomic_save({
             "model": self.model.state_dict(), "opt": self.opt.state_dict(), "round": s.round,
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "history": s.history, "metrics": s.metrics, "elapsed": s.elapsed,
             "config_hash": config_hash(self.cfg), "torch_rng": torch.get_rng_state()}, path)
         for old in sorted(self.ckpt_dir.glob("round_*.pt"))[:-2]:  # keep the newest two: latest and last good
@@ -139,6 +143,8 @@ class Engine:
                 st = checkpoint.load(path)
                 self.model.load_state_dict(st["model"])
                 self.opt.load_state_dict(st["opt"])
+                if self.ema is not None:
+                    self.ema.load_state_dict(st["ema"])
             except (checkpoint.CheckpointError, KeyError, RuntimeError) as e:
                 self.log(f"warning: {path.name} is unusable ({str(e)[:100]}); trying the previous checkpoint")
                 continue
@@ -149,11 +155,12 @@ class Engine:
         return False
 
     # ------------------------------------------------------------------ phases
-    def sample_images(self, n: int, seed: int, epapa: bool = True) -> torch.Tensor:
-        """n images from the current model (ePAPA's base model below k when `epapa`), sharded over ranks, on every rank."""
+    def sample_images(self, n: int, seed: int, epapa: bool = True, net: torch.nn.Module | None = None) -> torch.Tensor:
+        """n images from the current model, or `net` (ePAPA's base model below k when `epapa`), sharded over ranks, on
+        every rank."""
         d, idx = self.cfg.diffusion, dist.shard(n, self.rank, self.world)
         k = self.cfg.train.epapa_k if epapa else 0
-        local = sample(self.model, self.sched, len(idx), steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
+        local = sample(net or self.model, self.sched, len(idx), steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
                        seed=seed, first_index=idx.start, batch_size=self.cfg.eval.batch_size,
                        base_model=self.base if k else None, epapa_k=k, device=self.device,
                        progress=self.main and n > 50, cuda_graph=self.device.type == "cuda")
@@ -180,13 +187,18 @@ class Engine:
     def kl_to_base(self) -> float:
         """Mean per-step KL(p_θ ‖ p_base) of the sampling chain on a fixed probe, nats per pixel (pixel mean)."""
         x, t, coef = self.probe
-        d = self.model(x, t) - self.base(x, t)
+        d = self.evaluated(x, t) - self.base(x, t)
         return float((coef[:, 1] ** 2 * d.square().flatten(1).mean(1) / (2 * coef[:, 2] ** 2)).mean())
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The model that evaluations judge: the EMA of the policy when train.ema_decay > 0, else the policy."""
+        return self.ema if self.ema is not None else self.model
 
     def evaluate(self, num: int) -> tuple[dict, torch.Tensor]:
         """Evaluator metrics on `num` fixed-seed samples, and the samples."""
         self.model.eval()
-        imgs = self.sample_images(num, self.cfg.eval.seed)
+        imgs = self.sample_images(num, self.cfg.eval.seed, net=self.evaluated)
         probs, feats = classify(self.evaluator, imgs.to(self.device))
         pref = self.cfg.feedback.preference
         out = class_stats(probs.cpu(), pref)
@@ -233,6 +245,10 @@ class Engine:
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.opt.step()
+            if self.ema is not None:  # identical on every rank: the all-reduced gradients gave identical weights
+                with torch.no_grad():
+                    for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                        pe.lerp_(pm, 1.0 - t.ema_decay)
             losses.append(total)
             n_items += len(items)
             bar.set_postfix(loss=f"{total:.4f}")

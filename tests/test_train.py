@@ -183,6 +183,25 @@ def test_lr_decay_sets_each_rounds_learning_rate(tiny, tmp_path):
     assert last["opt"]["param_groups"][0]["lr"] == pytest.approx(0.001 / 3)
 
 
+def test_ema_is_evaluated_saved_and_resumed(tiny, tmp_path):
+    """train.ema_decay: evaluations judge the EMA (so they differ from the plain run's while the feedback rounds,
+    sampled from the live policy, stay the same), the checkpoint holds it, and a resumed run continues it exactly."""
+    from papa.train import main
+    plain, ema, cut = tmp_path / "plain", tmp_path / "ema", tmp_path / "cut"
+    assert main(args_for(overrides(tiny, plain, rounds=2))) == 0
+    assert main(args_for(overrides(tiny, ema, rounds=2, extra=["train.ema_decay=0.5"]))) == 0
+    a, b = metrics(run_dir(plain)), metrics(run_dir(ema))
+    assert a[1]["round_positive"] == b[1]["round_positive"] and a[1]["loss"] == b[1]["loss"]
+    assert a[2]["fid_preferred"] != b[2]["fid_preferred"] or a[2]["kl_to_base"] != b[2]["kl_to_base"]
+    ck = checkpoint.load(run_dir(ema) / "checkpoints" / "round_002.pt")
+    assert any(not torch.equal(ck["ema"][k], ck["model"][k]) for k in ck["model"])
+    # interrupted after round 1 (the newest checkpoint removed), then resumed: the same metrics as the whole run
+    assert main(args_for(overrides(tiny, cut, rounds=2, extra=["train.ema_decay=0.5"]))) == 0
+    (run_dir(cut) / "checkpoints" / "round_002.pt").unlink()
+    assert main(["--resume", str(run_dir(cut))]) == 0
+    assert_same_metrics(b, metrics(run_dir(cut)))
+
+
 def pair_labels_file(path, rounds, pairs):
     """A labels file of pairwise choices, as a person would write it: alternate first / second preferred."""
     labels = {f"r{r:03d}_p{p:03d}": (1 if (r + p) % 2 else -1) for r in range(1, rounds + 1) for p in range(pairs)}
