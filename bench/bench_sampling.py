@@ -51,7 +51,7 @@ def test_sampling_loop_fused_vs_eager(benchmark, monkeypatch):
         return sample(model, sched, 32, steps=20, seed=0, batch_size=32, progress=False)
 
     # the two loops differ by ~1 % of their time, so they are timed in alternation: load that comes and goes on the
-    # shared machine then hits both alike (separate blocks measured 0.83x-1.2x under load)
+    # shared machine then hits both alike (timed in separate blocks, the ratio read 0.83x once under load)
     best = interleaved_min_times({"torch": lambda: run("torch"), "cpp": lambda: run("cpp")}, reps=5)
     benchmark.pedantic(lambda: run("cpp"), rounds=1, iterations=1)
     ratio = best["torch"] / best["cpp"]
@@ -65,7 +65,16 @@ def _run(model, sched, S, **kw):
     return sample(model, sched, 100, steps=S, seed=0, batch_size=100, progress=False, **kw)
 
 
-def test_bf16_sampling_1000_steps_vs_eager_loop(benchmark):
+def _eager_loop(model, sched, S, monkeypatch, images=False):
+    """Per-step seconds of the eager float32 loop (eager UNet, torch reference step) on an S-step chain (and, with
+    `images`, that loop's images)."""
+    with monkeypatch.context() as mp:
+        mp.setenv("PAPA_OPS", "torch")
+        t = min_time(lambda: _run(model, sched, S), reps=3, warmup=1) / S
+        return (t, _run(model, sched, S)) if images else t
+
+
+def test_bf16_sampling_1000_steps_vs_eager_loop(benchmark, monkeypatch):
     """1000-step sampling of 100 images with the default model: the loop with the UNet under bf16 autocast and the
     fused step against the eager float32 loop (eager UNet, torch reference step). The UNet is ~99 % of a step, so the
     speed must come from it: bf16 runs its convolutions on oneDNN's AMX / AVX-512-BF16 kernels. Timing 1000 steps twice
@@ -73,25 +82,19 @@ def test_bf16_sampling_1000_steps_vs_eager_loop(benchmark):
     cost, no compilation to charge): ratio = t_eager / t_bf16 per step = the 1000-step ratio. Gated ≥ 1.2× (issue 4)
     where the CPU has bf16 kernels; ε̂ must stay within bf16's error of float32 (the images are not bit-equal; their
     evaluator statistics at 1000 steps are in docs/SAMPLING.md)."""
-    from papa.sampling import supports_bf16
+    from papa.sampling import autocast_bf16, supports_bf16
     cfg = load_config(ROOT / "configs" / "mnist.yaml")
     model, sched = _model(cfg), NoiseSchedule.from_config(cfg.diffusion)
     S, threads = 6, 1
     torch.set_num_threads(threads)
     try:
-        os.environ["PAPA_OPS"] = "torch"
-        try:
-            t_eager = min_time(lambda: _run(model, sched, S), reps=3, warmup=1) / S
-        finally:
-            os.environ.pop("PAPA_OPS")
+        t_eager = _eager_loop(model, sched, S, monkeypatch)
         benchmark.pedantic(lambda: _run(model, sched, S, precision="bf16"), rounds=3, iterations=1, warmup_rounds=1)
         t_fast = benchmark.stats.stats.min / S
         x = torch.randn(100, 1, 28, 28, generator=torch.Generator().manual_seed(0))
         t = torch.randint(0, 1000, (100,), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            eps32 = model(x, t)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                eps16 = model(x, t).float()
+            eps32, eps16 = model(x, t), autocast_bf16(model, "cpu")(x, t)
     finally:
         torch.set_num_threads(1)
     rel = float((eps16 - eps32).norm() / eps32.norm())
@@ -108,7 +111,7 @@ def test_bf16_sampling_1000_steps_vs_eager_loop(benchmark):
     assert ratio >= 1.2
 
 
-def test_compiled_sampling_1000_steps_vs_eager_loop(benchmark):
+def test_compiled_sampling_1000_steps_vs_eager_loop(benchmark, monkeypatch):
     """The same 1000-step sampling with the float32 UNet under torch.compile (inductor) and the fused step, charged its
     measured compilation: ratio = 1000·t_eager / (t_compile + 1000·t_compiled). Inductor can fuse only the
     elementwise work around the convolutions (~25 % of a step), so ~1.2× per step is its ceiling here; the ratio is
@@ -120,12 +123,7 @@ def test_compiled_sampling_1000_steps_vs_eager_loop(benchmark):
     S, threads = 6, 1
     torch.set_num_threads(threads)
     try:
-        os.environ["PAPA_OPS"] = "torch"
-        try:
-            t_eager = min_time(lambda: _run(model, sched, S), reps=3, warmup=1) / S
-            want = _run(model, sched, S)
-        finally:
-            os.environ.pop("PAPA_OPS")
+        t_eager, want = _eager_loop(model, sched, S, monkeypatch, images=True)
         t0 = time.perf_counter()
         got = _run(model, sched, S, compile_unet=True)  # first call: compiles
         t_first = time.perf_counter() - t0

@@ -14,6 +14,16 @@ def add_config_args(ap: argparse.ArgumentParser, default: str | None = "configs/
                     help="override a config key, validated like the YAML (e.g. --set sample.num=16); repeatable")
 
 
+def add_threads_arg(ap: argparse.ArgumentParser, help: str = "torch CPU threads (0: torch's default)") -> None:
+    ap.add_argument("--threads", type=int, default=0, help=help)
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from papa import checkpoint
-from papa.cli import add_config_args, config_from_args, run_main
+from papa.cli import add_config_args, add_threads_arg, apply_threads, config_from_args, run_main
 from papa.config import dump_yaml
 from papa.data import CLASS_NAMES
 
@@ -52,15 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default: samples/<task_name>)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--compile", action="store_true",
-                    help="run the UNet through torch.compile (inductor; compiles for up to a minute; ~1.2x per "
-                         "step on the 2-core CPU, see bench/README.md)")
+                    help="run the UNet through torch.compile (inductor; compiles for up to a minute; 1.00-1.09x "
+                         "per step on the 2-core CPU, bench/README.md)")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                    help="UNet precision: bf16 runs it under autocast (about 2x faster on CPUs with AMX/AVX-512-BF16 "
-                         "and on GPUs; images not bit-equal to fp32, statistics in docs/SAMPLING.md)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+                    help="UNet precision: bf16 runs it under autocast (1.76x the fp32 loop on the 2-core AMX CPU, "
+                         "bench/README.md; images not bit-equal to fp32, statistics in docs/SAMPLING.md)")
+    add_threads_arg(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     for flag, key in (("num", "sample.num"), ("seed", "sample.seed"), ("epapa_k", "sample.epapa_k")):
         if getattr(args, flag) is not None:
             args.overrides.append(f"{key}={getattr(args, flag)}")
@@ -89,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         stats["fid_vs_test"] = frechet_distance(feats, classify(evaluator, to_model_range(torch.from_numpy(xte)))[1])
     except (DataError, OSError, ValueError) as e:  # no offline copy of the test set: the rest still stands
         stats["fid_vs_test"], stats["fid_note"] = None, f"test set unavailable: {e}"
-    stats.update(precision=args.precision, compiled=args.compile, class_names=CLASS_NAMES[cfg.data.dataset], checkpoint=str(ckpt), sampler=d.sampler,
+    stats.update(precision=args.precision, compiled=args.compile, class_names=CLASS_NAMES[cfg.data.dataset],
+                 checkpoint=str(ckpt), sampler=d.sampler,
                  sample_steps=d.sample_steps, seed=s.seed, epapa_k=s.epapa_k, sample_seconds=round(seconds, 2),
                  torch_threads=torch.get_num_threads())
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from papa.cli import add_config_args, run_main
+from papa.cli import add_config_args, add_threads_arg, apply_threads, run_main
 from papa.config import ConfigError, load_config, to_dict
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="continue an interrupted run from its directory (uses its config.yaml unless --config)")
     ap.add_argument("--force", action="store_true", help="resume even though the config changed")
     ap.add_argument("--overwrite", action="store_true", help="start afresh in an existing run directory")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
+    add_threads_arg(ap, "torch CPU threads per process (0: torch's default)")
     args = ap.parse_args(argv)
 
     # --- validate everything before any work
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
               "per run (about 80 ms per image per UNet forward on 2 cores); use configs/mnist.yaml on CPUs",
               file=sys.stderr)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     from papa import dist
     from papa.engine import Engine, NonFiniteLoss
     rank, world, device = dist.init()

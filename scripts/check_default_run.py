@@ -38,7 +38,8 @@ def run(cmd: list[str], log: Path) -> float:
     return secs
 
 
-def final_metrics(run_dir: Path) -> list[dict]:
+def eval_rows(run_dir: Path) -> list[dict]:
+    """The run's evaluation rows (round 0 … the last), in order."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in rows if "preferred_rate" in r]
 
@@ -67,14 +68,15 @@ def main() -> int:
     for n, cmd in plans.items():
         if args.only and n != args.only:
             continue
-        times[n] = {"seconds": round(run(cmd, out / f"p{n}.log"), 1), "command": " ".join(["python", *cmd[1:]] if n == "1" else ["torchrun", *cmd[1:]]),
+        shown = ["python" if n == "1" else "torchrun", *cmd[1:]]
+        times[n] = {"seconds": round(run(cmd, out / f"p{n}.log"), 1), "command": " ".join(shown),
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count()}
         times_path.write_text(json.dumps(times, indent=2))
     if set(times) != {"1", "2"}:
         print("only one run so far; rerun without --only to compare")
         return 0
     runs = {n: next((out / f"p{n}").glob("*/*/metrics.jsonl")).parent for n in ("1", "2")}
-    m = {n: final_metrics(d) for n, d in runs.items()}
+    m = {n: eval_rows(d) for n, d in runs.items()}
     ok = all(t["seconds"] <= LIMIT_S for t in times.values())
     lines = ["# Default MNIST run: one process against two", "",
              f"Config `{args.config}` {' '.join(args.overrides)}; wall-time limit {LIMIT_S} s each.", "",
