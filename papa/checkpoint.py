@@ -69,13 +69,26 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
                               f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A shipped papa checkpoint ({'state_dict': …}), a trainer round checkpoint ({'model': …}) or a bare reference
-    state dict; `module.` prefixes stripped, floating tensors cast to float32."""
+WEIGHTS = ("auto", "policy", "ema")
+
+
+def load_state_dict(path: str | Path, weights: str = "auto") -> dict[str, torch.Tensor]:
+    """A shipped papa checkpoint ({'state_dict': …}), a trainer round checkpoint ({'model': …, 'ema': …}) or a bare
+    reference state dict; `module.` prefixes stripped, floating tensors cast to float32. `weights` picks from a round
+    checkpoint: 'policy' the trained model, 'ema' its moving average (train.ema_decay > 0), 'auto' the EMA where the
+    run kept one (the model its evaluations judged), else the policy."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     obj = load(path)
     sd = None
     if isinstance(obj, dict):
-        sd = obj.get("state_dict", obj.get("model", obj))
+        if weights == "ema" and "ema" not in obj:
+            raise CheckpointError(f"checkpoint '{path}' holds no EMA weights (the run had train.ema_decay 0); "
+                                  f"use --weights policy")
+        if weights != "policy" and isinstance(obj.get("ema"), dict):
+            sd = obj["ema"]
+        else:
+            sd = obj.get("state_dict", obj.get("model", obj))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"checkpoint '{path}' holds no state dict")
     return {k: v.float() if v.is_floating_point() else v for k, v in strip_module_prefix(sd).items()}

@@ -1,12 +1,14 @@
 """Sample images from a base or finetuned papa model and judge them with the evaluator.
 
     python -m papa.sample --config configs/mnist.yaml [--checkpoint PATH] [--num N] [--seed S] [--out DIR]
-                          [--precision bf16] [--compile]
+                          [--precision bf16] [--compile] [--weights auto|policy|ema]
 
 Writes to DIR (default `samples/<task_name>`): `grid.png` (an image grid), `samples.pt` (float tensor (N, 1, 28, 28)
 in [−1, 1]) and `stats.json` (the evaluator's class histogram, mean confidence, FID against the test set on evaluator
 features when the dataset is available, settings and timing). ePAPA's switch
 is honoured: with `--epapa-k K` (or `sample.epapa_k`), steps t < K use the frozen base model (`checkpoints.base`).
+A finetuned model is a run's `checkpoints/round_NNN.pt`; where the run kept an EMA of its policy (`train.ema_decay`,
+the MNIST default) that EMA is what its evaluations judged, and what is sampled unless `--weights policy`.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from papa import checkpoint
+from papa.checkpoint import WEIGHTS
 from papa.cli import add_config_args, add_threads_arg, apply_threads, config_from_args, run_main
 from papa.config import dump_yaml
 from papa.data import CLASS_NAMES
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_config_args(ap)
     ap.add_argument("--checkpoint", default=None, help="UNet weights (default: checkpoints.base of the config)")
+    ap.add_argument("--weights", choices=WEIGHTS, default="auto",
+                    help="from a trainer round checkpoint: 'ema' the EMA its evaluations judged (train.ema_decay > 0), "
+                         "'policy' the trained model itself; 'auto' the EMA where there is one (default: auto)")
     ap.add_argument("--num", type=int, default=None, help="number of images (default: sample.num)")
     ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: sample.seed)")
     ap.add_argument("--epapa-k", type=int, default=None, help="use the base model for t < K (default: sample.epapa_k)")
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = args.checkpoint or cfg.checkpoints.base
     # load everything before writing anything: a bad path fails with nothing written
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_unet(cfg.model, ckpt).to(device)
+    model = load_unet(cfg.model, ckpt, args.weights).to(device)
     base = load_unet(cfg.model, cfg.checkpoints.base).to(device) if s.epapa_k > 0 else None
     evaluator = load_classifier("evaluator", cfg.checkpoints.evaluator)
     out = Path(args.out or f"samples/{cfg.task_name}")
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, OSError, ValueError) as e:  # no offline copy of the test set: the rest still stands
         stats["fid_vs_test"], stats["fid_note"] = None, f"test set unavailable: {e}"
     stats.update(precision=args.precision, compiled=args.compile, class_names=CLASS_NAMES[cfg.data.dataset],
-                 checkpoint=str(ckpt), sampler=d.sampler,
+                 checkpoint=str(ckpt), weights=args.weights, sampler=d.sampler,
                  sample_steps=d.sample_steps, seed=s.seed, epapa_k=s.epapa_k, sample_seconds=round(seconds, 2),
                  torch_threads=torch.get_num_threads())
     out.mkdir(parents=True, exist_ok=True)

@@ -90,3 +90,21 @@ def test_sample_cli_takes_a_trainer_round_checkpoint(tmp_path):
                "--set", f"checkpoints.evaluator={tmp_path / 'e.pt'}", "--set", "diffusion.sample_steps=2",
                "--num", "2", "--out", str(tmp_path / "o"), "--quiet"])
     assert rc == 0 and (tmp_path / "o" / "stats.json").is_file()
+
+
+def test_round_checkpoint_weights_default_to_the_ema_the_run_evaluated(tmp_path):
+    """A round checkpoint of a run with train.ema_decay > 0 holds 'model' (the policy) and 'ema'; loading takes the EMA
+    (what the run's evaluations judged) unless told 'policy'; asking for an EMA that is not there is a clear error."""
+    from papa.models import load_unet
+    cfg = load_config(ROOT / "configs" / "mnist.yaml")
+    policy, ema = _tiny_model(), _tiny_model()
+    checkpoint.atomic_save({"model": policy.state_dict(), "ema": ema.state_dict(), "round": 3}, tmp_path / "r.pt")
+    checkpoint.atomic_save({"model": policy.state_dict(), "round": 3}, tmp_path / "no_ema.pt")
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not same(policy, ema)
+    assert same(load_unet(cfg.model, tmp_path / "r.pt"), ema)
+    assert same(load_unet(cfg.model, tmp_path / "r.pt", "ema"), ema)
+    assert same(load_unet(cfg.model, tmp_path / "r.pt", "policy"), policy)
+    assert same(load_unet(cfg.model, tmp_path / "no_ema.pt"), policy)
+    with pytest.raises(checkpoint.CheckpointError, match="no EMA weights"):
+        load_unet(cfg.model, tmp_path / "no_ema.pt", "ema")

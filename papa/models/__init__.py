@@ -10,8 +10,8 @@ from papa.models.unet import UNet, build_unet
 __all__ = ["UNet", "build_unet", "OracleCNN", "EvaluatorCNN", "load_unet", "load_classifier"]
 
 
-def _load_into(model: torch.nn.Module, path, what: str) -> torch.nn.Module:
-    sd = load_state_dict(path)
+def _load_into(model: torch.nn.Module, path, what: str, weights: str = "auto") -> torch.nn.Module:
+    sd = load_state_dict(path, weights)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -20,9 +20,10 @@ def _load_into(model: torch.nn.Module, path, what: str) -> torch.nn.Module:
     return model
 
 
-def load_unet(model_cfg, path) -> UNet:
-    """Build the configured UNet and load weights (papa or reference checkpoint). Returns it in eval mode."""
-    return _load_into(build_unet(model_cfg), path, "UNet").eval()
+def load_unet(model_cfg, path, weights: str = "auto") -> UNet:
+    """Build the configured UNet and load weights (papa or reference checkpoint; from a trainer round checkpoint the
+    EMA where it has one, unless `weights` says 'policy'). Returns it in eval mode."""
+    return _load_into(build_unet(model_cfg), path, "UNet", weights).eval()
 
 
 def load_classifier(kind: str, path) -> torch.nn.Module:
