@@ -72,6 +72,14 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
 WEIGHTS = ("auto", "policy", "ema")
 
 
+def resolved_weights(path: str | Path, weights: str = "auto") -> str:
+    """Which weights `load_state_dict(path, weights)` takes: 'ema' or 'policy' from a round checkpoint, else 'model'."""
+    obj = load(path)
+    if not isinstance(obj, dict) or ("model" not in obj and "ema" not in obj):
+        return "model"
+    return "ema" if weights != "policy" and isinstance(obj.get("ema"), dict) else "policy"
+
+
 def load_state_dict(path: str | Path, weights: str = "auto") -> dict[str, torch.Tensor]:
     """A shipped papa checkpoint ({'state_dict': …}), a trainer round checkpoint ({'model': …, 'ema': …}) or a bare
     reference state dict; `module.` prefixes stripped, floating tensors cast to float32. `weights` picks from a round

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, OSError, ValueError) as e:  # no offline copy of the test set: the rest still stands
         stats["fid_vs_test"], stats["fid_note"] = None, f"test set unavailable: {e}"
     stats.update(precision=args.precision, compiled=args.compile, class_names=CLASS_NAMES[cfg.data.dataset],
-                 checkpoint=str(ckpt), weights=args.weights, sampler=d.sampler,
+                 checkpoint=str(ckpt), weights=checkpoint.resolved_weights(ckpt, args.weights), sampler=d.sampler,
                  sample_steps=d.sample_steps, seed=s.seed, epapa_k=s.epapa_k, sample_seconds=round(seconds, 2),
                  torch_threads=torch.get_num_threads())
     out.mkdir(parents=True, exist_ok=True)

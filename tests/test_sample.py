@@ -89,7 +89,7 @@ def test_sample_cli_takes_a_trainer_round_checkpoint(tmp_path):
     rc = main(["--config", str(ROOT / "configs" / "mnist.yaml"), "--checkpoint", str(tmp_path / "round_003.pt"),
                "--set", f"checkpoints.evaluator={tmp_path / 'e.pt'}", "--set", "diffusion.sample_steps=2",
                "--num", "2", "--out", str(tmp_path / "o"), "--quiet"])
-    assert rc == 0 and (tmp_path / "o" / "stats.json").is_file()
+    assert rc == 0 and json.loads((tmp_path / "o" / "stats.json").read_text())["weights"] == "policy"  # no EMA kept
 
 
 def test_round_checkpoint_weights_default_to_the_ema_the_run_evaluated(tmp_path):
@@ -106,5 +106,7 @@ def test_round_checkpoint_weights_default_to_the_ema_the_run_evaluated(tmp_path)
     assert same(load_unet(cfg.model, tmp_path / "r.pt", "ema"), ema)
     assert same(load_unet(cfg.model, tmp_path / "r.pt", "policy"), policy)
     assert same(load_unet(cfg.model, tmp_path / "no_ema.pt"), policy)
+    assert [checkpoint.resolved_weights(tmp_path / "r.pt", w) for w in ("auto", "ema", "policy")] == ["ema", "ema", "policy"]
+    assert checkpoint.resolved_weights(tmp_path / "no_ema.pt") == "policy"
     with pytest.raises(checkpoint.CheckpointError, match="no EMA weights"):
         load_unet(cfg.model, tmp_path / "no_ema.pt", "ema")
