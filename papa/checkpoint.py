@@ -72,12 +72,26 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
 WEIGHTS = ("auto", "policy", "ema")
 
 
+def _select(obj: Any, path: str | Path, weights: str) -> tuple[str, Any]:
+    """The one rule for which weights a loaded checkpoint object gives: ('ema' | 'policy', …) from a trainer round
+    checkpoint, ('model', …) from a shipped or bare one."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if not isinstance(obj, dict):
+        return "model", obj
+    if weights == "ema" and "ema" not in obj:
+        raise CheckpointError(f"checkpoint '{path}' holds no EMA weights (the run had train.ema_decay 0); "
+                              f"use --weights policy")
+    if weights != "policy" and isinstance(obj.get("ema"), dict):
+        return "ema", obj["ema"]
+    if "state_dict" in obj or "model" not in obj:
+        return "model", obj.get("state_dict", obj)
+    return "policy", obj["model"]
+
+
 def resolved_weights(path: str | Path, weights: str = "auto") -> str:
     """Which weights `load_state_dict(path, weights)` takes: 'ema' or 'policy' from a round checkpoint, else 'model'."""
-    obj = load(path)
-    if not isinstance(obj, dict) or ("model" not in obj and "ema" not in obj):
-        return "model"
-    return "ema" if weights != "policy" and isinstance(obj.get("ema"), dict) else "policy"
+    return _select(load(path), path, weights)[0]
 
 
 def load_state_dict(path: str | Path, weights: str = "auto") -> dict[str, torch.Tensor]:
@@ -85,18 +99,7 @@ def load_state_dict(path: str | Path, weights: str = "auto") -> dict[str, torch.
     reference state dict; `module.` prefixes stripped, floating tensors cast to float32. `weights` picks from a round
     checkpoint: 'policy' the trained model, 'ema' its moving average (train.ema_decay > 0), 'auto' the EMA where the
     run kept one (the model its evaluations judged), else the policy."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    obj = load(path)
-    sd = None
-    if isinstance(obj, dict):
-        if weights == "ema" and "ema" not in obj:
-            raise CheckpointError(f"checkpoint '{path}' holds no EMA weights (the run had train.ema_decay 0); "
-                                  f"use --weights policy")
-        if weights != "policy" and isinstance(obj.get("ema"), dict):
-            sd = obj["ema"]
-        else:
-            sd = obj.get("state_dict", obj.get("model", obj))
+    sd = _select(load(path), path, weights)[1]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"checkpoint '{path}' holds no state dict")
     return {k: v.float() if v.is_floating_point() else v for k, v in strip_module_prefix(sd).items()}

@@ -160,7 +160,8 @@ class Engine:
         every rank."""
         d, idx = self.cfg.diffusion, dist.shard(n, self.rank, self.world)
         k = self.cfg.train.epapa_k if epapa else 0
-        local = sample(self.model if net is None else net, self.sched, len(idx), steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
+        net = self.model if net is None else net
+        local = sample(net, self.sched, len(idx), steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
                        seed=seed, first_index=idx.start, batch_size=self.cfg.eval.batch_size,
                        base_model=self.base if k else None, epapa_k=k, device=self.device,
                        progress=self.main and n > 50, cuda_graph=self.device.type == "cuda")

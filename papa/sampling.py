@@ -12,7 +12,8 @@ compilation (about a minute on the 2-core CPU) depends on the load; bench/bench_
 With `precision="bf16"` the UNet runs under `torch.autocast` in bfloat16 (oneDNN's AMX/AVX-512-BF16 kernels on CPUs
 that have them, tensor cores on GPUs); ε̂ is cast back to float32 before the step, so the step, the noise and x stay
 float32. ε̂ moves by ~4e-3 relative (at most ~2e-2 per pixel) per call, so the samples are not bit-equal to
-float32 ones; their evaluator statistics are compared in docs/SAMPLING.md. Training and evaluation inside runs keep float32 (deterministic, exact).
+float32 ones; their evaluator statistics are compared in docs/SAMPLING.md. Training and evaluation inside runs keep
+float32 (deterministic, exact).
 
 On CUDA with `cuda_graph=True` the UNet and the fused step are captured once per network into a CUDA graph over
 static buffers and replayed every step (shapes are static within a batch), removing per-kernel launch overhead.

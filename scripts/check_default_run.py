@@ -38,10 +38,32 @@ def run(cmd: list[str], log: Path) -> float:
     return secs
 
 
+VOLATILE = ("elapsed", "round_seconds", "eval_seconds", "peak_rss_mb", "peak_cuda_mb")
+
+
+def largest_difference(a: list[dict], b: list[dict]) -> tuple[float, str]:
+    """The largest absolute difference of any numeric metric (lists element by element) in any row of two runs'
+    metrics.jsonl, wall-time fields aside, and the key it is in."""
+    worst = (0.0, "")
+    for ra, rb in zip(a, b):
+        for k, va in ra.items():
+            vb = rb.get(k)
+            if k in VOLATILE or isinstance(va, bool) or vb is None:
+                continue
+            pairs = zip(va, vb) if isinstance(va, list) else [(va, vb)]
+            for x, y in pairs:
+                if isinstance(x, (int, float)) and isinstance(y, (int, float)) and abs(x - y) > worst[0]:
+                    worst = (abs(x - y), k)
+    return worst
+
+
+def all_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def eval_rows(run_dir: Path) -> list[dict]:
     """The run's evaluation rows (round 0 … the last), in order."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if "preferred_rate" in r]
+    return [r for r in all_rows(run_dir) if "preferred_rate" in r]
 
 
 def main() -> int:
@@ -91,7 +113,11 @@ def main() -> int:
         result["within"][key] = within
         lines.append(f"| final {key} | {a[key]:.4f} | {b[key]:.4f} | {d:.4f}{' (rel)' if kind == 'rel' else ''} | "
                      f"≤ {tol} {'ok' if within else 'EXCEEDED'} |")
-    lines += ["", "Per evaluation (labels used: rate 1-process / 2-process, FID 1-process / 2-process):", ""]
+    diff, key = largest_difference(all_rows(runs["1"]), all_rows(runs["2"]))
+    result["largest_difference"] = {"value": diff, "key": key}
+    lines += ["", f"Largest difference of any metric in any round (losses included, wall times aside): {diff:.2g} "
+              f"({key or 'none'}).",
+              "", "Per evaluation (labels used: rate 1-process / 2-process, FID 1-process / 2-process):", ""]
     for r1, r2 in zip(m["1"], m["2"]):
         lines.append(f"- {r1.get('labels_used', '?')}: rate {r1['preferred_rate']:.3f} / {r2['preferred_rate']:.3f}, "
                      f"FID {r1['fid_preferred']:.2f} / {r2['fid_preferred']:.2f}")

@@ -183,5 +183,6 @@ def test_noise_per_timestep_draws_independent_noise_and_lowers_the_estimator_var
             return torch.stack([chunk_loss(model, None, x0, plan_items(x0, y, sched, cfg, lam, gen), sched)
                                 for _ in range(200)]).double()
     a, b = losses(per_t), losses(shared)
+    print(f"\nloss variance, noise per timestep / one noise per sample: {(a.var() / b.var()).item():.3f}")  # -s shows it
     assert abs(a.mean() - b.mean()) < 4 * (a.var() / 200 + b.var() / 200).sqrt()  # the same expectation
     assert a.var() < 0.5 * b.var()                                                 # at lower variance
