@@ -124,7 +124,11 @@ class TrainConfig:
     qpde_on_negatives: bool = False   # also keep disliked samples close to the base model
     negative_weight: float = 1.0      # scale of the unlikelihood term of disliked samples (reference 1.0: unbounded)
     negative_cap: float = 0.0         # kappa > 0 bounds it: min(err, (1 + kappa) err_base); 0: unbounded (reference)
+    liked_balance: float = 0.0        # f > 0: weight liked samples by inverse pixel-kernel density among all liked
+                                      # images so far (bandwidth f x median distance), mean 1; 0: off (reference)
     replay: bool = False              # train on all feedback so far (paper figure) or this round's only (code)
+    replay_size: int = 0              # with replay: this round's units plus this many drawn (seeded, without
+                                      # replacement) from earlier rounds' feedback; 0: all of them
     loss_scale: str = "global"        # global: independent of ranks | reference: DDP mean over W ranks (8-GPU scaling)
     noise_per_timestep: bool = False  # false: one eps draw reused for every t (reference)
     # trajectory methods (d3po, ddpo, sdpo): the sampler whose steps are recorded and trained
@@ -276,6 +280,10 @@ def validate(cfg: Config) -> Config:
              f"must be 'oracle' for train.algo={t.algo} (it needs a reward; label files hold choices, not rewards)")
     _require(t.algo == "papa" or t.epapa_k == 0, "train.epapa_k", f"applies to papa only; set it to 0 for {t.algo}")
     _require(t.algo == "papa" or not t.replay, "train.replay", f"applies to papa only; set it to false for {t.algo}")
+    _require(t.liked_balance >= 0, "train.liked_balance", "must be >= 0 (0: off)")
+    _require(t.algo == "papa" or t.liked_balance == 0, "train.liked_balance", f"applies to papa only; set it to 0 for {t.algo}")
+    _require(t.replay_size >= 0, "train.replay_size", "must be >= 0 (0: replay all earlier feedback)")
+    _require(t.replay or t.replay_size == 0, "train.replay_size", "applies with train.replay: true; set it to 0")
     _require(1 <= t.traj_steps <= d.num_timesteps, "train.traj_steps", f"must be in [1, {d.num_timesteps}]")
     _require(t.traj_steps >= 2 or t.algo not in ("d3po", "ddpo", "sdpo"), "train.traj_steps",
              "must be >= 2 (the last step has no density)")

@@ -52,7 +52,7 @@ class NonFiniteLoss(RuntimeError):
 @dataclass
 class RunState:
     round: int = 0                                   # rounds completed
-    history: list = field(default_factory=list)      # per round: the method's training tensors (kept for replay)
+    history: list = field(default_factory=list)      # per round: the method's training tensors (kept for replay and `Method.keeps_history`)
     metrics: list = field(default_factory=list)      # rows written to metrics.jsonl
     elapsed: float = 0.0                             # seconds of training so far (across resumes)
 
@@ -209,6 +209,20 @@ class Engine:
         out["eval_num"] = num
         return out, imgs
 
+    def training_set(self, data: dict, r: int) -> dict:
+        """Round r's training units: its own feedback; with replay, all earlier feedback too, or (replay_size N > 0)
+        N units drawn without replacement from it, seeded by (seed, round) so a resumed run draws the same."""
+        t, h, m = self.cfg.train, self.state.history, self.method
+        if not t.replay or len(h) == 1:
+            return data
+        if t.replay_size == 0:
+            return m.merge(h)
+        earlier = m.merge(h[:-1])
+        n = m.num_units(earlier)
+        gen = torch.Generator().manual_seed(t.seed * 104_729 + r)
+        pick = torch.randperm(n, generator=gen)[:t.replay_size]
+        return m.merge([data, m.select(earlier, pick)])
+
     def update(self, data: dict, r: int) -> dict:
         """The method's update: units shuffled into optimiser steps; each step's work list sharded over ranks and
         pushed through the UNet in chunks whose gradients accumulate; one all-reduce per optimiser step."""
@@ -218,6 +232,7 @@ class Engine:
             g["lr"] = round_lr(t.lr, t.lr_decay, r, t.rounds)
         self.model.train()
         losses, n_items, stats = [], 0, {}
+        data = m.prepare(data, self.state.history)
         n = m.num_units(data)
         batches = [b for _ in range(t.epochs_per_round) for b in torch.randperm(n, generator=gen).split(t.batch_size)]
         bar = tqdm(batches, desc=f"round {r + 1} update", disable=not self.main, leave=False, dynamic_ncols=True)
@@ -315,9 +330,9 @@ class Engine:
             data = self.method.collect(r)
             if self.main:
                 self._save_round(r + 1, data)
-            s.history.append(data.tensors if t.replay else {})
-            # 3. update on this round's feedback, or on all feedback so far (replay)
-            upd = self.update(self.method.merge(s.history) if t.replay else data.tensors, r)
+            s.history.append(data.tensors if t.replay or self.method.keeps_history else {})
+            # 3. update on this round's feedback, or on it plus earlier rounds' (replay)
+            upd = self.update(self.training_set(data.tensors, r), r)
             # 4. evaluate (first and last on final_num samples), 5. record, 6. checkpoint
             used = (s.metrics[-1]["labels_used"] if s.metrics else 0) + data.queries
             row = {"round": r + 1, "labels_used": used, **data.stats, **upd}

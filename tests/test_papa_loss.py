@@ -158,6 +158,32 @@ def test_negative_cap_bounds_the_unlikelihood_term(sched):
     assert g0.abs().max() > 0
 
 
+def test_liked_balance_weights_crowded_likes_down(sched):
+    """`liked_balance`: liked samples weighted by inverse kernel density among all liked images so far, mean 1; a tight
+    cluster of near-copies (the class a drifting policy over-draws) weighs less per sample than the spread-out rest,
+    disliked and unlabeled samples keep 1, the clip holds, and the weight scales exactly that sample's likelihood term."""
+    from papa.algos.papa import liked_weights
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(4, 1, 6, 6, generator=g) * 3
+    crowd = torch.randn(1, 1, 6, 6, generator=g) + 0.05 * torch.randn(4, 1, 6, 6, generator=g)
+    x = torch.cat([spread, crowd, torch.zeros(2, 1, 6, 6)])
+    y = torch.tensor([1.0] * 8 + [-1.0, 0.0])
+    pool = torch.cat([x[:8], crowd + 0.05 * torch.randn(4, 1, 6, 6, generator=g)])  # earlier rounds: more of the crowd
+    w = liked_weights(x, y, pool, 0.5)
+    assert w[:8].mean().item() == pytest.approx(1.0) and (w[8:] == 1).all()
+    assert w[4:8].max() < w[:4].min()
+    loose, tight = liked_weights(x, y, pool, 0.5, max_weight=100.0), liked_weights(x, y, pool, 0.5, max_weight=1.2)
+    top = loose[:8] > 1.2
+    assert top.any() and tight.max() < loose.max() and torch.allclose(tight[:8][top], tight[:8][top][0].expand(int(top.sum())))
+    assert (liked_weights(x, y, pool, 0.0) == 1).all() and (liked_weights(x, y, pool[:2], 0.5) == 1).all()  # off; tiny pool
+    cfg = TrainConfig(timesteps_per_sample=4, epapa_k=500)
+    lam = papa_weights(sched, cfg.t0_weight)
+    plain = plan_items(x, y, sched, cfg, lam, torch.Generator().manual_seed(0))
+    weighted = plan_items(x, y, sched, cfg, lam, torch.Generator().manual_seed(0), w)
+    torch.testing.assert_close(weighted.w_pref, plain.w_pref * w[plain.sample].float())
+    torch.testing.assert_close(weighted.w_qpde, plain.w_qpde)
+
+
 def test_noise_per_timestep_draws_independent_noise_and_lowers_the_estimator_variance(sched):
     """`noise_per_timestep`: every (sample, t) item gets its own ε (the reference reuses one ε per sample for every t).
     Both estimate the same ELBO-weighted sum; independent draws decorrelate the terms, so the per-sample loss varies

@@ -127,6 +127,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny, tmp_path):
     ("feedback.preference=[1,12]", "feedback.preference"),
     ("checkpoints.base=/nonexistent/base.pt", "checkpoints.base"),
     ("train.epapa_k=1000", "train.epapa_k"),
+    ("train.replay_size=4", "train.replay_size"),  # replay is off: a replay size would be silently ignored
 ])
 def test_bad_config_fails_before_any_work(tiny, tmp_path, bad, key):
     r = cli(args_for(overrides(tiny, tmp_path, extra=[bad])))
@@ -199,6 +200,58 @@ def test_ema_is_evaluated_saved_and_resumed(tiny, tmp_path):
     # interrupted after round 1 (the newest checkpoint removed), then resumed: the same metrics as the whole run
     assert main(args_for(overrides(tiny, cut, rounds=2, extra=["train.ema_decay=0.5"]))) == 0
     (run_dir(cut) / "checkpoints" / "round_002.pt").unlink()
+    assert main(["--resume", str(run_dir(cut))]) == 0
+    assert_same_metrics(b, metrics(run_dir(cut)))
+
+
+def test_replay_trains_on_earlier_feedback_and_resumes(tiny, tmp_path):
+    """train.replay: round r trains on its own units plus all earlier ones, or (replay_size N) N of the earlier ones
+    drawn without replacement, the same draw in a resumed run."""
+    from types import SimpleNamespace
+
+    from papa.algos.papa import PAPA
+    from papa.engine import Engine
+    from papa.train import main
+    history = [{"x": torch.full((4, 1), float(r)), "y": torch.arange(4) + 10 * r} for r in range(3)]
+    fake = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(replay=True, replay_size=5, seed=0)),
+                           state=SimpleNamespace(history=history), method=PAPA.__new__(PAPA))
+    got = Engine.training_set(fake, history[-1], 2)
+    assert torch.equal(got["y"][:4], history[-1]["y"]) and len(got["y"]) == 9
+    drawn = got["y"][4:].tolist()
+    assert len(set(drawn)) == 5 and all(v < 20 for v in drawn)            # distinct units of rounds 1-2 (0-based 0-1)
+    assert torch.equal(got["x"][4:, 0], torch.tensor([v // 10 for v in drawn], dtype=torch.float))  # x and y stay paired
+    assert torch.equal(Engine.training_set(fake, history[-1], 2)["y"], got["y"])  # seeded by (seed, round)
+    fake.cfg.train.replay_size = 0
+    assert len(Engine.training_set(fake, history[-1], 2)["y"]) == 12              # 0: everything so far
+    fake.cfg.train.replay = False
+    assert Engine.training_set(fake, history[-1], 2) is history[-1]
+
+    full, sub, cut = tmp_path / "full", tmp_path / "sub", tmp_path / "cut"
+    assert main(args_for(overrides(tiny, full, rounds=3, extra=["train.replay=true"]))) == 0
+    assert main(args_for(overrides(tiny, sub, rounds=3, extra=["train.replay=true", "train.replay_size=3"]))) == 0
+    assert [r["optimizer_steps"] for r in metrics(run_dir(full))[1:]] == [2, 4, 6]   # 4, 8, 12 units, batch 2
+    assert [r["optimizer_steps"] for r in metrics(run_dir(sub))[1:]] == [2, 4, 4]    # 4, 4 + 3, 4 + 3
+    assert main(args_for(overrides(tiny, cut, rounds=3, extra=["train.replay=true", "train.replay_size=3"]))) == 0
+    (run_dir(cut) / "checkpoints" / "round_003.pt").unlink()
+    assert main(["--resume", str(run_dir(cut))]) == 0
+    assert_same_metrics(metrics(run_dir(sub)), metrics(run_dir(cut)))
+
+
+def test_liked_balance_keeps_the_feedback_and_resumes(tiny, tmp_path):
+    """train.liked_balance weighs liked samples by all liked images so far: the run keeps every round's feedback in
+    its checkpoint (without replay too), its losses differ from the plain run's, and a resumed run matches."""
+    from papa.train import main
+    plain, bal, cut = tmp_path / "plain", tmp_path / "bal", tmp_path / "cut"
+    ovs = ["train.liked_balance=0.4", "train.samples_per_round=8", "train.batch_size=8"]
+    assert main(args_for(overrides(tiny, plain, rounds=3, extra=ovs[1:]))) == 0
+    assert main(args_for(overrides(tiny, bal, rounds=3, extra=ovs))) == 0
+    a, b = metrics(run_dir(plain)), metrics(run_dir(bal))
+    assert [r["round_positive"] for r in a[1:2]] == [r["round_positive"] for r in b[1:2]]  # same first samples
+    assert b[1]["round_positive"] >= 3 and a[1]["loss"] != b[1]["loss"]
+    ck = checkpoint.load(run_dir(bal) / "checkpoints" / "round_003.pt")
+    assert [len(h["x"]) for h in ck["history"]] == [8, 8, 8]
+    assert main(args_for(overrides(tiny, cut, rounds=3, extra=ovs))) == 0
+    (run_dir(cut) / "checkpoints" / "round_003.pt").unlink()
     assert main(["--resume", str(run_dir(cut))]) == 0
     assert_same_metrics(b, metrics(run_dir(cut)))
 

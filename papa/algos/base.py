@@ -65,6 +65,13 @@ class Method:
         """Units (images or pairs) that `train.batch_size` counts; the engine shuffles them into optimiser steps."""
         raise NotImplementedError
 
+    keeps_history = False  # the engine keeps every round's training tensors (in checkpoints too) for `prepare`
+
+    def prepare(self, data: dict, history: list[dict]) -> dict:
+        """The round's training set as the update uses it (e.g. with per-unit weights from all rounds' feedback so far,
+        `history`, which holds tensors where `train.replay` or `keeps_history`); default: as it is."""
+        return data
+
     def step_items(self, data: dict, units: torch.Tensor, gen: torch.Generator) -> tuple[object, Items]:
         """(context, work list) for one optimiser step over `units`; an empty list skips the step."""
         raise NotImplementedError
@@ -81,6 +88,11 @@ class Method:
     def merge(history: list[dict]) -> dict:
         """All rounds' tensors as one training set (replay)."""
         return {k: torch.cat([h[k] for h in history]) for k in history[0]}
+
+    @staticmethod
+    def select(data: dict, units: torch.Tensor) -> dict:
+        """The given units of a training set (replay's draw from earlier rounds)."""
+        return {k: v[units] for k, v in data.items()}
 
 
 def ratio(stats: dict, num: str, den: str) -> float:

@@ -14,6 +14,11 @@ instead of mse(ε_θ, ε), so its gradient stops once the policy denoises that s
 base model does. Without it a run whose samples turn all-negative pushes the loss to −∞ and the model collapses
 (measured: MNIST seed 1 of the default config went to 100 % eights by round 10, docs/ALIGNMENT.md).
 
+Balanced likes (`liked_balance` = f > 0): each liked sample's term is weighted by its inverse density among every
+liked image so far (a Gaussian kernel on pixels, bandwidth f × their median distance), normalised to mean 1 (clipped
+at 3). An easy liked class that the policy draws ever more often (MNIST's ones: alike, so close together) then gets
+less weight per sample, instead of more training the more it is drawn (the rich-get-richer swings of docs/ALIGNMENT.md).
+
 Liked samples get their likelihood bound raised, disliked ones lowered; QPDE keeps liked samples near the base model.
 ePAPA trains only t ∈ [k, T−1]. The sum over trained steps may be replaced by an unbiased stratified estimate with M
 steps per sample (one uniform draw per stratum, weighted by the stratum's size). Everything is expressed as a flat
@@ -72,9 +77,29 @@ def trained_steps(cfg_train, T: int, lam: torch.Tensor) -> torch.Tensor:
     return steps[lam[steps] > 0]
 
 
+def liked_weights(x: torch.Tensor, y: torch.Tensor, pool: torch.Tensor, f: float, max_weight: float = 3.0) -> torch.Tensor:
+    """Per-sample weights (N,) of a training set x (N, …) with labels y: 1 for disliked and unlabeled samples; for liked
+    ones 1 / Σ_j k(x_i, p_j) over the pool of every liked image so far p (k Gaussian on pixels, bandwidth f × the pool's
+    median pairwise distance), normalised to mean 1 over the liked, clipped at `max_weight` (an isolated, often odd,
+    sample must not dominate a step) and normalised again."""
+    w = torch.ones(len(y), dtype=torch.float64)
+    liked = y > 0
+    if f <= 0 or len(pool) < 3 or not liked.any():
+        return w
+    p = pool.flatten(1).double()
+    dp = torch.cdist(p, p)
+    h = f * dp[~torch.eye(len(p), dtype=torch.bool)].median().clamp_min(1e-8)
+    d = torch.cdist(x[liked].flatten(1).double(), p)
+    inv = 1.0 / torch.exp(-d.square() / (2 * h * h)).sum(1)
+    inv = (inv / inv.mean()).clamp_max(max_weight)
+    w[liked] = inv / inv.mean()
+    return w
+
+
 def plan_items(x0: torch.Tensor, y: torch.Tensor, sched: NoiseSchedule, cfg_train, lam: torch.Tensor,
-               gen: torch.Generator) -> WorkItems:
-    """Build the work list for a minibatch x0 (B, C, H, W) with labels y (B,). Deterministic given `gen`."""
+               gen: torch.Generator, weight: torch.Tensor | None = None) -> WorkItems:
+    """Build the work list for a minibatch x0 (B, C, H, W) with labels y (B,) and optional per-sample weights of the
+    likelihood term (`liked_weights`). Deterministic given `gen`."""
     B = x0.shape[0]
     steps = trained_steps(cfg_train, sched.T, lam)
     n = len(steps)
@@ -93,6 +118,8 @@ def plan_items(x0: torch.Tensor, y: torch.Tensor, sched: NoiseSchedule, cfg_trai
         if y_i == 0:
             continue  # an unlabeled (ignored) sample contributes nothing
         w = y_i * cfg_train.pref_loss_coef * lam[t_i] * imp / B
+        if weight is not None:
+            w = w * float(weight[i])
         if y_i < 0:
             w = w * cfg_train.negative_weight
         q = torch.zeros(len(t_i), dtype=torch.float64)
@@ -168,9 +195,20 @@ class PAPA(Method):
     def num_units(self, data: dict) -> int:
         return len(data["x"])
 
+    @property
+    def keeps_history(self) -> bool:
+        return self.t.liked_balance > 0
+
+    def prepare(self, data: dict, history: list[dict]) -> dict:
+        if self.t.liked_balance <= 0:
+            return data
+        seen = self.merge(history)
+        return {**data, "w": liked_weights(data["x"], data["y"], seen["x"][seen["y"] > 0], self.t.liked_balance)}
+
     def step_items(self, data: dict, units: torch.Tensor, gen: torch.Generator):
         x0 = data["x"][units]
-        return x0.to(self.engine.device), plan_items(x0, data["y"][units], self.sched, self.t, self.lam, gen)
+        w = data["w"][units] if "w" in data else None
+        return x0.to(self.engine.device), plan_items(x0, data["y"][units], self.sched, self.t, self.lam, gen, w)
 
     def loss(self, x0: torch.Tensor, chunk: WorkItems):
         import papa.algos.papa as this  # looked up at call time, so tests can poison it
