@@ -281,7 +281,8 @@ def validate(cfg: Config) -> Config:
     _require(t.algo == "papa" or t.epapa_k == 0, "train.epapa_k", f"applies to papa only; set it to 0 for {t.algo}")
     _require(t.algo == "papa" or not t.replay, "train.replay", f"applies to papa only; set it to false for {t.algo}")
     _require(t.liked_balance >= 0, "train.liked_balance", "must be >= 0 (0: off)")
-    _require(t.algo == "papa" or t.liked_balance == 0, "train.liked_balance", f"applies to papa only; set it to 0 for {t.algo}")
+    _require(t.algo == "papa" or t.liked_balance == 0, "train.liked_balance",
+             f"applies to papa only; set it to 0 for {t.algo}")
     _require(t.replay_size >= 0, "train.replay_size", "must be >= 0 (0: replay all earlier feedback)")
     _require(t.replay or t.replay_size == 0, "train.replay_size", "applies with train.replay: true; set it to 0")
     _require(1 <= t.traj_steps <= d.num_timesteps, "train.traj_steps", f"must be in [1, {d.num_timesteps}]")

@@ -52,7 +52,7 @@ class NonFiniteLoss(RuntimeError):
 @dataclass
 class RunState:
     round: int = 0                                   # rounds completed
-    history: list = field(default_factory=list)      # per round: the method's training tensors (kept for replay and `Method.keeps_history`)
+    history: list = field(default_factory=list)      # per round: the method's training tensors (replay, keeps_history)
     metrics: list = field(default_factory=list)      # rows written to metrics.jsonl
     elapsed: float = 0.0                             # seconds of training so far (across resumes)
 

@@ -219,7 +219,7 @@ def test_replay_trains_on_earlier_feedback_and_resumes(tiny, tmp_path):
     assert torch.equal(got["y"][:4], history[-1]["y"]) and len(got["y"]) == 9
     drawn = got["y"][4:].tolist()
     assert len(set(drawn)) == 5 and all(v < 20 for v in drawn)            # distinct units of rounds 1-2 (0-based 0-1)
-    assert torch.equal(got["x"][4:, 0], torch.tensor([v // 10 for v in drawn], dtype=torch.float))  # x and y stay paired
+    assert torch.equal(got["x"][4:, 0], torch.tensor([v // 10 for v in drawn], dtype=torch.float))  # x, y paired
     assert torch.equal(Engine.training_set(fake, history[-1], 2)["y"], got["y"])  # seeded by (seed, round)
     fake.cfg.train.replay_size = 0
     assert len(Engine.training_set(fake, history[-1], 2)["y"]) == 12              # 0: everything so far

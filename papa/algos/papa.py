@@ -77,7 +77,8 @@ def trained_steps(cfg_train, T: int, lam: torch.Tensor) -> torch.Tensor:
     return steps[lam[steps] > 0]
 
 
-def liked_weights(x: torch.Tensor, y: torch.Tensor, pool: torch.Tensor, f: float, max_weight: float = 3.0) -> torch.Tensor:
+def liked_weights(x: torch.Tensor, y: torch.Tensor, pool: torch.Tensor, f: float,
+                  max_weight: float = 3.0) -> torch.Tensor:
     """Per-sample weights (N,) of a training set x (N, …) with labels y: 1 for disliked and unlabeled samples; for liked
     ones 1 / Σ_j k(x_i, p_j) over the pool of every liked image so far p (k Gaussian on pixels, bandwidth f × the pool's
     median pairwise distance), normalised to mean 1 over the liked, clipped at `max_weight` (an isolated, often odd,
