@@ -32,6 +32,19 @@ def test_bad_values_name_the_key(override, key):
     assert key in msg and "\n" not in msg
 
 
+def test_papa_only_settings_are_named_together_for_other_methods():
+    """Switching train.algo away from papa with PAPA-only settings on fails in one line that gives the whole fix."""
+    on = ["train.algo=d3po", "train.epapa_k=350", "train.replay=true", "train.replay_size=10",
+          "train.liked_balance=0.6"]
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "mnist.yaml", on)
+    msg = str(e.value)
+    assert "\n" not in msg and "train.algo=d3po" in msg
+    fix = msg.split(" add ", 1)[1].split()
+    assert fix[1::2] == ["train.epapa_k=0", "train.replay=false", "train.replay_size=0", "train.liked_balance=0"]
+    assert load_config(ROOT / "configs" / "mnist.yaml", on + fix[1::2]).train.algo == "d3po"  # the fix works
+
+
 def test_override_applies_and_types():
     c = load_config(ROOT / "configs" / "mnist.yaml", ["sample.num=7", "diffusion.eta=0.5", "model.arch=reference"])
     assert c.sample.num == 7 and c.diffusion.eta == 0.5 and c.model.arch == "reference"

@@ -16,7 +16,7 @@ from papa.algos.sdpo import SDPO, interpolate_rewards, query_steps, sdpo_loss, s
 from papa.config import load_config
 from papa.sampling import sample_trajectories
 from papa.schedule import NoiseSchedule
-from testutil import ROOT
+from testutil import NOT_PAPA, ROOT
 
 
 class TinyEps(torch.nn.Module):
@@ -35,7 +35,7 @@ class TinyEps(torch.nn.Module):
 
 
 def fake_engine(algo, **train):
-    cfg = load_config(ROOT / "configs" / "mnist.yaml", [f"train.algo={algo}", "train.epapa_k=0"] +
+    cfg = load_config(ROOT / "configs" / "mnist.yaml", [f"train.algo={algo}", *NOT_PAPA] +
                       [f"train.{k}={v}" for k, v in train.items()])
     base = TinyEps(0).requires_grad_(False)
     model = copy.deepcopy(base).requires_grad_(True)

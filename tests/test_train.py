@@ -14,7 +14,7 @@ import torch
 from papa import checkpoint
 from papa.config import load_config
 from papa.models import EvaluatorCNN, OracleCNN, build_unet
-from testutil import ROOT
+from testutil import NOT_PAPA, ROOT
 
 TINY_MODEL = ["model.down_channels=[8,16,16,16]", "model.mid_channels=[16,16,16]", "model.time_emb_dim=16"]
 
@@ -127,10 +127,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny, tmp_path):
     ("feedback.preference=[1,12]", "feedback.preference"),
     ("checkpoints.base=/nonexistent/base.pt", "checkpoints.base"),
     ("train.epapa_k=1000", "train.epapa_k"),
-    ("train.replay_size=4", "train.replay_size"),  # replay is off: a replay size would be silently ignored
+    (("train.replay=false", "train.replay_size=4"), "train.replay_size"),  # a replay size would be silently ignored
 ])
 def test_bad_config_fails_before_any_work(tiny, tmp_path, bad, key):
-    r = cli(args_for(overrides(tiny, tmp_path, extra=[bad])))
+    r = cli(args_for(overrides(tiny, tmp_path, extra=bad if isinstance(bad, tuple) else [bad])))
     assert r.returncode == 2
     assert key in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not any(tmp_path.iterdir()), "something was written"
@@ -227,7 +227,7 @@ def test_replay_trains_on_earlier_feedback_and_resumes(tiny, tmp_path):
     assert Engine.training_set(fake, history[-1], 2) is history[-1]
 
     full, sub, cut = tmp_path / "full", tmp_path / "sub", tmp_path / "cut"
-    assert main(args_for(overrides(tiny, full, rounds=3, extra=["train.replay=true"]))) == 0
+    assert main(args_for(overrides(tiny, full, rounds=3, extra=["train.replay=true", "train.replay_size=0"]))) == 0
     assert main(args_for(overrides(tiny, sub, rounds=3, extra=["train.replay=true", "train.replay_size=3"]))) == 0
     assert [r["optimizer_steps"] for r in metrics(run_dir(full))[1:]] == [2, 4, 6]   # 4, 8, 12 units, batch 2
     assert [r["optimizer_steps"] for r in metrics(run_dir(sub))[1:]] == [2, 4, 4]    # 4, 4 + 3, 4 + 3
@@ -243,7 +243,7 @@ def test_liked_balance_keeps_the_feedback_and_resumes(tiny, tmp_path):
     from papa.train import main
     plain, bal, cut = tmp_path / "plain", tmp_path / "bal", tmp_path / "cut"
     ovs = ["train.liked_balance=0.4", "train.samples_per_round=8", "train.batch_size=8"]
-    assert main(args_for(overrides(tiny, plain, rounds=3, extra=ovs[1:]))) == 0
+    assert main(args_for(overrides(tiny, plain, rounds=3, extra=["train.liked_balance=0", *ovs[1:]]))) == 0
     assert main(args_for(overrides(tiny, bal, rounds=3, extra=ovs))) == 0
     a, b = metrics(run_dir(plain)), metrics(run_dir(bal))
     assert [r["round_positive"] for r in a[1:2]] == [r["round_positive"] for r in b[1:2]]  # same first samples
@@ -266,7 +266,7 @@ def pair_labels_file(path, rounds, pairs):
 @pytest.mark.parametrize("algo", ["d3po", "diffusion_dpo", "ddpo", "sdpo"])
 def test_every_method_runs_end_to_end(tiny, tmp_path, algo):
     from papa.train import main
-    extra = [f"train.algo={algo}", "train.epapa_k=0", "train.traj_steps=4", "train.timestep_chunk=7"]
+    extra = [f"train.algo={algo}", *NOT_PAPA, "train.traj_steps=4", "train.timestep_chunk=7"]
     if algo in ("d3po", "diffusion_dpo"):  # choices from a labels file (the random oracle calls every pair a tie)
         extra += ["feedback.source=file", f"feedback.labels_file={pair_labels_file(tmp_path / 'pairs.json', 2, 4)}"]
     assert main(args_for(overrides(tiny, tmp_path / "out", rounds=2, extra=extra))) == 0
@@ -286,7 +286,7 @@ def test_every_method_runs_end_to_end(tiny, tmp_path, algo):
 
 
 def test_d3po_on_two_ranks_matches_one(tiny, tmp_path):
-    extra = ["train.algo=d3po", "train.epapa_k=0", "train.traj_steps=4", "train.timestep_chunk=3",
+    extra = ["train.algo=d3po", *NOT_PAPA, "train.traj_steps=4", "train.timestep_chunk=3",
              "feedback.source=file", f"feedback.labels_file={pair_labels_file(tmp_path / 'pairs.json', 2, 4)}"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli(args_for(overrides(tiny, one, rounds=2, extra=extra))).returncode == 0
@@ -299,7 +299,7 @@ def test_d3po_on_two_ranks_matches_one(tiny, tmp_path):
 
 def test_reward_methods_refuse_a_labels_file(tiny, tmp_path):
     f = pair_labels_file(tmp_path / "pairs.json", 1, 1)
-    r = cli(args_for(overrides(tiny, tmp_path, extra=["train.algo=ddpo", "train.epapa_k=0", "feedback.source=file",
+    r = cli(args_for(overrides(tiny, tmp_path, extra=["train.algo=ddpo", *NOT_PAPA, "feedback.source=file",
                                                       f"feedback.labels_file={f}"])))
     assert r.returncode == 2 and "feedback.source" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "mnist").exists()
@@ -309,9 +309,11 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     import yaml
     common = dict(o.split("=", 1) for o in overrides(tiny, tmp_path, rounds=2))
     common = {k: yaml.safe_load(v) for k, v in common.items() if k not in ("train.output_dir", "train.sample_path")}
+    not_papa = {k: yaml.safe_load(v) for k, v in (o.split("=") for o in NOT_PAPA)}
     spec = {"base_config": str(ROOT / "configs" / "mnist.yaml"), "output_dir": str(tmp_path / "cmp"), "seeds": [0, 1],
             "budget": 8, "common": {**common, "train.traj_steps": 4},
-            "methods": {"epapa": {"train.epapa_k": 500}, "ddpo": {"train.algo": "ddpo", "train.epapa_k": 0}}}
+            "methods": {"epapa": {"train.epapa_k": 500},
+                        "ddpo": {"train.algo": "ddpo", **not_papa}}}
     cfg = tmp_path / "compare.yaml"
     cfg.write_text(yaml.safe_dump(spec))
     run = lambda *a: subprocess.run([sys.executable, "-m", "papa.compare", "--config", str(cfg), *a],
