@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(ap)
     ap.add_argument("--out", default=None, help="run directory (default runs/pretrain/<task_name>)")
     ap.add_argument("--resume", action="store_true", help="continue from <out>/state.pt")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda[:N]; batches "
+                    "and noise are drawn on the CPU from the seeded generator either way")
     ap.add_argument("--force", action="store_true", help="resume although the pretraining config changed")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--stop-at", type=int, default=0, metavar="STEP",
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     x_np, _ = load_dataset(cfg.data.dataset, "train", root=cfg.data.root or None, verbose=True)
     data = to_model_range(torch.from_numpy(x_np))
     sched = NoiseSchedule.from_config(cfg.diffusion)
-    model = build_unet(cfg.model)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    model = build_unet(cfg.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=p.lr)
     gen = torch.Generator().manual_seed(p.seed)
@@ -78,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     step = 0
     state_path = out / "state.pt"
     if args.resume and state_path.is_file():
-        st = checkpoint.load(state_path)
+        st = checkpoint.load(state_path, map_location=device)
         if st["config_hash"] != pretrain_hash(cfg) and not args.force:
             raise checkpoint.CheckpointError(f"{state_path} was made with another data/model/diffusion/pretrain "
                                              "config; rerun without --resume (or --force)")
         model.load_state_dict(st["model"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"]); step = st["step"]
+        gen.set_state(st["gen"].cpu()); step = st["step"]
         print(f"resumed from step {step}")
 
     def save_state():
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         x0 = data[idx]
         t = torch.randint(0, sched.T, (p.batch_size,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
+        x0, t, eps = x0.to(device), t.to(device), eps.to(device)
         loss = torch.nn.functional.mse_loss(model(sched.add_noise(x0, eps, t), t), eps)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, p)
@@ -125,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     command = (f"python -m papa.pretrain --config {args.config}" + "".join(f" --set {o}" for o in args.overrides)
                + (f" --stop-at {args.stop_at}" if args.stop_at else ""))
     meta = {"config": to_dict(cfg), "data_sha256": sha256_array(x_np), "training_steps": step,
+            "device": str(device),
             "final_loss_ema": running if running is not None else _last_logged(out, "loss"),
             "seconds": round(_last_logged(out, "seconds") or time.time() - t0, 1)}  # across resumes
-    checkpoint.save_fp16_with_sidecar(ema.state_dict(), {"model": to_dict(cfg.model), "kind": "unet"}, base,
-                                      "base_ddpm", command, meta)
+    weights = {k: v.cpu() for k, v in ema.state_dict().items()}
+    checkpoint.save_fp16_with_sidecar(weights, {"model": to_dict(cfg.model), "kind": "unet"}, base, "base_ddpm",
+                                      command, meta)
     print(f"saved EMA weights (fp16) to {base} ({base.stat().st_size / 1e6:.2f} MB)")
     return 0
 

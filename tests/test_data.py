@@ -80,3 +80,20 @@ def test_real_data_is_canonical(name):
         assert x.shape == (n, 28, 28) and y.shape == (n,)
         assert data.sha256_array(x) == data.DIGESTS[(name, split, "x")]
         assert set(np.unique(y)) == set(range(10))
+
+
+def test_write_idx_roundtrips_and_export_writes_what_load_reads(tmp_path, monkeypatch):
+    """`write_idx` is `read_idx`'s inverse (gzip, shape kept); `python -m papa.data export` writes the four files that
+    `data.root` finds, with exactly the arrays the loader gave."""
+    a = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    data.write_idx(tmp_path / "a.gz", a)
+    assert (tmp_path / "a.gz").read_bytes()[:2] == b"\x1f\x8b" and np.array_equal(data.read_idx(tmp_path / "a.gz"), a)
+    fake = {sp: (np.full((n, 28, 28), i, np.uint8), np.arange(n, dtype=np.uint8) % 10)
+            for i, (sp, n) in enumerate((("train", 6), ("test", 4)))}
+    monkeypatch.setattr(data, "load_dataset", lambda name, split: fake[split])
+    assert data.main(["export", "mnist", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{s}.gz" for v in data._IDX_NAMES.values()
+                                                                         for s in v)
+    for sp in ("train", "test"):
+        x, y = data.read_idx_dir(tmp_path / "out", sp)
+        assert np.array_equal(x, fake[sp][0]) and np.array_equal(y, fake[sp][1])

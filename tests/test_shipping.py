@@ -55,3 +55,33 @@ def test_oracle_writes_both_classifiers_with_sidecars(tmp_path, small_data):
         assert side["sha256"] == checkpoint.sha256_file(path) and side["kind"] == kind
         assert 0.0 <= side["test_accuracy"] <= 1.0 and side["training_steps"] == 1  # 64 images, batch 64
         load_classifier(kind, path)
+
+
+def test_gpu_paper_script_pretrains_then_aligns_and_resumes(tmp_path):
+    """scripts/gpu_paper_run.sh (issue 3's paper config on a GPU, in calls of <= 10 minutes) on the CPU with a tiny
+    model: pretrains, runs the paper config to its summary, copies the records to $OUT; a second call finds both
+    phases done and retrains nothing."""
+    import os
+    import subprocess
+    tiny = ["model.arch=fast", "model.down_channels=[8,16,16,16]", "model.mid_channels=[16,16,16]",
+            "model.time_emb_dim=16", "model.down_attention=[false,false,true]", "model.down_sample=[true,true,false]",
+            "diffusion.sample_steps=4", "eval.num=8", "eval.final_num=8", "eval.batch_size=8", "train.rounds=2",
+            "train.samples_per_round=2", "train.timestep_chunk=500", "pretrain.batch_size=8"]
+    (tmp_path / "data").mkdir()  # no IDX files there: the loader falls back to its verified cache / registries
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": os.sys.executable, "RUNS_DIR": str(tmp_path / "runs"),
+           "DATA_ROOT": str(tmp_path / "data"), "PRETRAIN_STEPS": "3", "OMP_NUM_THREADS": "1",
+           "EXTRA_SETS": " ".join(f"--set {s}" for s in tiny)}
+    run = lambda: subprocess.run(["bash", str(ROOT / "scripts" / "gpu_paper_run.sh")], env=env, capture_output=True,
+                                 text=True, timeout=600)
+    r = run()
+    assert r.returncode == 0 and "DONE" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    out = tmp_path / "out"
+    side = json.loads((out / "base_ddpm_reference.json").read_text())
+    assert side["training_steps"] == 3 and side["device"] == "cpu"
+    rows = [json.loads(line) for line in (out / "run_metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1, 2] and rows[-1]["labels_used"] == 4
+    assert (out / "run_summary.md").is_file() and (out / "run_curves.png").stat().st_size > 1000
+    r = run()
+    phases = [line.split(" ", 1)[1].split(":")[0] for line in (out / "timings.txt").read_text().splitlines()
+              if line.endswith("exit 0")]
+    assert r.returncode == 0 and "DONE" in r.stdout and phases == ["pretrain", "train"], phases

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Issue 3's GPU criterion: configs/mnist_paper.yaml end to end on one GPU (the reference UNet, T = 1000, 1000-step
+# ancestral sampling, 30 rounds x 10 samples, batch 1, every timestep), in device calls of at most 10 minutes.
+#
+#   # once, on the CPU machine (MNIST as four gzipped IDX files, 11 MB; the GPU machine has no data source):
+#   .venv/bin/python -m papa.data export mnist data/mnist
+#   # then, through the device tool, repeated until it prints DONE (each call continues where the last one stopped
+#   # while the machine stays warm; a fresh machine starts over):
+#   run command="bash scripts/gpu_paper_run.sh" carry=["data"]
+#
+# 1. Pretrains the reference UNet (it is not shipped) for PRETRAIN_STEPS steps with the recipe's cosine schedule over
+#    that many steps (default 6000 of the recipe's 37500: the whole recipe does not fit a session's 30 device minutes;
+#    the base's own rate and FID are the round-0 evaluation, so its quality is measured, not assumed). Resumable.
+# 2. Runs `python -m papa.train --config configs/mnist_paper.yaml` on it (round checkpoints; resumed when killed).
+# Writes env.txt, timings.txt, the pretraining log and the run's log, metrics, summary and curves under $OUT.
+# BUDGET_S (default 540) bounds one call; a phase that would run past it is killed (SIGKILL is safe: both resume).
+# EXTRA_SETS adds `--set KEY=VALUE` overrides (tests/test_shipping.py runs this script on CPU with a tiny model).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-540}
+STEPS=${PRETRAIN_STEPS:-6000}
+DATA=${DATA_ROOT:-data/mnist}
+PY=${PYTHON:-python}
+CFG=configs/mnist_paper.yaml
+RUNS=${RUNS_DIR:-runs}
+PT=$RUNS/pretrain/mnist_paper_${STEPS}
+BASE=$PT/base_ddpm_reference.pt
+RUN=$RUNS/mnist_paper/papa_gpu_base${STEPS}
+SETS=(--set "data.root=$DATA" --set "checkpoints.base=$BASE" --set "train.output_dir=$RUNS" ${EXTRA_SETS:-})
+start=$(date +%s)
+left() { echo $((BUDGET_S - ($(date +%s) - start))); }
+stamp() { echo "$(date -u +%FT%TZ) $*" | tee -a "$OUT/timings.txt"; }
+collect() {
+  cp -f "$PT/log.txt" "$OUT/pretrain_log.txt" 2>/dev/null
+  cp -f "${BASE%.pt}.json" "$OUT/base_ddpm_reference.json" 2>/dev/null
+  for f in config.yaml log.txt metrics.jsonl metrics.csv summary.md curves.png; do
+    cp -f "$RUN/$f" "$OUT/run_$f" 2>/dev/null
+  done
+}
+trap collect EXIT
+{
+  date -u +"%Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+[ -d "$DATA" ] || { echo "error: no MNIST IDX files at $DATA; run '.venv/bin/python -m papa.data export mnist $DATA'" \
+  "on the CPU machine and carry it (carry=[\"data\"])" >&2; exit 2; }
+
+if [ ! -f "$BASE" ]; then
+  resume=(); [ -f "$PT/state.pt" ] && resume=(--resume)
+  stamp "pretrain: ${STEPS} steps, ${resume[*]:-fresh}, $(left) s left"
+  timeout -s KILL "$(left)" $PY -m papa.pretrain --config "$CFG" "${SETS[@]}" --set "pretrain.steps=$STEPS" \
+    --out "$PT" "${resume[@]}" > "$OUT/pretrain_stdout.txt" 2>&1
+  rc=$?
+  stamp "pretrain: exit $rc"
+  [ -f "$BASE" ] || { echo "CONTINUE: pretraining not finished (exit $rc); run this again"; exit 0; }
+fi
+
+if [ ! -f "$RUN/summary.md" ]; then
+  if compgen -G "$RUN/checkpoints/round_*.pt" > /dev/null; then args=(--resume "$RUN")
+  else args=(--config "$CFG" "${SETS[@]}" --set "train.sample_path=$(basename "$RUN")" --overwrite); fi
+  stamp "train: ${args[0]}, $(left) s left"
+  timeout -s KILL "$(left)" $PY -m papa.train "${args[@]}" > "$OUT/train_stdout.txt" 2>&1
+  rc=$?
+  stamp "train: exit $rc"
+  tail -5 "$OUT/train_stdout.txt"
+  [ -f "$RUN/summary.md" ] || { echo "CONTINUE: the run is not finished (exit $rc); run this again"; exit 0; }
+fi
+stamp "DONE: $RUN"
+cat "$RUN/summary.md"
