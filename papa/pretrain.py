@@ -12,6 +12,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from papa import checkpoint
 from papa.cli import add_config_args, config_from_args, run_main
-from papa.config import config_hash, dump_yaml, to_dict
+from papa.config import ConfigError, config_hash, dump_yaml, to_dict
 from papa.data import load_dataset, sha256_array
 from papa.models import build_unet
 from papa.schedule import NoiseSchedule
@@ -48,6 +49,19 @@ def _last_logged(out: Path, key: str):
     return json.loads(lines[-1])[key] if lines else None
 
 
+def pick_device(name: str) -> torch.device:
+    """--device: auto (cuda if available), cpu, cuda or cuda:N; an unusable one is a one-line error (exit 2)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    dev = torch.device(name)
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                          "use --device cpu or auto")
+    return dev
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m papa.pretrain", description=__doc__.splitlines()[0])
     add_config_args(ap)
@@ -61,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop at this step and export (the learning-rate schedule stays that of pretrain.steps)")
     args = ap.parse_args(argv)
     cfg = config_from_args(args)
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     p = cfg.pretrain
@@ -72,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     x_np, _ = load_dataset(cfg.data.dataset, "train", root=cfg.data.root or None, verbose=True)
     data = to_model_range(torch.from_numpy(x_np))
     sched = NoiseSchedule.from_config(cfg.diffusion)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model = build_unet(cfg.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=p.lr)

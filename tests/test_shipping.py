@@ -45,6 +45,19 @@ def test_pretrain_writes_fp16_base_with_sidecar(tmp_path, small_data):
     load_unet(load_config(ROOT / "configs" / "mnist.yaml", TINY).model, base)  # loads into the configured UNet
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:7"])
+def test_pretrain_refuses_an_unusable_device_before_any_work(tmp_path, device):
+    import torch
+
+    from papa.config import ConfigError
+    from papa.pretrain import main
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(ConfigError, match="--device"):
+        main(_args(*TINY) + ["--out", str(tmp_path / "pre"), "--device", device])
+    assert not (tmp_path / "pre").exists()
+
+
 def test_oracle_writes_both_classifiers_with_sidecars(tmp_path, small_data):
     from papa.oracle import main
     o, e = tmp_path / "oracle.pt", tmp_path / "evaluator.pt"
