@@ -94,13 +94,17 @@ def read_idx(path: str | Path) -> np.ndarray:
     return data.reshape(shape).copy()
 
 
-def write_idx(path: str | Path, a: np.ndarray) -> None:
-    """Write a uint8 array as a gzipped IDX file (the format `read_idx` reads), atomically."""
+def idx_bytes(a: np.ndarray) -> bytes:
+    """A uint8 array in the IDX format (`read_idx`'s inverse, before any gzip)."""
     a = np.ascontiguousarray(a, dtype=np.uint8)
-    head = bytes([0, 0, 0x08, a.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in a.shape)
+    return bytes([0, 0, 0x08, a.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in a.shape) + a.tobytes()
+
+
+def write_idx(path: str | Path, a: np.ndarray) -> None:
+    """Write a uint8 array as a gzipped IDX file, atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(gzip.compress(head + a.tobytes(), mtime=0))
+    tmp.write_bytes(gzip.compress(idx_bytes(a), mtime=0))
     os.replace(tmp, path)
 
 
