@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from papa.config import Config, ConfigError, load_config
@@ -26,6 +28,22 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
+
+
+def check_writable_dir(path, what: str) -> Path:
+    """Raise ConfigError unless `path` is (or can be created as) a writable directory; creates nothing. Called before
+    any work, so a bad output path fails in one line instead of after minutes of sampling or training."""
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link
+            raise ConfigError(f"{what} '{path}': '{probe}' is a broken symbolic link; pick another directory")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what} '{path}': '{probe}' is a file, not a directory; pick another directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} '{path}': directory '{probe}' is not writable; pick another directory")
+    return path
 
 
 def run_main(main: Callable[[list[str] | None], int]) -> None:
