@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,32 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # the rename itself survives a power cut only once the directory entry is on disk
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories; the file itself is already synced
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+TEMP_GLOB = ".*.tmp"  # what atomic_write_bytes names its temporary files
+
+
+def remove_stale_temps(d: str | Path) -> list[Path]:
+    """Delete temporary files a killed writer left behind in `d` (call only while holding the directory's lock)."""
+    gone = []
+    for p in Path(d).glob(TEMP_GLOB):
+        p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -65,8 +92,52 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(f"checkpoint '{path}' holds objects other than tensors and plain containers; papa "
+                                  "refuses to unpickle it (it could run code). Use a checkpoint papa wrote, or "
+                                  "re-save the state dict alone with torch.save") from None
         raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+
+# --------------------------------------------------------------------------- trainer round checkpoints
+
+ROUND_FILE = re.compile(r"round_(\d+)\.pt")
+
+
+def round_files(d: str | Path) -> list[tuple[int, Path]]:
+    """(round, path) of every round checkpoint in `d`, in round order: numeric, so round_1000 follows round_999."""
+    found = [(int(m.group(1)), p) for p in Path(d).glob("round_*.pt") if (m := ROUND_FILE.fullmatch(p.name))]
+    return sorted(found)
+
+
+# key: (type, what it must be) of a trainer round checkpoint; `check_round` is the one place that judges one
+ROUND_KEYS = {"model": dict, "opt": dict, "round": int, "history": list, "metrics": list, "elapsed": (int, float),
+              "config_hash": str, "torch_rng": torch.Tensor}
+
+
+def check_round(obj: Any, path: str | Path, expect_round: int | None = None) -> dict:
+    """Raise CheckpointError unless `obj` has the structure of a trainer round checkpoint (and, given, its round)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint '{path}' is a {type(obj).__name__}, not a papa round checkpoint")
+    for key, tp in ROUND_KEYS.items():
+        if key not in obj:
+            raise CheckpointError(f"checkpoint '{path}' has no '{key}'; it is not a complete papa round checkpoint")
+        if not isinstance(obj[key], tp) or isinstance(obj[key], bool):
+            raise CheckpointError(f"checkpoint '{path}': '{key}' is a {type(obj[key]).__name__}, not what papa writes")
+    if not all(isinstance(v, torch.Tensor) for v in obj["model"].values()):
+        raise CheckpointError(f"checkpoint '{path}': 'model' is not a state dict of tensors")
+    if "ema" in obj and not (isinstance(obj["ema"], dict) and all(isinstance(v, torch.Tensor) for v in obj["ema"].values())):
+        raise CheckpointError(f"checkpoint '{path}': 'ema' is not a state dict of tensors")
+    if expect_round is not None and obj["round"] != expect_round:
+        raise CheckpointError(f"checkpoint '{path}' says round {obj['round']}, its name round {expect_round}")
+    if len(obj["metrics"]) != obj["round"] + 1:
+        raise CheckpointError(f"checkpoint '{path}' holds {len(obj['metrics'])} metric rows for round {obj['round']}")
+    for part in ("model", "ema"):
+        bad = [k for k, v in obj.get(part, {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"checkpoint '{path}': {part} weights are not finite (e.g. '{bad[0]}')")
+    return obj
 
 
 WEIGHTS = ("auto", "policy", "ema")
@@ -94,12 +165,45 @@ def resolved_weights(path: str | Path, weights: str = "auto") -> str:
     return _select(load(path), path, weights)[0]
 
 
-def load_state_dict(path: str | Path, weights: str = "auto") -> dict[str, torch.Tensor]:
+def dataset_of(path: str | Path, obj: Any = None) -> str | None:
+    """The dataset a checkpoint was trained on, where it says: a round checkpoint's 'dataset', a shipped file's JSON
+    sidecar, or the config.yaml of the run directory holding it; None when nothing says (a bare reference file)."""
+    import json
+    path = Path(path)
+    if isinstance(obj, dict) and isinstance(obj.get("dataset"), str):
+        return obj["dataset"]
+    for meta, get in ((path.with_suffix(".json"), lambda m: m["config"]["data"]["dataset"]),
+                      (path.parent.parent / "config.yaml", lambda m: m["data"]["dataset"])):
+        if meta.name == "config.yaml" and path.parent.name != "checkpoints":  # only a run's checkpoints/ directory
+            continue
+        if meta.is_file():
+            try:
+                import yaml
+                text = meta.read_text(encoding="utf-8")
+                found = get(json.loads(text) if meta.suffix == ".json" else yaml.safe_load(text))
+                if isinstance(found, str):
+                    return found
+            except Exception:  # noqa: BLE001 - unreadable metadata says nothing; the weights are checked anyway
+                pass
+    return None
+
+
+def check_dataset(path: str | Path, dataset: str | None, obj: Any = None) -> None:
+    """Refuse a checkpoint made for another dataset than the config's (a Fashion-MNIST base under an MNIST config)."""
+    made = dataset_of(path, obj) if dataset else None
+    if made is not None and made != dataset:
+        raise CheckpointError(f"checkpoint '{path}' was trained on {made}, the config says data.dataset: {dataset}; "
+                              f"use a {dataset} checkpoint or the {made} config")
+
+
+def load_state_dict(path: str | Path, weights: str = "auto", dataset: str | None = None) -> dict[str, torch.Tensor]:
     """A shipped papa checkpoint ({'state_dict': …}), a trainer round checkpoint ({'model': …, 'ema': …}) or a bare
     reference state dict; `module.` prefixes stripped, floating tensors cast to float32. `weights` picks from a round
     checkpoint: 'policy' the trained model, 'ema' its moving average (train.ema_decay > 0), 'auto' the EMA where the
     run kept one (the model its evaluations judged), else the policy."""
-    sd = _select(load(path), path, weights)[1]
+    obj = load(path)
+    check_dataset(path, dataset, obj)
+    sd = _select(obj, path, weights)[1]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"checkpoint '{path}' holds no state dict")
     return {k: v.float() if v.is_floating_point() else v for k, v in strip_module_prefix(sd).items()}
@@ -117,3 +221,35 @@ def save_fp16_with_sidecar(state_dict: dict, extra: dict, path: str | Path, kind
             "torch": torch.__version__}
     atomic_write_text(path.with_suffix(".json"), json.dumps(side, indent=2))
     return side
+
+
+class RunLock:
+    """An exclusive lock on a run directory (`<run_dir>/.lock`, flock), held while a trainer writes there, so a second
+    trainer started on the same directory stops at once instead of interleaving its files with the first's. The OS
+    drops the lock when the process ends, however it ends: a killed run never leaves a stale lock."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            from papa.config import ConfigError
+            raise ConfigError(f"run directory {self.path.parent} is in use by another papa process (pid {holder}); "
+                              "wait for it to finish, or pick another train.sample_path") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None

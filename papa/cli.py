@@ -47,15 +47,36 @@ def check_writable_dir(path, what: str) -> Path:
 
 
 def run_main(main: Callable[[list[str] | None], int]) -> None:
-    """Run an entry point; user errors become one line on stderr and exit code 2."""
+    """Run an entry point; user errors become one line on stderr and exit code 2.
+
+    Under torchrun every rank validates the same input and fails alike, so only rank 0 prints the line. A rank that
+    fails leaves at once (no barrier, no teardown): waiting for the others is how one rank's error used to hang a
+    run, and torchrun stops the remaining ranks when one exits."""
     from papa.checkpoint import CheckpointError
     from papa.data import DataError
+    from papa.dist import env_rank
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if env_rank() == 0 else (lambda m: None)
     try:
         code = main(None)
     except (ConfigError, CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         code = 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted")
         code = 130
+    except Exception as e:
+        import torch.distributed as dist
+        if env_rank() != 0 and isinstance(e, dist.DistError):  # another rank failed first and said why
+            code = 1
+        else:
+            raise
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    import torch.distributed as dist
+    if code != 0 and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # skip the process group's teardown, which would wait for ranks that may never come
     sys.exit(code)

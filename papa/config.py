@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -245,6 +248,11 @@ def validate(cfg: Config) -> Config:
     _require(m.time_emb_dim > 0 and m.time_emb_dim % 2 == 0, "model.time_emb_dim", "must be a positive even number")
     for k in ("num_down_layers", "num_mid_layers", "num_up_layers", "num_heads", "im_channels"):
         _require(getattr(m, k) >= 1, f"model.{k}", "must be >= 1")
+    dc = m.down_channels  # channels that nn.MultiheadAttention splits over num_heads: down, up and mid blocks
+    attended = ([dc[i + 1] for i, a in enumerate(m.down_attention) if a] + m.mid_channels[1:]
+                + [dc[i - 1] if i else 16 for i, a in enumerate(m.down_attention) if a])
+    _require(all(c % m.num_heads == 0 for c in attended), "model.num_heads",
+             f"must divide every attended channel count {sorted(set(attended))}, got {m.num_heads}")
     d = cfg.diffusion
     _require(d.num_timesteps >= 2, "diffusion.num_timesteps", "must be >= 2")
     _require(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start",
@@ -299,6 +307,13 @@ def validate(cfg: Config) -> Config:
     for k in ("rounds", "samples_per_round", "batch_size", "epochs_per_round", "timestep_chunk"):
         _require(getattr(t, k) >= 1, f"train.{k}", "must be >= 1")
     _require(t.lr > 0, "train.lr", "must be > 0")
+    for k in ("pref_loss_coef", "model_loss_coef"):
+        _require(getattr(t, k) >= 0, f"train.{k}", "must be >= 0")
+    for k in ("task_name",):
+        _require(_plain_name(cfg.task_name), k, f"must be a plain directory name (no '/', '..'), got {cfg.task_name!r}")
+    _require(not t.sample_path or _plain_name(t.sample_path), "train.sample_path",
+             f"must be a plain directory name under train.output_dir/task_name (no '/', '..'), got {t.sample_path!r}")
+    _require(bool(t.output_dir), "train.output_dir", "must not be empty")
     _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1) (0: off)")
     _require(t.lr_decay in ("none", "linear", "cosine"), "train.lr_decay", "must be none, linear or cosine")
     _require(t.negative_weight >= 0, "train.negative_weight", "must be >= 0")
@@ -318,11 +333,24 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _plain_name(name: str) -> bool:
+    """A single path component: what task_name and sample_path must be, so a run stays under train.output_dir."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value (e.g. sample.num=16)")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override '{text}': '{key}' is not a key; it must look like section.key (e.g. sample.num)")
+    try:
+        return keys, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({first}); quote a string value, "
+                          f"e.g. --set '{key}=\"{raw}\"'") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -333,9 +361,16 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise ConfigError(f"config file '{path}' not found; pass an existing YAML such as configs/mnist.yaml")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file '{path}' is not a text file (not UTF-8); pass a YAML config such as "
+                              "configs/mnist.yaml") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        except OSError as e:
+            raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})") from None
+        if data is None:
+            raise ConfigError(f"config file '{path}' is empty; start from a shipped config such as configs/mnist.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections at the top level")
     for ov in overrides:
@@ -346,7 +381,29 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{ov}': '{k}' is not a section")
         node[keys[-1]] = value
-    return validate(_build(Config, data))
+    return _resolve_shipped(validate(_build(Config, data)))
+
+
+# The checkout that holds the shipped configs/ and checkpoints/ (papa is installed editable from it).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_config() -> Path:
+    """configs/mnist.yaml of the working directory if there is one, else the shipped one."""
+    here = Path("configs/mnist.yaml")
+    return here if here.is_file() else REPO_ROOT / here
+
+
+def _resolve_shipped(cfg: Config) -> Config:
+    """Shipped checkpoint paths ('checkpoints/mnist/…') are relative to the checkout; from another working directory
+    they resolve there. A path that exists from the working directory is kept as written (so the saved config, and its
+    hash, do not change for runs started in the checkout)."""
+    ck = cfg.checkpoints
+    for f in dataclasses.fields(ck):
+        p = Path(getattr(ck, f.name))
+        if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
+            setattr(ck, f.name, str(REPO_ROOT / p))
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

@@ -5,17 +5,31 @@ group avoids the SIGABRT at exit seen in ~1 of 6 CPU runs without it.
 """
 from __future__ import annotations
 
+import datetime
 import os
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+
+def timeout_seconds() -> float:
+    """How long a collective may wait for the other ranks (PAPA_DIST_TIMEOUT, default 600 s) before it fails instead
+    of hanging: gloo's default is 30 minutes. Errors are shared between ranks (`on_main`) and a failing rank exits
+    at once, so this bound is only the backstop for a rank that dies without a word."""
+    return float(os.environ.get("PAPA_DIST_TIMEOUT", "600"))
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun sets it, readable before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def init() -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -74,12 +88,36 @@ def all_reduce_sum(x: float, world: int) -> float:
     return float(t)
 
 
+def on_main(fn: Callable[[], Any], world: int, rank: int) -> Any:
+    """Run `fn` on rank 0 only and give every rank its result, or raise its exception on every rank.
+
+    Rank-0-only work (asking the user, taking the run lock) is where a user error can strike one rank while the others
+    wait in a collective; sharing the outcome makes all ranks fail together with the same message instead of leaving
+    one in a barrier and the rest in a broadcast until the timeout."""
+    if world == 1:
+        return fn()
+    box: list = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 - every failure is re-raised below, on every rank
+            box[0] = ("error", e)
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
+
+
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
 
 
-def teardown(world: int) -> None:
+def teardown(world: int, ok: bool = True) -> None:
+    """End the process group. After a failure no barrier: the other ranks may be failing too, or waiting in another
+    collective, and a barrier here is how one rank's error used to hang the run."""
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        if ok:
+            dist.barrier()
+            dist.destroy_process_group()

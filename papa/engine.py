@@ -81,10 +81,11 @@ class Engine:
         self.main = rank == 0
         ck, t = cfg.checkpoints, cfg.train
         # load everything first: a bad path fails before anything is written
-        self.model = load_unet(cfg.model, ck.base).to(device)
-        self.base = load_unet(cfg.model, ck.base).to(device).requires_grad_(False)
-        self.evaluator = load_classifier("evaluator", ck.evaluator).to(device)
-        oracle = load_classifier("oracle", ck.oracle).to(device) if cfg.feedback.source == "oracle" else None
+        ds = cfg.data.dataset  # every checkpoint must say it was made for this dataset, where it says anything
+        self.model = load_unet(cfg.model, ck.base, dataset=ds).to(device)
+        self.base = copy.deepcopy(self.model).requires_grad_(False)
+        self.evaluator = load_classifier("evaluator", ck.evaluator, ds).to(device)
+        oracle = load_classifier("oracle", ck.oracle, ds).to(device) if cfg.feedback.source == "oracle" else None
         self.feedback = build_feedback(cfg, oracle)
         self.sched = NoiseSchedule.from_config(cfg.diffusion)
         self.method = get_method(t.algo)(self)
@@ -130,29 +131,74 @@ class Engine:
         checkpoint.atomic_save({
             "model": self.model.state_dict(), "opt": self.opt.state_dict(), "round": s.round,
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
-            "history": s.history, "metrics": s.metrics, "elapsed": s.elapsed,
+            "history": s.history, "metrics": s.metrics, "elapsed": s.elapsed, "dataset": self.cfg.data.dataset,
             "config_hash": config_hash(self.cfg), "torch_rng": torch.get_rng_state()}, path)
-        for old in sorted(self.ckpt_dir.glob("round_*.pt"))[:-2]:  # keep the newest two: latest and last good
+        # keep the newest two, by round number (a text sort puts round_1000 before round_999): latest and last good
+        earlier = [(n, p) for n, p in checkpoint.round_files(self.ckpt_dir) if n < s.round]
+        for _, old in earlier[:-1]:
             old.unlink(missing_ok=True)
         return path
 
-    def try_resume(self) -> bool:
-        """Load the newest readable checkpoint; a corrupt or truncated one is reported and skipped."""
-        for path in sorted(self.ckpt_dir.glob("round_*.pt"), reverse=True):
+    def _load_round(self, path: Path, n: int, force: bool) -> dict:
+        """A round checkpoint checked for structure, provenance and fit before anything is loaded from it."""
+        st = checkpoint.check_round(checkpoint.load(path), path, expect_round=n)
+        if st["config_hash"] != config_hash(self.cfg) and not force:
+            raise checkpoint.CheckpointError(
+                f"{path.name} was written under another config than {self.run_dir / 'config.yaml'} now holds "
+                "(edited by hand?); restore that file, or pass --force to resume under the new one")
+        if st.get("dataset", self.cfg.data.dataset) != self.cfg.data.dataset:
+            raise checkpoint.CheckpointError(f"{path.name} is a {st['dataset']} run, the config says "
+                                             f"data.dataset: {self.cfg.data.dataset}")
+        if (self.ema is None) != ("ema" not in st):
+            raise checkpoint.CheckpointError(f"{path.name} {'lacks' if self.ema is not None else 'has'} EMA weights "
+                                             f"but train.ema_decay is {self.cfg.train.ema_decay}")
+        groups = st["opt"].get("param_groups")
+        if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != \
+                [len(g["params"]) for g in self.opt.param_groups]:
+            raise checkpoint.CheckpointError(f"{path.name}: its optimiser state does not fit this model")
+        return st
+
+    def try_resume(self, force: bool = False) -> bool:
+        """Load the newest usable checkpoint; an unusable one (corrupt, truncated, wrong structure or provenance,
+        non-finite weights) is reported and the previous one tried. When checkpoints exist but none is usable, or the
+        records say rounds were done that no checkpoint holds, refuse (CheckpointError) rather than start again over
+        them: nothing is written or deleted before that check."""
+        files = checkpoint.round_files(self.ckpt_dir)
+        problems = []
+        for n, path in reversed(files):
             try:
-                st = checkpoint.load(path)
+                st = self._load_round(path, n, force)
                 self.model.load_state_dict(st["model"])
                 self.opt.load_state_dict(st["opt"])
                 if self.ema is not None:
                     self.ema.load_state_dict(st["ema"])
-            except (checkpoint.CheckpointError, KeyError, RuntimeError) as e:
-                self.log(f"warning: {path.name} is unusable ({str(e)[:100]}); trying the previous checkpoint")
+            except (checkpoint.CheckpointError, KeyError, RuntimeError, ValueError, TypeError) as e:
+                problems.append(f"{path.name}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}")
+                self.log(f"warning: {path.name} is unusable ({problems[-1]}); trying the previous checkpoint")
                 continue
             self.state = RunState(st["round"], st["history"], st["metrics"], st["elapsed"])
             torch.set_rng_state(st["torch_rng"])
             self.log(f"resumed from {path} (round {self.state.round} done)")
             return True
+        if files:
+            raise checkpoint.CheckpointError(
+                f"--resume {self.run_dir}: no usable checkpoint ({'; '.join(problems)}); nothing was changed. Move "
+                "the bad files out of checkpoints/ to resume from an earlier one, or start afresh with --overwrite")
+        done = self._recorded_rounds()
+        if done > 0:
+            raise checkpoint.CheckpointError(
+                f"--resume {self.run_dir}: metrics.jsonl records {done} round(s) but checkpoints/ holds none; nothing "
+                "was changed. Restore the checkpoints, or start afresh with --overwrite")
+        self.log("no checkpoint yet (the run stopped in its first round): starting at round 1")
         return False
+
+    def _recorded_rounds(self) -> int:
+        f = self.run_dir / "metrics.jsonl"
+        try:
+            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
+            return max((int(r.get("round", 0)) for r in rows if isinstance(r, dict)), default=0)
+        except (ValueError, OSError):
+            return 1  # unreadable records of a run that did something: do not start over them
 
     # ------------------------------------------------------------------ phases
     def sample_images(self, n: int, seed: int, epapa: bool = True, net: torch.nn.Module | None = None) -> torch.Tensor:
@@ -179,10 +225,13 @@ class Engine:
             local[k] = dist.gather_cat(local[k], self.world)
         return local
 
-    def ask(self, query) -> torch.Tensor:
-        """Rank 0 asks the feedback source (`query()`); every rank gets the answer."""
-        y = query() if self.main else None
-        return dist.broadcast_tensor(y if y is not None else torch.zeros(0), self.world)
+    def ask(self, query, r: int, images: torch.Tensor) -> torch.Tensor:
+        """Rank 0 saves the round's `images` under rounds/NNN/ (so a person, or a labels file, can refer to them),
+        then asks the feedback source (`query()`); every rank gets the answer, or the source's error."""
+        def on_main() -> torch.Tensor:
+            self._save_images(r, images)
+            return query().cpu()
+        return dist.on_main(on_main, self.world, self.rank)
 
     @torch.no_grad()
     def kl_to_base(self) -> float:
@@ -257,7 +306,8 @@ class Engine:
                 stats[k] = stats.get(k, 0.0) + dist.all_reduce_sum(st.get(k, 0.0), self.world)
             grads_ok = all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None)
             if not math.isfinite(total) or not grads_ok:
-                raise NonFiniteLoss(f"non-finite loss ({total}) in round {r + 1}")
+                raise NonFiniteLoss(f"non-finite {'loss' if not math.isfinite(total) else 'gradients'} "
+                                    f"(loss {total}) in round {r + 1}")
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.opt.step()
@@ -265,6 +315,8 @@ class Engine:
                 with torch.no_grad():
                     for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
                         pe.lerp_(pm, 1.0 - t.ema_decay)
+            if not all(torch.isfinite(p).all() for p in self.model.parameters()):  # e.g. a huge lr: finite grads,
+                raise NonFiniteLoss(f"non-finite weights after an optimiser step in round {r + 1}")  # inf weights
             losses.append(total)
             n_items += len(items)
             bar.set_postfix(loss=f"{total:.4f}")
@@ -286,17 +338,37 @@ class Engine:
         """Where the base model's round-0 evaluation is kept for reuse: it depends only on the base checkpoint, the
         evaluator, the data, the preference and the evaluation settings, so every method and seed shares it."""
         cfg = self.cfg
-        key = {"files": [(p, Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in
-                         (cfg.checkpoints.base, cfg.checkpoints.evaluator)],
-               "model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion), "data": to_dict(cfg.data),
-               "preference": cfg.feedback.preference, "num": cfg.eval.final_num, "seed": cfg.eval.seed}
+        key = self._base_eval_key()
         return Path(cfg.train.output_dir) / cfg.task_name / ".base_eval" / f"{config_hash(key)}.json"
+
+    def _base_eval_key(self) -> dict:
+        cfg = self.cfg  # the files by content: a replaced checkpoint with the same size and time is a new one
+        return {"files": [checkpoint.sha256_file(p) for p in (cfg.checkpoints.base, cfg.checkpoints.evaluator)],
+                "model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion), "data": to_dict(cfg.data),
+                "preference": cfg.feedback.preference, "num": cfg.eval.final_num, "seed": cfg.eval.seed}
+
+    def _read_base_eval(self, cache: Path) -> dict | None:
+        """The cached round-0 metrics, or None (recompute) when the file is unreadable, truncated, for other inputs,
+        or its values do not match the digest written with them (edited by hand)."""
+        try:
+            rec = json.loads(cache.read_text())
+            ev, key = rec["metrics"], rec["key"]
+            ok = (key == self._base_eval_key() and rec["digest"] == config_hash({"key": key, "metrics": ev})
+                  and 0.0 <= ev["preferred_rate"] <= 1.0 and ev["eval_num"] == self.cfg.eval.final_num)
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            self.log(f"warning: {cache} is not a valid base-model evaluation; evaluating the base model again")
+            return None
+        return ev
 
     def _round0(self) -> dict:
         row = {"round": 0, "labels_used": 0, "elapsed": 0.0}
         cache = self._base_eval_cache()
-        if cache.is_file():
-            row.update(json.loads(cache.read_text()))
+        # every rank reads the same file and reaches the same verdict, so they evaluate (collectively) or not together
+        ev = self._read_base_eval(cache) if cache.is_file() else None
+        if ev is not None:
+            row.update(ev)
             row["eval_cached"] = True
             if self.main and cache.with_suffix(".png").is_file():
                 dst = self.run_dir / "rounds" / "000" / "eval_grid.png"
@@ -305,19 +377,56 @@ class Engine:
         self._record_eval(row, self.cfg.eval.final_num, "000")
         if self.main:
             ev = {k: v for k, v in row.items() if k not in ("round", "labels_used", "elapsed", "eval_seconds")}
+            key = self._base_eval_key()
             checkpoint.atomic_write_bytes(cache.with_suffix(".png"),
                                           (self.run_dir / "rounds" / "000" / "eval_grid.png").read_bytes())
-            checkpoint.atomic_write_text(cache, json.dumps(ev))
+            checkpoint.atomic_write_text(cache, json.dumps({"key": key, "metrics": ev,
+                                                            "digest": config_hash({"key": key, "metrics": ev})}))
         return row
 
-    def run(self, resume: bool = False) -> RunState:
-        cfg, t = self.cfg, self.cfg.train
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+    # files a run writes at the top of its directory; --overwrite removes these (and rounds/, checkpoints/) only
+    RUN_FILES = ("config.yaml", "log.txt", "metrics.jsonl", "metrics.csv", "summary.md", "curves.png")
+
+    def _clear_run(self) -> None:
+        """--overwrite: the old run's files go, after the new run has been validated and holds the lock."""
+        import shutil
+        for name in self.RUN_FILES:
+            (self.run_dir / name).unlink(missing_ok=True)
+        for sub in ("rounds", "checkpoints"):
+            shutil.rmtree(self.run_dir / sub, ignore_errors=True)
+
+    def _open(self, resume: bool, force: bool, overwrite: bool) -> None:
+        """Take the run directory: lock it (rank 0; every rank learns the outcome), tidy what a killed writer left,
+        clear it for --overwrite, load the checkpoint for --resume. Nothing is written before the lock is held, and
+        a refused resume writes nothing but the lock file."""
+        def take() -> None:
+            self.lock = checkpoint.RunLock(self.run_dir).acquire()
+            for d in (self.run_dir, self.ckpt_dir, *sorted((self.run_dir / "rounds").glob("*"))):
+                checkpoint.remove_stale_temps(d)
+            if overwrite:
+                self._clear_run()
+        dist.on_main(take, self.world, self.rank)
         dist.barrier(self.world)
         if resume:
-            self.try_resume()
+            self.try_resume(force)
+
+    def close(self) -> None:
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
+
+    def run(self, resume: bool = False, force: bool = False, overwrite: bool = False) -> RunState:
+        try:
+            return self._run(resume, force, overwrite)
+        finally:
+            self.close()
+
+    def _run(self, resume: bool, force: bool, overwrite: bool) -> RunState:
+        cfg, t = self.cfg, self.cfg.train
+        self._open(resume, force, overwrite)
+        if self.main:
+            checkpoint.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+        dist.barrier(self.world)
         s = self.state
         if not s.metrics:  # round 0: the base model, before any feedback
             row = self._round0()
@@ -366,13 +475,20 @@ class Engine:
             parts += [f"{row['round_seconds']:.1f}s"]
         self.log(" | ".join(parts))
 
-    def _save_round(self, r: int, data) -> None:
+    def _save_images(self, r: int, images: torch.Tensor) -> None:
+        """rounds/NNN/grid.png and images.pt: what the user is asked about, written before the question."""
         from papa.sample import save_grid
         d = self.run_dir / "rounds" / f"{r:03d}"
-        save_grid(data.images, d / "grid.png", nrow=min(10, len(data.images)))
+        save_grid(images, d / "grid.png", nrow=min(10, len(images)))
         buf = io.BytesIO()
-        torch.save(data.images.cpu(), buf)
+        torch.save(images.cpu(), buf)
         checkpoint.atomic_write_bytes(d / "images.pt", buf.getvalue())
+
+    def _save_round(self, r: int, data) -> None:
+        """rounds/NNN/labels.json: the answers (the images were saved before asking)."""
+        d = self.run_dir / "rounds" / f"{r:03d}"
+        if not (d / "images.pt").is_file():  # a method that asked no one still shows what it trained on
+            self._save_images(r, data.images)
         checkpoint.atomic_write_text(d / "labels.json", json.dumps(data.labels, indent=1))
 
     def finish(self) -> None:

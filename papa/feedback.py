@@ -62,9 +62,14 @@ class FileFeedback:
 
     def __call__(self, images: torch.Tensor, round_idx: int, ids: list[str] | None = None) -> torch.Tensor:
         try:
-            labels = json.loads(self.path.read_text())
-        except json.JSONDecodeError as e:
+            labels = json.loads(self.path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"labels file '{self.path}' is not valid JSON: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"labels file '{self.path}' cannot be read ({e.strerror})") from None
+        if not isinstance(labels, dict):
+            raise ConfigError(f"labels file '{self.path}' must hold one JSON object {{\"<image id>\": 1 | -1 | 0, ...}}, "
+                              f"got a {type(labels).__name__}")
         out = []
         for i in range(len(images)):
             key = ids[i] if ids else image_id(round_idx, i)
@@ -72,7 +77,7 @@ class FileFeedback:
                 raise ConfigError(f"labels file '{self.path}' has no label for image '{key}' "
                                   f"(add \"{key}\": 1, -1 or 0; images are under rounds/{round_idx:03d}/)")
             v = labels[key]
-            if v not in (1, -1, 0):
+            if type(v) is not int or v not in (1, -1, 0):  # true and 1.0 compare equal to 1: refuse them too
                 raise ConfigError(f"labels file '{self.path}': label of '{key}' must be 1, -1 or 0, got {v!r}")
             out.append(float(v))
         return torch.tensor(out)

@@ -9,14 +9,16 @@ kept).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from papa.cli import add_config_args, add_threads_arg, apply_threads, run_main
-from papa.config import ConfigError, load_config, to_dict
+from papa import checkpoint, dist
+from papa.cli import add_config_args, add_threads_arg, apply_threads, check_writable_dir, run_main
+from papa.config import ConfigError, default_config, load_config, to_dict
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -30,18 +32,51 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run this command on `nproc` local ranks through torchrun's own launcher and return the first failing rank's
+    exit code (torchrun itself exits 1 for any failure, with a report of some 40 lines)."""
+    import logging
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+    if nproc < 1:
+        raise ConfigError(f"--nproc-per-node must be >= 1, got {nproc}")
+    rest, skip = [], False
+    for a in argv:  # drop the launcher's own flag; the ranks see WORLD_SIZE and train
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            rest.append(a)
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets, without its banner
+    try:
+        run(get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "papa.train", *rest]))
+    except ChildFailedError as e:
+        return e.get_first_failure()[1].exitcode
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="torchrun -m papa.train", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_config_args(ap, default=None)
-    ap.add_argument("--resume", metavar="RUN_DIR", default=None,
-                    help="continue an interrupted run from its directory (uses its config.yaml unless --config)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--resume", metavar="RUN_DIR", default=None,
+                      help="continue an interrupted run from its directory (uses its config.yaml unless --config)")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="start afresh in an existing run directory (its old files go once the new run is validated)")
     ap.add_argument("--force", action="store_true", help="resume even though the config changed")
-    ap.add_argument("--overwrite", action="store_true", help="start afresh in an existing run directory")
     add_threads_arg(ap, "torch CPU threads per process (0: torch's default)")
+    ap.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
+                    help="launch N processes on this machine, as `torchrun --standalone --nproc_per_node=N` does, "
+                         "but exit with papa's own code (2 bad input, 3 non-finite training) and without torchrun's "
+                         "failure report")
     args = ap.parse_args(argv)
+    if args.nproc_per_node and "WORLD_SIZE" not in os.environ:
+        return launch(args.nproc_per_node, sys.argv[1:] if argv is None else argv)
 
-    # --- validate everything before any work
+    # --- validate everything before any work (every rank alike, so they all stop on the same error)
     if args.resume:
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
@@ -53,45 +88,44 @@ def main(argv: list[str] | None = None) -> int:
                               "rerun without those changes or pass --force")
         run_dir = Path(args.resume)
     else:
-        cfg = load_config(args.config or "configs/mnist.yaml", args.overrides)
+        cfg = load_config(args.config or default_config(), args.overrides)
         from papa.engine import run_dir_for
         run_dir = run_dir_for(cfg)
-        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) and not args.overwrite:
+        if checkpoint.round_files(run_dir / "checkpoints") and not args.overwrite:
             raise ConfigError(f"run directory {run_dir} already holds a run; use --resume {run_dir}, --overwrite, "
                               "or another train.sample_path")
+    check_writable_dir(run_dir, "run directory")
     for key in ("base", "evaluator") + (("oracle",) if cfg.feedback.source == "oracle" else ()):
         p = getattr(cfg.checkpoints, key)
         if not Path(p).is_file():
             raise ConfigError(f"config key 'checkpoints.{key}': file '{p}' not found "
                               f"(ship it, or make it with python -m papa.{'pretrain' if key == 'base' else 'oracle'})")
-    if cfg.model.arch == "reference" and not torch.cuda.is_available():
+    if cfg.model.arch == "reference" and not torch.cuda.is_available() and dist.env_rank() == 0:
         print(f"warning: {cfg.model.arch} UNet with {cfg.diffusion.sample_steps}-step sampling on a CPU: expect hours "
               "per run (about 80 ms per image per UNet forward on 2 cores); use configs/mnist.yaml on CPUs",
               file=sys.stderr)
 
     apply_threads(args)
-    from papa import dist
     from papa.engine import Engine, NonFiniteLoss
     rank, world, device = dist.init()
     torch.use_deterministic_algorithms(not torch.cuda.is_available(), warn_only=True)
+    ok = False
     try:
         engine = Engine(cfg, run_dir, rank, world, device)
-        if args.overwrite and rank == 0:
-            for p in (run_dir / "checkpoints").glob("round_*.pt"):
-                p.unlink()
         t0 = time.time()
-        engine.run(resume=bool(args.resume))
+        engine.run(resume=bool(args.resume), force=args.force, overwrite=args.overwrite)
         if rank == 0:
             print(f"done in {time.time() - t0:.0f} s -> {run_dir}/summary.md")
+        ok = True
         return 0
-    except NonFiniteLoss as e:
+    except NonFiniteLoss as e:  # every rank sees it: the all-reduced loss, gradients and weights are the same
         if rank == 0:
-            kept = sorted((run_dir / "checkpoints").glob("round_*.pt"))
+            kept = checkpoint.round_files(run_dir / "checkpoints")
             print(f"error: {e}; the round was abandoned and the last good checkpoint kept "
-                  f"({kept[-1] if kept else 'none yet'}); lower train.lr or check the labels", file=sys.stderr)
+                  f"({kept[-1][1] if kept else 'none yet'}); lower train.lr or check the labels", file=sys.stderr)
         return 3
     finally:
-        dist.teardown(world)
+        dist.teardown(world, ok)
 
 
 if __name__ == "__main__":

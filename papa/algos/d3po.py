@@ -47,7 +47,7 @@ class D3PO(Method):
         e, P = self.engine, self.t.samples_per_round
         traj = e.sample_trajectories(2 * P, self.t.seed * 100_003 + r + 1, paired=True)
         imgs = traj.images
-        h = e.ask(lambda: e.feedback.pairwise(imgs[0::2].to(e.device), imgs[1::2].to(e.device), r + 1).cpu())
+        h = e.ask(lambda: e.feedback.pairwise(imgs[0::2].to(e.device), imgs[1::2].to(e.device), r + 1), r + 1, imgs)
         return RoundData(imgs, {pair_id(r + 1, p): int(v) for p, v in enumerate(h.tolist())}, P,
                          {"x": traj["x"], "t": traj["t"], "coef": traj["coef"], "h": h},
                          {"round_decisive": int((h != 0).sum()), "round_ties": int((h == 0).sum())})

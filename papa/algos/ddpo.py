@@ -47,7 +47,7 @@ class DDPO(Method):
         e, n = self.engine, self.t.samples_per_round
         traj = e.sample_trajectories(n, self.t.seed * 100_003 + r + 1)
         imgs = traj.images
-        reward = e.ask(lambda: e.feedback.reward(imgs.to(e.device)).cpu())
+        reward = e.ask(lambda: e.feedback.reward(imgs.to(e.device)), r + 1, imgs)
         adv = normalized_advantages(reward, self.t.adv_clip)
         return RoundData(imgs, {image_id(r + 1, i): round(float(v), 4) for i, v in enumerate(reward.tolist())}, n,
                          {"x": traj["x"], "t": traj["t"], "coef": traj["coef"], "log_prob": traj["log_prob"],

@@ -26,7 +26,7 @@ class DiffusionDPO(Method):
     def collect(self, r: int) -> RoundData:
         e, P = self.engine, self.t.samples_per_round
         imgs = e.sample_images(2 * P, self.t.seed * 100_003 + r + 1, epapa=False)
-        h = e.ask(lambda: e.feedback.pairwise(imgs[0::2].to(e.device), imgs[1::2].to(e.device), r + 1).cpu())
+        h = e.ask(lambda: e.feedback.pairwise(imgs[0::2].to(e.device), imgs[1::2].to(e.device), r + 1), r + 1, imgs)
         return RoundData(imgs, {pair_id(r + 1, p): int(v) for p, v in enumerate(h.tolist())}, P,
                          {"x": imgs.cpu(), "h": h},
                          {"round_decisive": int((h != 0).sum()), "round_ties": int((h == 0).sum())})

@@ -188,7 +188,7 @@ class PAPA(Method):
     def collect(self, r: int) -> RoundData:
         e, n = self.engine, self.t.samples_per_round
         imgs = e.sample_images(n, self.t.seed * 100_003 + r + 1, epapa=True)
-        y = e.ask(lambda: e.feedback(imgs.to(e.device), r + 1).cpu())
+        y = e.ask(lambda: e.feedback(imgs.to(e.device), r + 1), r + 1, imgs)
         return RoundData(imgs, {image_id(r + 1, i): int(v) for i, v in enumerate(y.tolist())}, n,
                          {"x": imgs.cpu(), "y": y}, {"round_positive": int((y > 0).sum()),
                                                     "round_negative": int((y < 0).sum())})

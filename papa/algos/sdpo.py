@@ -84,7 +84,7 @@ class SDPO(Method):
         traj = e.sample_trajectories(2 * P, self.t.seed * 100_003 + r + 1, paired=True)
         q = query_steps(traj["x0_hat"])
         shown = torch.gather(traj["x0_hat"], 1, q.view(*q.shape, 1, 1, 1).expand(-1, -1, *traj["x0_hat"].shape[2:]))
-        rq = e.ask(lambda: e.feedback.reward(shown.flatten(0, 1).to(e.device)).cpu()).view(2 * P, 3)
+        rq = e.ask(lambda: e.feedback.reward(shown.flatten(0, 1).to(e.device)), r + 1, traj.images).view(2 * P, 3)
         adv = stepwise_advantages(interpolate_rewards(traj["x0_hat"], q, rq), self.t.sdpo_gamma, self.t.adv_clip)
         labels = {pair_id(r + 1, p): [[round(float(v), 4) for v in rq[2 * p + i]] for i in range(2)] for p in range(P)}
         return RoundData(traj.images, labels, QUERIES_PER_TRAJECTORY * 2 * P,

@@ -10,22 +10,40 @@ from papa.models.unet import UNet, build_unet
 __all__ = ["UNet", "build_unet", "OracleCNN", "EvaluatorCNN", "load_unet", "load_classifier"]
 
 
-def _load_into(model: torch.nn.Module, path, what: str, weights: str = "auto") -> torch.nn.Module:
-    sd = load_state_dict(path, weights)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{what} checkpoint '{path}' does not match the configured architecture: "
-                              f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+def _load_into(model: torch.nn.Module, path, what: str, weights: str = "auto",
+               dataset: str | None = None) -> torch.nn.Module:
+    sd = load_state_dict(path, weights, dataset)
+    mismatch = _mismatch(model.state_dict(), sd)
+    if mismatch:
+        raise CheckpointError(f"{what} checkpoint '{path}' does not match the configured architecture ({mismatch}); "
+                              "use the config it was trained with")
+    model.load_state_dict(sd, strict=True)
     return model
 
 
-def load_unet(model_cfg, path, weights: str = "auto") -> UNet:
+def _mismatch(want: dict, got: dict) -> str:
+    """A short account of how two state dicts differ ('' when they fit): counts and one example of each kind."""
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    shape = [k for k in want if k in got and tuple(want[k].shape) != tuple(got[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. '{missing[0]}'")
+    if extra:
+        parts.append(f"{len(extra)} unexpected, e.g. '{extra[0]}'")
+    if shape:
+        k = shape[0]
+        parts.append(f"{len(shape)} of another shape, e.g. '{k}' {tuple(got[k].shape)} vs {tuple(want[k].shape)}")
+    return "; ".join(parts)
+
+
+def load_unet(model_cfg, path, weights: str = "auto", dataset: str | None = None) -> UNet:
     """Build the configured UNet and load weights (papa or reference checkpoint; from a trainer round checkpoint the
-    EMA where it has one, unless `weights` says 'policy'). Returns it in eval mode."""
-    return _load_into(build_unet(model_cfg), path, "UNet", weights).eval()
+    EMA where it has one, unless `weights` says 'policy'). With `dataset`, a checkpoint that says it was made for
+    another dataset is refused. Returns it in eval mode."""
+    return _load_into(build_unet(model_cfg), path, "UNet", weights, dataset).eval()
 
 
-def load_classifier(kind: str, path) -> torch.nn.Module:
+def load_classifier(kind: str, path, dataset: str | None = None) -> torch.nn.Module:
     """kind: 'oracle' (reference CNN; reference mnist_classifier.pt files load) or 'evaluator'."""
-    return _load_into(CLASSIFIERS[kind](), path, kind).eval()
+    return _load_into(CLASSIFIERS[kind](), path, kind, dataset=dataset).eval()
