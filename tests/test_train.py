@@ -94,13 +94,18 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny, tmp_path):
     assert cli(args_for(overrides(tiny, ref_out, rounds=4))).returncode == 0
     p = subprocess.Popen([sys.executable, "-m", "papa.train", *args_for(overrides(tiny, out, rounds=4))], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    ck = run_dir(out) / "checkpoints" / "round_002.pt"
-    deadline = time.time() + 120
-    while not ck.exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # now inside round 3
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    # the kill lands inside round 3, between two events the run writes: round 2's checkpoint, then round 3's
+    # labels (written atomically after its feedback, before its update and its checkpoint)
+    marks = (run_dir(out) / "checkpoints" / "round_002.pt", run_dir(out) / "rounds" / "003" / "labels.json")
+    deadline = time.monotonic() + 300
+    try:
+        while not all(m.exists() for m in marks):
+            assert p.poll() is None, f"the run exited ({p.returncode}) before round 3's labels were written"
+            assert time.monotonic() < deadline, "no round 3 labels within 300 s"
+            time.sleep(0.01)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
     assert not (run_dir(out) / "checkpoints" / "round_004.pt").exists(), "the run finished before it was killed"
     r = cli(["--resume", str(run_dir(out))])
     assert r.returncode == 0, r.stderr
