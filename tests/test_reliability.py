@@ -147,7 +147,7 @@ def test_every_checkpoint_unusable_refuses_to_resume_and_changes_nothing(tiny, t
     rd = run_dir(tmp_path)
     for _, p in checkpoint.round_files(rd / "checkpoints"):
         p.write_bytes(b"junk")
-    before = {k: v for k, v in snapshot(rd).items() if k != "log.txt"}
+    before = {k: v for k, v in snapshot(rd).items() if k not in ("log.txt", ".lock")}
     r = cli(["--resume", str(rd)])
     assert r.returncode == 2
     one_error_line(r, "no usable checkpoint", "round_002.pt", "round_001.pt")
@@ -224,12 +224,14 @@ def test_checkpoint_of_another_dataset_is_refused(tiny, tmp_path):
 def test_pickled_objects_and_mismatched_architectures_get_short_clear_errors(tiny, tmp_path):
     from papa.models import load_unet
     import pickle
-    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Path("/")))
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Path("/"), protocol=2))
     torch.save({"x": Path("/")}, tmp_path / "obj.pt")
-    for name in ("evil.pt", "obj.pt"):
+    (tmp_path / "cut.pt").write_bytes((tiny / "base.pt").read_bytes()[:999])
+    for name, needle in (("evil.pt", "refuses to unpickle"), ("obj.pt", "refuses to unpickle"),
+                         ("cut.pt", "corrupt or truncated")):
         with pytest.raises(checkpoint.CheckpointError) as e:
             checkpoint.load(tmp_path / name)
-        assert ("refuses to unpickle" in str(e.value)) == (name == "obj.pt") and "\n" not in str(e.value)
+        assert needle in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(checkpoint.CheckpointError) as e:
         load_unet(load_config(MNIST).model, tiny / "base.pt")  # the tiny UNet under the full-size config
     assert "does not match the configured architecture" in str(e.value) and len(str(e.value)) < 400
