@@ -44,10 +44,19 @@ def load_compare(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"compare config '{path}' not found; pass e.g. configs/compare_mnist.yaml")
-    try:
-        spec = yaml.safe_load(p.read_text()) or {}
+    try:  # read as UTF-8 whatever the locale: YAML is UTF-8, and a binary file must be an error, not a traceback
+        spec = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"compare config '{path}' is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}); "
+                          "pass a YAML file such as configs/compare_mnist.yaml") from None
+    except OSError as e:
+        raise ConfigError(f"compare config '{path}' cannot be read ({e.strerror or type(e).__name__}); check its "
+                          "permissions") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"compare config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"compare config '{path}' must be a YAML mapping (base_config: …, seeds: …), got a "
+                          f"{type(spec).__name__}")
     known = {"base_config", "output_dir", "seeds", "budget", "common", "methods"}
     for k in spec:
         if k not in known:

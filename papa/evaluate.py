@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from papa import checkpoint
-from papa.cli import add_config_args, config_from_args, run_main
+from papa.cli import add_config_args, check_writable_dir, config_from_args, run_main
+from papa.config import ConfigError
 
 
 @torch.no_grad()
@@ -38,7 +39,21 @@ def classify(evaluator: torch.nn.Module, images: torch.Tensor, batch: int = 500)
 
 
 def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
-    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1^½ Σ2 Σ1^½)^½), in float64 via symmetric eigendecompositions."""
+    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1^½ Σ2 Σ1^½)^½), in float64 via symmetric eigendecompositions.
+
+    Raises ValueError for inputs it cannot judge, rather than letting them surface as a LinAlgError deep in eigh or as
+    a NaN: a covariance needs at least 2 samples per set (torch.cov of one row is NaN), and non-finite features (from
+    a diverged model) have no Gaussian to fit."""
+    for name, f in (("first", f1), ("second", f2)):
+        if f.ndim != 2:
+            raise ValueError(f"FID: the {name} feature set must be (N, D), got shape {tuple(f.shape)}")
+        if f.shape[0] < 2:
+            raise ValueError(f"FID needs at least 2 samples in each set; the {name} has {f.shape[0]}")
+        if not torch.isfinite(f).all():
+            raise ValueError(f"FID: the {name} feature set holds non-finite values (NaN or inf), e.g. from a diverged "
+                             "model; there is no distance to report")
+    if f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"FID: feature dimensions differ ({f1.shape[1]} vs {f2.shape[1]})")
     f1, f2 = f1.double(), f2.double()
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
@@ -68,6 +83,36 @@ def class_stats(probs: torch.Tensor, preferred: list[int] | None = None) -> dict
     return out
 
 
+def manifest_files(ck) -> dict:
+    """What --write-manifest records about each shipped file (its sidecar, sha256, size), gathered and checked before
+    any sampling: a manifest that cannot be written, or a sidecar that is not JSON, is a one-line error up front."""
+    d = Path(ck.base).parent
+    check_writable_dir(d, "--write-manifest directory (beside checkpoints.base)")
+    target = d / "manifest.json"
+    if target.exists() and not target.is_file():
+        raise ConfigError(f"--write-manifest: '{target}' exists and is not a file; remove it or point "
+                          "checkpoints.base elsewhere")
+    files = {}
+    for kind, p in (("base_ddpm", ck.base), ("oracle", ck.oracle), ("evaluator", ck.evaluator)):
+        if not Path(p).is_file():
+            raise checkpoint.CheckpointError(f"--write-manifest: checkpoint '{p}' ({kind}) not found")
+        side = Path(p).with_suffix(".json")
+        info = {}
+        if side.is_file():
+            try:
+                info = json.loads(side.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ConfigError(f"--write-manifest: sidecar '{side}' is not valid JSON ({str(e).splitlines()[0]}); "
+                                  "restore it from git or delete it") from None
+            if not isinstance(info, dict):
+                raise ConfigError(f"--write-manifest: sidecar '{side}' holds a {type(info).__name__}, not a JSON "
+                                  "object; restore it from git or delete it")
+        info["sha256"] = checkpoint.sha256_file(p)
+        info["size_bytes"] = Path(p).stat().st_size
+        files[kind] = info
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
     from papa.data import load_dataset
     from papa.models import load_classifier, load_unet
@@ -82,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--write-manifest", action="store_true", help="record the figures in checkpoints/<dataset>/manifest.json")
     args = ap.parse_args(argv)
+    if args.num < 2:  # the FID fits a covariance to the samples: it needs two at least
+        raise ConfigError(f"--num must be >= 2 (the FID needs at least 2 samples), got {args.num}")
     cfg = config_from_args(args)
     ck = cfg.checkpoints
+    files = manifest_files(ck) if args.write_manifest else None  # before minutes of sampling, not after
     evaluator = load_classifier("evaluator", ck.evaluator)
     oracle = load_classifier("oracle", ck.oracle)
     model = load_unet(cfg.model, ck.base)
@@ -110,15 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
     }
     print(json.dumps(quality, indent=2))
-    if args.write_manifest:
+    if files is not None:
         d = Path(ck.base).parent
-        manifest = {"dataset": cfg.data.dataset, "quality": quality, "files": {}}
-        for kind, p in (("base_ddpm", ck.base), ("oracle", ck.oracle), ("evaluator", ck.evaluator)):
-            side = Path(p).with_suffix(".json")
-            info = json.loads(side.read_text()) if side.is_file() else {}
-            info["sha256"] = checkpoint.sha256_file(p)
-            info["size_bytes"] = Path(p).stat().st_size
-            manifest["files"][kind] = info
+        manifest = {"dataset": cfg.data.dataset, "quality": quality, "files": files}
         checkpoint.atomic_write_text(d / "manifest.json", json.dumps(manifest, indent=2))
         print(f"wrote {d / 'manifest.json'}")
     return 0

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from papa import checkpoint
-from papa.cli import add_config_args, config_from_args, run_main
+from papa.cli import add_config_args, check_writable_dir, config_from_args, run_main
 from papa.config import ConfigError, config_hash, dump_yaml, to_dict
 from papa.data import load_dataset, sha256_array
 from papa.models import build_unet
@@ -62,6 +62,43 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+STATE_KEYS = {"model": dict, "ema": dict, "opt": dict, "gen": torch.Tensor, "step": int, "config_hash": str}
+
+
+def load_state(path: Path, cfg, device, force: bool) -> dict:
+    """<out>/state.pt for --resume, checked: a papa pretraining state (a dict with STATE_KEYS of the right types),
+    made with this data/model/diffusion/pretrain config (unless --force). Anything else is a one-line
+    CheckpointError, never a KeyError or TypeError from half-way through resuming."""
+    st = checkpoint.load(path, map_location=device)
+    if not isinstance(st, dict):
+        raise checkpoint.CheckpointError(f"{path} holds a {type(st).__name__}, not a papa pretraining state; delete "
+                                         "it or rerun without --resume")
+    for key, tp in STATE_KEYS.items():
+        if key not in st:
+            raise checkpoint.CheckpointError(f"{path} has no '{key}': not a complete papa pretraining state; delete it "
+                                             "or rerun without --resume")
+        if not isinstance(st[key], tp) or isinstance(st[key], bool):
+            raise checkpoint.CheckpointError(f"{path}: '{key}' is a {type(st[key]).__name__}, not what papa.pretrain "
+                                             "writes; delete it or rerun without --resume")
+    if st["config_hash"] != pretrain_hash(cfg) and not force:
+        raise checkpoint.CheckpointError(f"{path} was made with another data/model/diffusion/pretrain "
+                                         "config; rerun without --resume (or --force)")
+    return st
+
+
+def apply_state(st: dict, path: Path, model, ema, opt, gen) -> int:
+    """Load a checked state into the run's objects; returns its step. Weights of another shape (--force across a model
+    change) are a CheckpointError."""
+    try:
+        model.load_state_dict(st["model"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"].cpu())
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise checkpoint.CheckpointError(f"{path} does not fit this config's model or optimiser ({why}); rerun "
+                                         "without --resume") from None
+    return st["step"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m papa.pretrain", description=__doc__.splitlines()[0])
     add_config_args(ap)
@@ -74,18 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-at", type=int, default=0, metavar="STEP",
                     help="stop at this step and export (the learning-rate schedule stays that of pretrain.steps)")
     args = ap.parse_args(argv)
+    # everything is checked and loaded before the run directory is created or anything in it written: a refused run
+    # leaves an existing directory (its config.yaml, log.txt, state.pt) exactly as it was, and makes no new one
     cfg = config_from_args(args)
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     p = cfg.pretrain
-    out = Path(args.out or f"runs/pretrain/{cfg.task_name}")
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    log = open(out / "log.txt", "a")
+    out = check_writable_dir(args.out or f"runs/pretrain/{cfg.task_name}", "--out")
+    check_writable_dir(Path(cfg.checkpoints.base).parent, "checkpoints.base's directory")
+    state_path = out / "state.pt"
+    st = load_state(state_path, cfg, device, args.force) if args.resume and state_path.is_file() else None
 
-    x_np, _ = load_dataset(cfg.data.dataset, "train", root=cfg.data.root or None, verbose=True)
-    data = to_model_range(torch.from_numpy(x_np))
     sched = NoiseSchedule.from_config(cfg.diffusion)
     model = build_unet(cfg.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -93,14 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(p.seed)
     torch.manual_seed(p.seed)
     step = 0
-    state_path = out / "state.pt"
-    if args.resume and state_path.is_file():
-        st = checkpoint.load(state_path, map_location=device)
-        if st["config_hash"] != pretrain_hash(cfg) and not args.force:
-            raise checkpoint.CheckpointError(f"{state_path} was made with another data/model/diffusion/pretrain "
-                                             "config; rerun without --resume (or --force)")
-        model.load_state_dict(st["model"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"].cpu()); step = st["step"]
+    if st is not None:
+        step = apply_state(st, state_path, model, ema, opt, gen)
+    x_np, _ = load_dataset(cfg.data.dataset, "train", root=cfg.data.root or None, verbose=True)
+    data = to_model_range(torch.from_numpy(x_np))
+
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    log = open(out / "log.txt", "a")
+    if st is not None:
         print(f"resumed from step {step}")
 
     def save_state():

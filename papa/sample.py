@@ -5,8 +5,9 @@
 
 Writes to DIR (default `samples/<task_name>`): `grid.png` (an image grid), `samples.pt` (float tensor (N, 1, 28, 28)
 in [−1, 1]) and `stats.json` (the evaluator's class histogram, mean confidence, FID against the test set on evaluator
-features when the dataset is available, settings and timing). ePAPA's switch
-is honoured: with `--epapa-k K` (or `sample.epapa_k`), steps t < K use the frozen base model (`checkpoints.base`).
+features when the dataset is available and N >= 2 (else `fid_vs_test: null` and a `fid_note` saying why), settings
+and timing). ePAPA's switch is honoured: with `--epapa-k K` (or `sample.epapa_k`), steps t < K use the frozen base
+model (`checkpoints.base`). Every input (config, --out, checkpoints, a given data.root) is checked before sampling.
 A finetuned model is a run's `checkpoints/round_NNN.pt`; where the run kept an EMA of its policy (`train.ema_decay`,
 the MNIST default) that EMA is what its evaluations judged, and what is sampled unless `--weights policy`.
 """
@@ -22,9 +23,10 @@ import torch
 
 from papa import checkpoint
 from papa.checkpoint import WEIGHTS
-from papa.cli import add_config_args, add_threads_arg, apply_threads, config_from_args, run_main
+from papa.cli import (add_config_args, add_threads_arg, apply_threads, check_writable_dir, config_from_args,
+                      run_main)
 from papa.config import dump_yaml
-from papa.data import CLASS_NAMES
+from papa.data import CLASS_NAMES, DataError, load_dataset
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
@@ -37,8 +39,24 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     checkpoint.atomic_write_bytes(path, buf.getvalue())
 
 
+def fid_reference(cfg, num: int):
+    """(test images uint8 or None, note or None) for the FID, decided before sampling.
+
+    The FID fits a covariance to each set, which needs at least 2 samples: one image is a legitimate request, so it
+    gets `fid_vs_test: null` with a note, not an error. Without `data.root` a missing test set is only a note too (the
+    images and class statistics still stand); with `data.root` the user named the data, so an unusable directory is
+    a DataError (exit 2) before any sampling."""
+    if num < 2:
+        return None, f"FID needs at least 2 samples, got {num}; sample 2 or more (--num) for an FID"
+    if cfg.data.root:
+        return load_dataset(cfg.data.dataset, "test", root=cfg.data.root)[0], None
+    try:
+        return load_dataset(cfg.data.dataset, "test")[0], None
+    except (DataError, OSError, ValueError) as e:  # no offline copy of the test set: the rest still stands
+        return None, f"test set unavailable: {e}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    from papa.data import DataError, load_dataset
     from papa.evaluate import class_stats, classify, frechet_distance
     from papa.pretrain import to_model_range
     from papa.models import load_classifier, load_unet
@@ -72,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     s, d = cfg.sample, cfg.diffusion
     ckpt = args.checkpoint or cfg.checkpoints.base
-    # load everything before writing anything: a bad path fails with nothing written
+    # check and load everything before any work or writing: a bad path fails in one line with nothing written
+    out = check_writable_dir(args.out or f"samples/{cfg.task_name}", "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_unet(cfg.model, ckpt, args.weights).to(device)
     base = load_unet(cfg.model, cfg.checkpoints.base).to(device) if s.epapa_k > 0 else None
     evaluator = load_classifier("evaluator", cfg.checkpoints.evaluator)
-    out = Path(args.out or f"samples/{cfg.task_name}")
+    test_set, fid_note = fid_reference(cfg, s.num)
     if args.precision == "bf16" and not supports_bf16(device):
         print(f"warning: --precision bf16 on a {device.type} without fast bf16 kernels may be slower than fp32")
 
@@ -89,16 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.time() - t0
     probs, feats = classify(evaluator, images)
     stats = class_stats(probs)
-    try:
-        xte, _ = load_dataset(cfg.data.dataset, "test", root=cfg.data.root or None)
-        stats["fid_vs_test"] = frechet_distance(feats, classify(evaluator, to_model_range(torch.from_numpy(xte)))[1])
-    except (DataError, OSError, ValueError) as e:  # no offline copy of the test set: the rest still stands
-        stats["fid_vs_test"], stats["fid_note"] = None, f"test set unavailable: {e}"
+    stats["fid_vs_test"] = None
+    if test_set is not None:
+        try:
+            test_feats = classify(evaluator, to_model_range(torch.from_numpy(test_set)))[1]
+            stats["fid_vs_test"] = frechet_distance(feats, test_feats)
+        except ValueError as e:  # e.g. non-finite features from a diverged model: the images are still worth saving
+            fid_note = f"FID not computed: {e}"
+    if fid_note:
+        stats["fid_note"] = fid_note
     stats.update(precision=args.precision, compiled=args.compile, class_names=CLASS_NAMES[cfg.data.dataset],
                  checkpoint=str(ckpt), weights=checkpoint.resolved_weights(ckpt, args.weights), sampler=d.sampler,
                  sample_steps=d.sample_steps, seed=s.seed, epapa_k=s.epapa_k, sample_seconds=round(seconds, 2),
                  torch_threads=torch.get_num_threads())
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # checked above; only now created
     save_grid(images, out / "grid.png")
     buf = io.BytesIO()
     torch.save(images, buf)

@@ -57,9 +57,93 @@ def test_hub_pickle_conversion_roundtrip():
 def test_nothing_works_gives_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PAPA_CACHE", str(tmp_path / "cache"))
     with pytest.raises(data.DataError) as e:
-        data.load_dataset("mnist", "test", root=str(tmp_path / "empty"), use_registries=False)
+        data.load_dataset("mnist", "test", use_registries=False)
     msg = str(e.value)
-    assert "directory" in msg and "cache" in msg and "data.root" in msg
+    assert "cache" in msg and "data.root" in msg and "\n" not in msg
+
+
+def _fake_canonical(monkeypatch, name="mnist"):
+    """Small arrays made the canonical ones for this test (DIGESTS patched), so the loader's real checks run on them."""
+    got = {}
+    for i, (split, n) in enumerate((("train", 6), ("test", 4))):
+        x = np.full((n, 28, 28), 10 + i, np.uint8)
+        y = np.arange(n, dtype=np.uint8) % 10
+        monkeypatch.setitem(data.DIGESTS, (name, split, "x"), data.sha256_array(x))
+        monkeypatch.setitem(data.DIGESTS, (name, split, "y"), data.sha256_array(y))
+        got[split] = (x, y)
+    return got
+
+
+def _export_dir(d, fake):
+    d.mkdir(parents=True, exist_ok=True)
+    for split, (x, y) in fake.items():
+        for stem, a in zip(data._IDX_NAMES[split], (x, y)):
+            data.write_idx(d / f"{stem}.gz", a)
+
+
+@pytest.mark.parametrize("kind", ["missing", "a file", "empty", "wrong files"])
+def test_an_explicit_root_must_verify_and_never_falls_back_to_the_cache(tmp_path, monkeypatch, kind):
+    """data.root / --root names the data: when it is unusable the loader says so (naming the directory and why) even
+    though the cache holds verified data, and it neither reads nor rewrites the cache."""
+    monkeypatch.setenv("PAPA_CACHE", str(tmp_path / "cache"))
+    fake = _fake_canonical(monkeypatch)
+    for split, (x, y) in fake.items():
+        data._save_cache("mnist", split, x, y)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
+    root = tmp_path / "root"
+    if kind == "a file":
+        root.write_text("not a directory")
+    elif kind == "empty":
+        root.mkdir()
+    elif kind == "wrong files":
+        _export_dir(root, {sp: (x + 1, y) for sp, (x, y) in fake.items()})
+    monkeypatch.setattr(data, "REGISTRY_SOURCES", [])
+    with pytest.raises(data.DataError) as e:
+        data.load_dataset("mnist", "train", root=str(root))
+    msg = str(e.value)
+    assert f"'{root}'" in msg and "data.root" in msg and "\n" not in msg
+    why = {"missing": "does not exist", "a file": "not a directory", "empty": "no train-images-idx3-ubyte",
+           "wrong files": "sha256 mismatch"}[kind]
+    assert why in msg, msg
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == before
+
+
+def test_an_explicit_root_that_verifies_is_used_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAPA_CACHE", str(tmp_path / "cache"))
+    fake = _fake_canonical(monkeypatch)
+    _export_dir(tmp_path / "root", fake)
+    x, y = data.load_dataset("mnist", "test", root=str(tmp_path / "root"), use_registries=False)
+    assert np.array_equal(x, fake["test"][0]) and np.array_equal(y, fake["test"][1])
+    assert (tmp_path / "cache" / "mnist_test.npz").is_file()
+
+
+def test_a_cache_that_fails_verification_is_announced_before_it_is_fetched_again(tmp_path, monkeypatch, capsys):
+    """A damaged cache file is not replaced silently: exactly one warning line on stderr names it and why, then the
+    next source provides verified data, which replaces it."""
+    monkeypatch.setenv("PAPA_CACHE", str(tmp_path / "cache"))
+    fake = _fake_canonical(monkeypatch)
+    data._save_cache("mnist", "test", fake["test"][0] + 1, fake["test"][1])  # wrong content under the right name
+    monkeypatch.setattr(data, "REGISTRY_SOURCES", [("fake source", lambda name, sp, tmp: fake[sp], ("mnist",))])
+    x, _ = data.load_dataset("mnist", "test")
+    assert np.array_equal(x, fake["test"][0])
+    err = capsys.readouterr().err.strip().splitlines()
+    cp = tmp_path / "cache" / "mnist_test.npz"
+    assert len(err) == 1 and err[0].startswith(f"warning: cache {cp} failed verification (sha256 mismatch")
+    assert err[0].endswith("; fetching again")
+    with np.load(cp) as z:
+        assert np.array_equal(z["x"], fake["test"][0])  # replaced by the verified data
+
+
+def test_fetch_with_a_root_verifies_both_splits_before_caching_either(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAPA_CACHE", str(tmp_path / "cache"))
+    fake = _fake_canonical(monkeypatch)
+    _export_dir(tmp_path / "root", {"train": fake["train"]})  # the test split is missing
+    with pytest.raises(data.DataError, match="t10k-images"):
+        data.main(["fetch", "mnist", "--root", str(tmp_path / "root")])
+    assert not (tmp_path / "cache").exists()
+    _export_dir(tmp_path / "root", fake)
+    assert data.main(["fetch", "mnist", "--root", str(tmp_path / "root")]) == 0
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["mnist_test.npz", "mnist_train.npz"]
 
 
 def test_user_directory_with_wrong_files_is_refused(tmp_path, monkeypatch):
@@ -97,3 +181,20 @@ def test_write_idx_roundtrips_and_export_writes_what_load_reads(tmp_path, monkey
     for sp in ("train", "test"):
         x, y = data.read_idx_dir(tmp_path / "out", sp)
         assert np.array_equal(x, fake[sp][0]) and np.array_equal(y, fake[sp][1])
+
+
+def test_an_unwritable_cache_is_an_error_for_fetch_and_a_warning_for_loading(tmp_path, monkeypatch, capsys):
+    """PAPA_CACHE under a regular file: `fetch` (whose job is the cache) ends in one DataError line naming the path and
+    PAPA_CACHE; `load_dataset` from a good data.root still returns the data, with one warning line."""
+    (tmp_path / "afile").write_text("a regular file")
+    monkeypatch.setenv("PAPA_CACHE", str(tmp_path / "afile" / "cache"))
+    fake = _fake_canonical(monkeypatch)
+    _export_dir(tmp_path / "root", fake)
+    with pytest.raises(data.DataError, match="fetch mnist: could not write .*PAPA_CACHE") as e:
+        data.main(["fetch", "mnist", "--root", str(tmp_path / "root")])
+    assert "\n" not in str(e.value)
+    capsys.readouterr()
+    x, _ = data.load_dataset("mnist", "test", root=str(tmp_path / "root"))
+    assert np.array_equal(x, fake["test"][0])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: could not cache mnist/test"), err

@@ -110,3 +110,70 @@ def test_round_checkpoint_weights_default_to_the_ema_the_run_evaluated(tmp_path)
     assert checkpoint.resolved_weights(tmp_path / "no_ema.pt") == "policy"
     with pytest.raises(checkpoint.CheckpointError, match="no EMA weights"):
         load_unet(cfg.model, tmp_path / "no_ema.pt", "ema")
+
+
+def _sample_args(tmp_path, *extra):
+    """A tiny, fast `python -m papa.sample` command line: random UNet and evaluator saved under tmp_path."""
+    if not (tmp_path / "u.pt").is_file():
+        checkpoint.atomic_save({"state_dict": _tiny_model().state_dict()}, tmp_path / "u.pt")
+        checkpoint.atomic_save({"state_dict": EvaluatorCNN().state_dict()}, tmp_path / "e.pt")
+    return ["--config", str(ROOT / "configs" / "mnist.yaml"), "--checkpoint", str(tmp_path / "u.pt"),
+            "--set", f"checkpoints.evaluator={tmp_path / 'e.pt'}", "--set", "diffusion.sample_steps=2", "--quiet",
+            *extra]
+
+
+def test_frechet_distance_refuses_what_it_cannot_judge():
+    """One sample has no covariance (torch.cov gives NaN, eigh then a LinAlgError) and non-finite features no Gaussian:
+    both are a clear ValueError naming the problem; ordinary inputs still give the Fréchet distance."""
+    from papa.evaluate import frechet_distance
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 4, generator=g), torch.randn(40, 4, generator=g)
+    assert abs(frechet_distance(a, a)) < 1e-6
+    shift = torch.tensor([3.0, 0, 0, 0])
+    assert abs(frechet_distance(a, a + shift) - 9.0) < 1e-6  # same covariance: the squared mean shift alone
+    assert frechet_distance(a, b) > 0
+    for f1, f2, which in ((a[:1], b, "first has 1"), (a, b[:1], "second has 1"), (a[:0], b, "first has 0")):
+        with pytest.raises(ValueError, match=f"at least 2 samples in each set; the {which}"):
+            frechet_distance(f1, f2)
+    bad = a.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        frechet_distance(b, bad)
+    with pytest.raises(ValueError, match="non-finite"):
+        frechet_distance(a.clone().fill_(float("inf")), b)
+
+
+def test_sample_cli_one_image_records_no_fid_and_says_why(tmp_path, monkeypatch):
+    """`--num 1` is a legitimate request: the image is written and stats.json has fid_vs_test null with a note (it used
+    to die in the FID with a LinAlgError whenever the test set was available; a stand-in test set makes it so here)."""
+    import numpy as np
+
+    import papa.data
+    import papa.sample
+    from papa.sample import main
+    fake = lambda name, split, root=None, **k: (np.random.default_rng(0).integers(0, 256, (8, 28, 28), np.uint8),
+                                               np.arange(8, dtype=np.uint8))
+    monkeypatch.setattr(papa.data, "load_dataset", fake)
+    monkeypatch.setattr(papa.sample, "load_dataset", fake, raising=False)
+    assert main(_sample_args(tmp_path, "--num", "1", "--out", str(tmp_path / "o"))) == 0
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())
+    assert stats["num"] == 1 and stats["fid_vs_test"] is None
+    assert "at least 2 samples" in stats["fid_note"]
+    assert torch.load(tmp_path / "o" / "samples.pt", weights_only=True).shape == (1, 1, 28, 28)
+    assert main(_sample_args(tmp_path, "--num", "3", "--out", str(tmp_path / "o3"))) == 0  # two or more: an FID
+    stats = json.loads((tmp_path / "o3" / "stats.json").read_text())
+    assert stats["fid_vs_test"] >= 0 and "fid_note" not in stats
+
+
+def test_sample_cli_unusable_data_root_fails_before_sampling(tmp_path, monkeypatch):
+    """With data.root set the user named the test set: an unusable directory is a DataError before any sampling (not a
+    silent 'test set unavailable' note after it), and nothing is written."""
+    import papa.sampling
+    from papa.data import DataError
+    from papa.sample import main
+    monkeypatch.setattr(papa.sampling, "sample", lambda *a, **k: pytest.fail("sampled before checking data.root"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"'{tmp_path / 'empty'}'"):
+        main(_sample_args(tmp_path, "--num", "2", "--set", f"data.root={tmp_path / 'empty'}", "--out",
+                          str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()

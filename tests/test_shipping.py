@@ -58,6 +58,25 @@ def test_pretrain_refuses_an_unusable_device_before_any_work(tmp_path, device):
     assert not (tmp_path / "pre").exists()
 
 
+def test_pretrain_resume_checks_the_state_before_writing(tmp_path, small_data):
+    """--resume continues a run made with the same config; --force across a model change (weights of another shape)
+    is a CheckpointError naming state.pt, raised before config.yaml or log.txt is touched."""
+    from papa.checkpoint import CheckpointError
+    from papa.pretrain import main
+    base, out = tmp_path / "base.pt", tmp_path / "pre"
+    sets = TINY + ["pretrain.steps=4", "pretrain.batch_size=8", "pretrain.checkpoint_every=2",
+                   "pretrain.warmup_steps=1", f"checkpoints.base={base}"]
+    assert main(_args(*sets) + ["--out", str(out), "--threads", "1", "--stop-at", "2"]) == 0
+    assert checkpoint.load(out / "state.pt")["step"] == 2
+    assert main(_args(*sets) + ["--out", str(out), "--threads", "1", "--resume"]) == 0
+    assert checkpoint.load(out / "state.pt")["step"] == 4
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    wider = [s for s in sets if not s.startswith("model.down_channels")] + ["model.down_channels=[16,16,16,16]"]
+    with pytest.raises(CheckpointError, match="state.pt does not fit this config's model"):
+        main(_args(*wider) + ["--out", str(out), "--threads", "1", "--resume", "--force"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_oracle_writes_both_classifiers_with_sidecars(tmp_path, small_data):
     from papa.oracle import main
     o, e = tmp_path / "oracle.pt", tmp_path / "evaluator.pt"
@@ -80,7 +99,8 @@ def test_gpu_paper_script_pretrains_then_aligns_and_resumes(tmp_path):
             "model.time_emb_dim=16", "model.down_attention=[false,false,true]", "model.down_sample=[true,true,false]",
             "diffusion.sample_steps=4", "eval.num=8", "eval.final_num=8", "eval.batch_size=8", "train.rounds=2",
             "train.samples_per_round=2", "train.timestep_chunk=500", "pretrain.batch_size=8"]
-    (tmp_path / "data").mkdir()  # no IDX files there: the loader falls back to its verified cache / registries
+    from papa.data import export_idx
+    export_idx("mnist", tmp_path / "data")  # data.root must hold the verified IDX files: it never falls back silently
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": os.sys.executable, "RUNS_DIR": str(tmp_path / "runs"),
            "DATA_ROOT": str(tmp_path / "data"), "PRETRAIN_STEPS": "3", "OMP_NUM_THREADS": "1",
            "EXTRA_SETS": " ".join(f"--set {s}" for s in tiny)}
