@@ -178,6 +178,7 @@ def run_in_process(spec: dict, todo: list) -> None:
     from papa import dist
     from papa.engine import Engine
     rank, world, device = dist.init()
+    ok = False
     try:
         for method, seed, cfg, ov in todo:
             d = run_dir(cfg)
@@ -192,8 +193,9 @@ def run_in_process(spec: dict, todo: list) -> None:
                 print(f"[compare] {method} seed {seed} on {world} ranks", flush=True)
             Engine(cfg, d, rank, world, device).run(resume=resume)
             dist.barrier(world)
+        ok = True
     finally:
-        dist.teardown(world)
+        dist.teardown(world, ok)  # after a failure no barrier: it would wait for ranks that are failing too
 
 
 # ----------------------------------------------------------------------------- the report

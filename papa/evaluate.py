@@ -132,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     ck = cfg.checkpoints
     files = manifest_files(ck) if args.write_manifest else None  # before minutes of sampling, not after
-    evaluator = load_classifier("evaluator", ck.evaluator)
-    oracle = load_classifier("oracle", ck.oracle)
-    model = load_unet(cfg.model, ck.base)
+    ds = cfg.data.dataset
+    evaluator = load_classifier("evaluator", ck.evaluator, ds)
+    oracle = load_classifier("oracle", ck.oracle, ds)
+    model = load_unet(cfg.model, ck.base, dataset=ds)
     xte_np, yte_np = load_dataset(cfg.data.dataset, "test", root=cfg.data.root or None)
     xte, yte = to_model_range(torch.from_numpy(xte_np)), torch.from_numpy(yte_np).long()
 

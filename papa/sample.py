@@ -93,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     # check and load everything before any work or writing: a bad path fails in one line with nothing written
     out = check_writable_dir(args.out or f"samples/{cfg.task_name}", "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_unet(cfg.model, ckpt, args.weights).to(device)
-    base = load_unet(cfg.model, cfg.checkpoints.base).to(device) if s.epapa_k > 0 else None
-    evaluator = load_classifier("evaluator", cfg.checkpoints.evaluator)
+    ds = cfg.data.dataset  # a checkpoint that says it was made for another dataset is refused
+    model = load_unet(cfg.model, ckpt, args.weights, dataset=ds).to(device)
+    base = load_unet(cfg.model, cfg.checkpoints.base, dataset=ds).to(device) if s.epapa_k > 0 else None
+    evaluator = load_classifier("evaluator", cfg.checkpoints.evaluator, ds)
     test_set, fid_note = fid_reference(cfg, s.num)
     if args.precision == "bf16" and not supports_bf16(device):
         print(f"warning: --precision bf16 on a {device.type} without fast bf16 kernels may be slower than fp32")

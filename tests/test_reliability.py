@@ -278,3 +278,22 @@ def test_forged_or_truncated_base_evaluation_cache_is_not_trusted(tiny, tmp_path
         assert r.returncode == 0, r.stderr[-2000:]
         assert metrics(run_dir(tmp_path))[0]["preferred_rate"] == true_rate
         assert "not a valid base-model evaluation" in (run_dir(tmp_path) / "log.txt").read_text()
+
+
+def test_sampling_a_checkpoint_of_the_other_dataset_is_refused(tmp_path):
+    """The shipped Fashion-MNIST base says so in its sidecar: under the MNIST config it is refused before sampling."""
+    r = subprocess.run([sys.executable, "-m", "papa.sample", "--config", MNIST, "--num", "2", "--out", str(tmp_path / "s"),
+                        "--checkpoint", str(ROOT / "checkpoints" / "fashion_mnist" / "base_ddpm.pt")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    one_error_line(r, "trained on fashion_mnist")
+    assert not (tmp_path / "s").exists()
+
+
+def test_shipped_paths_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(MNIST)
+    for key in ("base", "oracle", "evaluator"):
+        assert Path(getattr(cfg.checkpoints, key)).is_file(), key
+    monkeypatch.chdir(ROOT)  # from the checkout the config keeps its paths as written (and its hash)
+    assert load_config(MNIST).checkpoints.base == "checkpoints/mnist/base_ddpm.pt"
