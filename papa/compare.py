@@ -32,10 +32,17 @@ from pathlib import Path
 
 import yaml
 
+from papa.algos import METHODS
 from papa.cli import run_main
 from papa.config import Config, ConfigError, load_config, to_dict
 
-QUERIES_PER_UNIT = {"sdpo": 6}  # reward queries per pair (3 per trajectory); every other method: 1 per unit
+
+
+def diagnostic_keys() -> tuple[str, ...]:
+    """Every method's declared diagnostics, and the round reward of the reward methods."""
+    from papa.algos import METHODS
+    keys = [k for cls in METHODS.values() for k in cls.diagnostics]
+    return tuple(dict.fromkeys(keys + ["round_reward"]))
 HEADLINE = [("preferred_rate", "preferred rate", "{:.3f}"), ("diversity", "diversity", "{:.3f}"),
             ("fid_preferred", "FID (preferred)", "{:.2f}"), ("kl_to_base", "KL to base", "{:.3f}")]
 
@@ -90,10 +97,11 @@ def plan(spec: dict) -> list[tuple[str, int, Config, list[str]]]:
             except ConfigError as e:
                 raise ConfigError(f"compare method '{method}': {e}") from None
             t = cfg.train
-            used = t.rounds * t.samples_per_round * QUERIES_PER_UNIT.get(t.algo, 1)
+            per_unit = METHODS[t.algo].queries_per_unit
+            used = t.rounds * t.samples_per_round * per_unit
             if used != spec["budget"]:
                 raise ConfigError(f"compare method '{method}' uses {used} feedback units (train.rounds {t.rounds} × "
-                                  f"samples_per_round {t.samples_per_round} × {QUERIES_PER_UNIT.get(t.algo, 1)} per "
+                                  f"samples_per_round {t.samples_per_round} × {per_unit} per "
                                   f"unit), not the budget {spec['budget']}; change its rounds or samples_per_round")
             runs.append((method, seed, cfg, ov))
     return runs
@@ -191,7 +199,7 @@ def run_in_process(spec: dict, todo: list) -> None:
                 dist.barrier(world)
             if rank == 0:
                 print(f"[compare] {method} seed {seed} on {world} ranks", flush=True)
-            Engine(cfg, d, rank, world, device).run(resume=resume)
+            Engine.from_config(cfg, d, rank, world, device).run(resume=resume)
             dist.barrier(world)
         ok = True
     finally:
@@ -223,7 +231,7 @@ def summarize_run(rows: list[dict]) -> dict:
     out["peak_rss_mb"] = max((r.get("peak_rss_mb", 0.0) for r in rows), default=math.nan)
     out["curve"] = [(r["labels_used"], r["preferred_rate"]) for r in evals]
     out["fid_curve"] = [(r["labels_used"], r["fid_preferred"]) for r in evals]
-    for k in ("implicit_accuracy", "clip_fraction", "approx_kl_old", "round_reward"):
+    for k in diagnostic_keys():
         vals = [r[k] for r in rows if k in r and not (isinstance(r[k], float) and math.isnan(r[k]))]
         if vals:
             out[k] = sum(vals) / len(vals)
@@ -259,7 +267,7 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
     diag = []
     for method, res in by_method.items():
         parts = [f"{k.replace('_', ' ')} {_fmt(_mean_std([r.get(k, math.nan) for r in res]), '{:.3g}')}"
-                 for k in ("implicit_accuracy", "clip_fraction", "approx_kl_old", "round_reward") if k in res[0]]
+                 for k in diagnostic_keys() if k in res[0]]
         if parts:
             diag.append(f"- {method}: " + ", ".join(parts) + " (mean over rounds)")
     if diag:

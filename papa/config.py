@@ -99,11 +99,15 @@ class FeedbackConfig:
     preference: list[int] = field(default_factory=lambda: [1, 4, 7, 9])   # the user's liked classes
     full_exploitation: bool = True    # non-preferred samples labelled -1 (true) or 0 (false: ignored)
     labels_file: str = ""             # for source: file
+    wait: bool = False                # source file: a missing label means "not yet": wait for it (a person labelling
+                                      # rounds/NNN/ while the run waits) instead of stopping with an error
+    poll_seconds: float = 2.0         # how often a waiting run looks for new answers
 
 
 @dataclass
 class TrainConfig:
-    algo: str = "papa"                # papa (ePAPA: epapa_k > 0) | d3po | diffusion_dpo | ddpo | sdpo (papa.algos)
+    """The settings every method shares; each method's own live in its section (`papa:`, `d3po:`, … papa.algos)."""
+    algo: str = "papa"                # papa (ePAPA: papa.epapa_k > 0) | d3po | diffusion_dpo | ddpo | sdpo
     rounds: int = 30
     samples_per_round: int = 10       # feedback units per round: images (papa, ddpo) or pairs (d3po, diffusion_dpo, sdpo)
     batch_size: int = 10              # units (images or pairs) per optimiser step
@@ -114,35 +118,12 @@ class TrainConfig:
                                       # step; feedback rounds still sample the live policy. 0: off
     weight_decay: float = 0.0
     grad_clip: float = 1.0            # 0: off
-    pref_loss_coef: float = 0.1
-    model_loss_coef: float = 0.009
-    epapa_k: int = 0                  # ePAPA: base model for t < k when sampling; train only t in [k, T-1]
-    timesteps_per_sample: int = 0     # M: stratified, importance-weighted subsample of the trained steps; 0 = all
     timestep_chunk: int = 64          # (sample, t) items per UNet call; gradients accumulate chunk by chunk
-    weighting: str = "elbo"           # elbo: lambda_t as the reference | uniform: the same total spread evenly over t
-    t0_weight: str = "reference"      # lambda_0: reference (alpha_bar_{-1} wraps to alpha_bar_{T-1}) | skip | clamp (= lambda_1)
-    qpde_placement: str = "last"      # last (t = T-1, as the reference on one GPU) | random (one trained t) | every
-    qpde_on_negatives: bool = False   # also keep disliked samples close to the base model
-    negative_weight: float = 1.0      # scale of the unlikelihood term of disliked samples (reference 1.0: unbounded)
-    negative_cap: float = 0.0         # kappa > 0 bounds it: min(err, (1 + kappa) err_base); 0: unbounded (reference)
-    liked_balance: float = 0.0        # f > 0: weight liked samples by inverse pixel-kernel density among all liked
-                                      # images so far (bandwidth f x median distance), mean 1; 0: off (reference)
-    replay: bool = False              # train on all feedback so far (paper figure) or this round's only (code)
-    replay_size: int = 0              # with replay: this round's units plus this many drawn (seeded, without
-                                      # replacement) from earlier rounds' feedback; 0: all of them
     loss_scale: str = "global"        # global: independent of ranks | reference: DDP mean over W ranks (8-GPU scaling)
-    noise_per_timestep: bool = False  # false: one eps draw reused for every t (reference)
     # trajectory methods (d3po, ddpo, sdpo): the sampler whose steps are recorded and trained
     traj_steps: int = 20              # few-step sampling as in those papers
     traj_sampler: str = "ddim"        # ddim | ancestral
     traj_eta: float = 1.0             # DDIM eta (1: every step stochastic, as D3PO/DDPO/SDPO)
-    beta: float = 0.1                 # d3po: beta of the DPO logit; diffusion_dpo uses dpo_beta
-    clip: float = 0.1                 # d3po: the ratio is clipped to [1 - clip, 1 + clip]
-    dpo_beta: float = 5000.0          # diffusion_dpo: beta (the paper's value for pixel-mean MSE)
-    ppo_clip: float = 1e-4            # ddpo, sdpo: clip range of the policy ratio / log-ratio difference
-    adv_clip: float = 5.0             # ddpo, sdpo: advantages clipped to +-adv_clip
-    sdpo_gamma: float = 0.99          # sdpo: discount of the stepwise returns
-    sdpo_lambda: float = 0.99         # sdpo: step weight w_j = lambda^j
     seed: int = 0
     output_dir: str = "runs"
     sample_path: str = ""             # run directory name under output_dir/task_name (default: algo_seed)
@@ -171,6 +152,12 @@ class Config:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # each registered method's settings section, by name (`papa:`, `d3po:`, … at the top level of the YAML)
+    methods: dict = field(default_factory=lambda: {n: tp() for n, tp in __import__("papa.algos").algos.method_settings().items()})
+
+    def method(self, name: str | None = None) -> Any:
+        """The settings of method `name` (default: train.algo)."""
+        return self.methods[name or self.train.algo]
 
 
 # --------------------------------------------------------------------------- building from plain data
@@ -213,13 +200,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}' has an unsupported type {tp}")  # pragma: no cover
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def _build_config(data: dict) -> Config:
+    """The top level: the shared sections, plus one section per registered method (its Settings dataclass)."""
+    from papa.algos import method_settings
+    sections = method_settings()
+    data = dict(data)
+    if "methods" in data:
+        raise ConfigError("unknown config key 'methods'; method settings are top-level sections named after the "
+                          f"method: {', '.join(sorted(sections))}")
+    given = {name: data.pop(name) for name in list(data) if name in sections}
+    cfg = _build(Config, data, extra=sorted(sections))
+    cfg.methods = {name: _coerce(given.get(name, {}), tp, name) for name, tp in sections.items()}
+    return cfg
+
+
+def _build(cls: type, data: dict, prefix: str = "", extra: list[str] = ()) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - ({"methods"} if cls is Config else set())
     for k in data:
         if k not in names:
             raise ConfigError(
-                f"unknown config key '{prefix}{k}'; valid keys here: {', '.join(sorted(names))}")
+                f"unknown config key '{prefix}{k}'; valid keys here: {', '.join(sorted(names | set(extra)))}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -282,51 +283,32 @@ def validate(cfg: Config) -> Config:
              "feedback.preference", f"must be distinct class indices in [0, 9], got {f.preference}")
     _require(f.source != "file" or bool(f.labels_file), "feedback.labels_file", "must be set when feedback.source is 'file'")
     t = cfg.train
-    from papa.algos import ALGOS, REWARD
-    _require(t.algo in ALGOS, "train.algo", f"must be one of {sorted(ALGOS)}, got {t.algo!r}")
-    _require(t.algo not in REWARD or f.source == "oracle", "feedback.source",
+    from papa.algos import METHODS
+    _require(t.algo in METHODS, "train.algo", f"must be one of {sorted(METHODS)}, got {t.algo!r}")
+    method = METHODS[t.algo]
+    _require(method.feedback != "reward" or f.source == "oracle", "feedback.source",
              f"must be 'oracle' for train.algo={t.algo} (it needs a reward; label files hold choices, not rewards)")
-    if t.algo != "papa":  # PAPA-only settings left on (the MNIST default has them): name them all in one line
-        on = {k: off for k, off in (("epapa_k", 0), ("replay", "false"), ("replay_size", 0), ("liked_balance", 0))
-              if getattr(t, k) not in (0, False)}
-        _require(not on, "train." + next(iter(on), ""), f"applies to papa only; for train.algo={t.algo} add "
-                 + " ".join(f"--set train.{k}={off}" for k, off in on.items()))
-    _require(t.liked_balance >= 0, "train.liked_balance", "must be >= 0 (0: off)")
-    _require(t.replay_size >= 0, "train.replay_size", "must be >= 0 (0: replay all earlier feedback)")
-    _require(t.replay or t.replay_size == 0, "train.replay_size", "applies with train.replay: true; set it to 0")
     _require(1 <= t.traj_steps <= d.num_timesteps, "train.traj_steps", f"must be in [1, {d.num_timesteps}]")
-    _require(t.traj_steps >= 2 or t.algo not in ("d3po", "ddpo", "sdpo"), "train.traj_steps",
+    _require(t.traj_steps >= 2 or not method.draws.startswith("trajector"), "train.traj_steps",
              "must be >= 2 (the last step has no density)")
     _require(t.traj_sampler in ("ddim", "ancestral"), "train.traj_sampler", "must be ddim or ancestral")
     _require(0.0 < t.traj_eta <= 1.0, "train.traj_eta", "must be in (0, 1] (eta = 0 has no density to train)")
-    for k in ("beta", "clip", "dpo_beta", "ppo_clip", "adv_clip"):
-        _require(getattr(t, k) > 0, f"train.{k}", "must be > 0")
-    _require(t.clip < 1, "train.clip", "must be < 1 (the ratio is clipped to [1 - clip, 1 + clip])")
-    for k in ("sdpo_gamma", "sdpo_lambda"):
-        _require(0 < getattr(t, k) <= 1, f"train.{k}", "must be in (0, 1]")
     for k in ("rounds", "samples_per_round", "batch_size", "epochs_per_round", "timestep_chunk"):
         _require(getattr(t, k) >= 1, f"train.{k}", "must be >= 1")
     _require(t.lr > 0, "train.lr", "must be > 0")
-    for k in ("pref_loss_coef", "model_loss_coef"):
-        _require(getattr(t, k) >= 0, f"train.{k}", "must be >= 0")
-    for k in ("task_name",):
-        _require(_plain_name(cfg.task_name), k, f"must be a plain directory name (no '/', '..'), got {cfg.task_name!r}")
+    _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1) (0: off)")
+    _require(t.lr_decay in ("none", "linear", "cosine"), "train.lr_decay", "must be none, linear or cosine")
+    _require(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip", "and train.weight_decay must be >= 0")
+    _require(t.loss_scale in ("global", "reference"), "train.loss_scale", "must be global or reference")
+    _require(_plain_name(cfg.task_name), "task_name",
+             f"must be a plain directory name (no '/', '..'), got {cfg.task_name!r}")
     _require(not t.sample_path or _plain_name(t.sample_path), "train.sample_path",
              f"must be a plain directory name under train.output_dir/task_name (no '/', '..'), got {t.sample_path!r}")
     _require(bool(t.output_dir), "train.output_dir", "must not be empty")
-    _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1) (0: off)")
-    _require(t.lr_decay in ("none", "linear", "cosine"), "train.lr_decay", "must be none, linear or cosine")
-    _require(t.negative_weight >= 0, "train.negative_weight", "must be >= 0")
-    _require(t.negative_cap >= 0, "train.negative_cap", "must be >= 0 (0: unbounded, as the reference)")
-    _require(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip", "and train.weight_decay must be >= 0")
-    _require(0 <= t.epapa_k < d.num_timesteps, "train.epapa_k",
-             f"must be in [0, diffusion.num_timesteps={d.num_timesteps}) (k >= T would train no step)")
-    _require(0 <= t.timesteps_per_sample <= d.num_timesteps - t.epapa_k, "train.timesteps_per_sample",
-             f"must be in [0, T - epapa_k = {d.num_timesteps - t.epapa_k}] (0 = all)")
-    _require(t.weighting in ("elbo", "uniform"), "train.weighting", "must be elbo or uniform")
-    _require(t.t0_weight in ("reference", "skip", "clamp"), "train.t0_weight", "must be reference, skip or clamp")
-    _require(t.qpde_placement in ("last", "random", "every"), "train.qpde_placement", "must be last, random or every")
-    _require(t.loss_scale in ("global", "reference"), "train.loss_scale", "must be global or reference")
+    _require(f.poll_seconds > 0, "feedback.poll_seconds", "must be > 0")
+    _require(not f.wait or f.source == "file", "feedback.wait", "applies to feedback.source: file; set it to false")
+    for name, settings in cfg.methods.items():  # every section is checked, the active method's and the others'
+        settings.check(cfg, require=lambda cond, key, msg, name=name: _require(cond, f"{name}.{key}", msg))
     e = cfg.eval
     for k in ("every", "num", "final_num", "batch_size"):
         _require(getattr(e, k) >= 1, f"eval.{k}", "must be >= 1")
@@ -381,7 +363,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{ov}': '{k}' is not a section")
         node[keys[-1]] = value
-    return _resolve_shipped(validate(_build(Config, data)))
+    return _resolve_shipped(validate(_build_config(data)))
 
 
 # The checkout that holds the shipped configs/ and checkpoints/ (papa is installed editable from it).
@@ -407,7 +389,16 @@ def _resolve_shipped(cfg: Config) -> Config:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain data, as the YAML reads: a Config's method sections sit at the top level after `train`."""
+    if not isinstance(cfg, Config):
+        return dataclasses.asdict(cfg)
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.name != "methods":
+            out[f.name] = dataclasses.asdict(getattr(cfg, f.name)) if f.name != "task_name" else cfg.task_name
+        if f.name == "train":
+            out.update({name: dataclasses.asdict(v) for name, v in cfg.methods.items()})
+    return out
 
 
 def dump_yaml(cfg: Any) -> str:

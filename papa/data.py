@@ -85,6 +85,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PAPA_CACHE", Path.home() / ".cache" / "papa"))
 
 
+def to_model_range(x_uint8):
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [−1, 1] (a torch tensor in, a torch tensor out)."""
+    return x_uint8.float().div(127.5).sub(1).unsqueeze(1)
+
+
 # --------------------------------------------------------------------------- readers
 
 

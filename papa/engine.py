@@ -1,19 +1,21 @@
-"""The round engine, shared by every method: sample → feedback → update → evaluate → record → checkpoint.
+"""The round loop, shared by every method: draw → ask → update → evaluate → record → checkpoint.
 
-One round: the current model draws `samples_per_round` images (sharded over ranks, per-sample seeds so the result does
-not depend on the number of ranks; ePAPA's base model below k), the feedback source labels them, the method's work
-list of (sample, timestep) items is split over ranks and pushed through the UNet in chunks whose gradients accumulate
-(peak memory does not grow with T), gradients are all-reduced once per optimiser step, and the evaluator judges a
-fixed-seed batch. Every round ends with an atomic checkpoint holding everything `--resume` needs; the two newest are
-kept, and a corrupt newest one falls back to the previous.
+One round: the engine draws what the method declares (`Method.draws`: images, image pairs, or recorded trajectories,
+sharded over ranks with per-sample seeds so the result does not depend on the number of ranks; ePAPA's reference below
+k), gives every query a stable id, saves the images under rounds/NNN/, asks the feedback source (rank 0; every rank
+gets the answers, or the source's error) and waits where the source has no answer yet. The method turns the answers
+into training tensors; its work list of UNet evaluations is split over ranks and pushed through the UNet in chunks
+whose gradients accumulate (peak memory does not grow with T), gradients are all-reduced once per optimiser step, and
+the evaluator judges a fixed-seed batch. Every round ends with an atomic checkpoint holding everything `--resume`
+needs; the two newest are kept, and an unusable newest one falls back to the previous.
 
 Everything random in a round derives from (train.seed, round), so a resumed run repeats an uninterrupted one exactly.
+Models, the feedback source and the evaluator are objects handed in (`Engine(...)`); `Engine.from_config` builds them
+from a config and the shipped files.
 """
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import math
 import time
@@ -24,13 +26,13 @@ import torch
 from tqdm import tqdm
 
 from papa import checkpoint, dist
-from papa.algos import get_method
+from papa.algos import METHODS, get_method
 from papa.config import Config, config_hash, dump_yaml, to_dict
-from papa.data import CLASS_NAMES, load_dataset
-from papa.evaluate import class_stats, classify, frechet_distance
-from papa.feedback import build_feedback
-from papa.models import load_classifier, load_unet
-from papa.pretrain import to_model_range
+from papa.evaluation import RunEvaluator
+from papa.feedback import FeedbackSource, build_feedback
+from papa.policy import FullPolicy, Policy
+from papa.records import Records
+from papa.rounds import Query, RoundData, Samples, image_id, pair_id, round_seed
 from papa.sampling import Trajectories, sample, sample_trajectories
 from papa.schedule import NoiseSchedule
 
@@ -46,20 +48,20 @@ def peak_memory_mb(device: torch.device) -> dict:
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or gradients became NaN/inf: the round is abandoned and the last good checkpoint kept."""
+    """The loss, gradients or weights became NaN/inf: the round is abandoned and the last good checkpoint kept."""
 
 
 @dataclass
 class RunState:
     round: int = 0                                   # rounds completed
-    history: list = field(default_factory=list)      # per round: the method's training tensors (replay, keeps_history)
+    history: list = field(default_factory=list)      # per round: the method's training tensors (keeps_history)
     metrics: list = field(default_factory=list)      # rows written to metrics.jsonl
     elapsed: float = 0.0                             # seconds of training so far (across resumes)
 
 
 def default_sample_path(cfg: Config) -> str:
     t = cfg.train
-    return cfg.train.sample_path or f"{t.algo}{f'_k{t.epapa_k}' if t.epapa_k else ''}_seed{t.seed}"
+    return t.sample_path or f"{t.algo}{METHODS[t.algo].run_tag(cfg.method())}_seed{t.seed}"
 
 
 def round_lr(lr: float, decay: str, r: int, rounds: int) -> float:
@@ -76,60 +78,55 @@ def run_dir_for(cfg: Config) -> Path:
 
 
 class Engine:
-    def __init__(self, cfg: Config, run_dir: Path, rank: int = 0, world: int = 1, device=torch.device("cpu")):
+    def __init__(self, cfg: Config, run_dir: Path, policy: Policy, feedback: FeedbackSource, evaluator: RunEvaluator,
+                 rank: int = 0, world: int = 1, device=torch.device("cpu"), base_eval_key: dict | None = None):
+        """`base_eval_key`: what the base model's round-0 evaluation depends on (files by content, settings); with it
+        that evaluation is cached and shared by every run of the same inputs, without it always recomputed."""
         self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, Path(run_dir), rank, world, device
         self.main = rank == 0
-        ck, t = cfg.checkpoints, cfg.train
-        # load everything first: a bad path fails before anything is written
-        ds = cfg.data.dataset  # every checkpoint must say it was made for this dataset, where it says anything
-        self.model = load_unet(cfg.model, ck.base, dataset=ds).to(device)
-        self.base = copy.deepcopy(self.model).requires_grad_(False)
-        self.evaluator = load_classifier("evaluator", ck.evaluator, ds).to(device)
-        oracle = load_classifier("oracle", ck.oracle, ds).to(device) if cfg.feedback.source == "oracle" else None
-        self.feedback = build_feedback(cfg, oracle)
+        t = cfg.train
+        self.policy, self.feedback, self.evaluator, self.base_eval_key = policy, feedback, evaluator, base_eval_key
         self.sched = NoiseSchedule.from_config(cfg.diffusion)
-        self.method = get_method(t.algo)(self)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.method = get_method(t.algo)(cfg, policy, self.sched, device)
+        if self.method.feedback not in getattr(feedback, "kinds", (self.method.feedback,)):
+            from papa.config import ConfigError
+            raise ConfigError(f"feedback source {type(feedback).__name__} cannot answer {self.method.feedback} queries "
+                              f"(train.algo={t.algo}); use feedback.source: oracle")
+        self.opt = torch.optim.Adam(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         # the evaluated model: the policy itself, or an exponential moving average of its weights (train.ema_decay)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if t.ema_decay > 0 else None
-        xte, yte = load_dataset(cfg.data.dataset, "test", root=cfg.data.root or None)
-        pref = torch.tensor(cfg.feedback.preference)
-        keep = torch.isin(torch.from_numpy(yte).long(), pref)
-        _, self.test_feats = classify(self.evaluator, to_model_range(torch.from_numpy(xte[keep.numpy()])).to(device))
-        # a fixed probe for the KL-to-base diagnostic: real test images noised at fixed steps of the sampling chain
-        g = torch.Generator().manual_seed(cfg.eval.seed)
-        ts = torch.tensor(self.sched.sampling_timesteps(cfg.diffusion.sample_steps))
-        j = torch.randint(0, len(ts) - 1, (64,), generator=g)  # never the last step (σ = 0)
-        x0 = to_model_range(torch.from_numpy(xte[torch.randperm(len(xte), generator=g)[:64].numpy()]))
-        pt, ptp = ts[j], ts[j + 1]
-        self.probe = (self.sched.add_noise(x0, torch.randn(x0.shape, generator=g), pt).to(device), pt.to(device),
-                      self.sched.fused_coefficients(pt, ptp, cfg.diffusion.sampler, cfg.diffusion.eta).to(device))
+        self.ema = copy.deepcopy(policy.module).eval().requires_grad_(False) if t.ema_decay > 0 else None
+        self.records = Records(run_dir, self.main)
         self.state = RunState()
         self.ckpt_dir = self.run_dir / "checkpoints"
 
-    # ------------------------------------------------------------------ records
-    def log(self, msg: str) -> None:
-        if self.main:
-            tqdm.write(msg)
-            with open(self.run_dir / "log.txt", "a") as f:
-                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+    @classmethod
+    def from_config(cls, cfg: Config, run_dir: Path, rank: int = 0, world: int = 1,
+                    device=torch.device("cpu")) -> "Engine":
+        """The engine of a config: the shipped base model as a fully trained policy, the configured feedback source,
+        the evaluator with the dataset's test images. Every file is loaded (and checked) before anything is written."""
+        from papa.data import load_dataset
+        from papa.models import load_classifier, load_unet
+        ck, ds = cfg.checkpoints, cfg.data.dataset  # every checkpoint must say it was made for this dataset, if it says
+        policy = FullPolicy(load_unet(cfg.model, ck.base, dataset=ds).to(device))
+        evaluator = load_classifier("evaluator", ck.evaluator, ds).to(device)
+        oracle = load_classifier("oracle", ck.oracle, ds).to(device) if cfg.feedback.source == "oracle" else None
+        feedback = build_feedback(cfg, oracle)
+        xte, yte = load_dataset(ds, "test", root=cfg.data.root or None)
+        run_eval = RunEvaluator(evaluator, xte, yte, cfg, NoiseSchedule.from_config(cfg.diffusion), device)
+        key = {"files": [checkpoint.sha256_file(p) for p in (ck.base, ck.evaluator)],  # by content, not size/time
+               "model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion), "data": to_dict(cfg.data),
+               "preference": cfg.feedback.preference, "num": cfg.eval.final_num, "seed": cfg.eval.seed}
+        return cls(cfg, run_dir, policy, feedback, run_eval, rank, world, device, base_eval_key=key)
 
-    def _write_metrics(self) -> None:
-        rows = self.state.metrics
-        checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        keys = sorted({k for r in rows for k, v in r.items() if not isinstance(v, (list, dict))})
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-        checkpoint.atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+    def log(self, msg: str) -> None:
+        self.records.log(msg)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         s = self.state
         path = self.ckpt_dir / f"round_{s.round:03d}.pt"
         checkpoint.atomic_save({
-            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "round": s.round,
+            "model": self.policy.state_dict(), "opt": self.opt.state_dict(), "round": s.round,
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "history": s.history, "metrics": s.metrics, "elapsed": s.elapsed, "dataset": self.cfg.data.dataset,
             "config_hash": config_hash(self.cfg), "torch_rng": torch.get_rng_state()}, path)
@@ -168,7 +165,7 @@ class Engine:
         for n, path in reversed(files):
             try:
                 st = self._load_round(path, n, force)
-                self.model.load_state_dict(st["model"])
+                self.policy.load_state_dict(st["model"])
                 self.opt.load_state_dict(st["opt"])
                 if self.ema is not None:
                     self.ema.load_state_dict(st["ema"])
@@ -200,16 +197,14 @@ class Engine:
         except (ValueError, OSError):
             return 1  # unreadable records of a run that did something: do not start over them
 
-    # ------------------------------------------------------------------ phases
-    def sample_images(self, n: int, seed: int, epapa: bool = True, net: torch.nn.Module | None = None) -> torch.Tensor:
-        """n images from the current model, or `net` (ePAPA's base model below k when `epapa`), sharded over ranks, on
-        every rank."""
+    # ------------------------------------------------------------------ the round
+    def sample_images(self, n: int, seed: int, k: int = 0, net: torch.nn.Module | None = None) -> torch.Tensor:
+        """n images from the policy (or `net`), the reference below step k (ePAPA), sharded over ranks, on every rank."""
         d, idx = self.cfg.diffusion, dist.shard(n, self.rank, self.world)
-        k = self.cfg.train.epapa_k if epapa else 0
-        net = self.model if net is None else net
+        net = self.policy.module if net is None else net
         local = sample(net, self.sched, len(idx), steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
                        seed=seed, first_index=idx.start, batch_size=self.cfg.eval.batch_size,
-                       base_model=self.base if k else None, epapa_k=k, device=self.device,
+                       base_model=self.policy.reference_module if k else None, epapa_k=k, device=self.device,
                        progress=self.main and n > 50, cuda_graph=self.device.type == "cuda")
         return dist.gather_cat(local, self.world)
 
@@ -218,60 +213,71 @@ class Engine:
         t = self.cfg.train
         unit = 2 if paired else 1
         idx = dist.shard(n // unit, self.rank, self.world)
-        local = sample_trajectories(self.model, self.sched, len(idx) * unit, steps=t.traj_steps,
+        local = sample_trajectories(self.policy.module, self.sched, len(idx) * unit, steps=t.traj_steps,
                                     sampler=t.traj_sampler, eta=t.traj_eta, seed=seed, first_index=idx.start * unit,
                                     paired=paired, device=self.device)
         for k in ("x", "x0_hat", "log_prob"):
             local[k] = dist.gather_cat(local[k], self.world)
         return local
 
-    def ask(self, query, r: int, images: torch.Tensor) -> torch.Tensor:
-        """Rank 0 saves the round's `images` under rounds/NNN/ (so a person, or a labels file, can refer to them),
-        then asks the feedback source (`query()`); every rank gets the answer, or the source's error."""
-        def on_main() -> torch.Tensor:
-            self._save_images(r, images)
-            return query().cpu()
-        return dist.on_main(on_main, self.world, self.rank)
+    def draw(self, r: int) -> Samples:
+        """Round r's samples, as the method declares: P images, 2P images, P or 2P recorded trajectories."""
+        m, P, seed = self.method, self.cfg.train.samples_per_round, round_seed(self.cfg.train.seed, r)
+        if m.draws in ("images", "image_pairs"):
+            return Samples(self.sample_images(P * (2 if m.draws == "image_pairs" else 1), seed, m.base_below))
+        traj = self.sample_trajectories(P * (2 if m.draws == "trajectory_pairs" else 1), seed,
+                                        paired=m.draws == "trajectory_pairs")
+        return Samples(traj.images, traj)
 
-    @torch.no_grad()
-    def kl_to_base(self) -> float:
-        """Mean per-step KL(p_θ ‖ p_base) of the sampling chain on a fixed probe, nats per pixel (pixel mean)."""
-        x, t, coef = self.probe
-        d = self.evaluated(x, t) - self.base(x, t)
-        return float((coef[:, 1] ** 2 * d.square().flatten(1).mean(1) / (2 * coef[:, 2] ** 2)).mean())
+    def query(self, r: int, samples: Samples) -> Query:
+        """Round r's question: the images the method shows, an id for each query (image ids, or pair ids)."""
+        m, shown = self.method, self.method.shown(samples)
+        n = len(shown) // 2 if m.feedback == "pair" else len(shown)
+        ids = [(pair_id if m.feedback == "pair" else image_id)(r + 1, i) for i in range(n)]
+        return Query(r + 1, m.feedback, ids, shown)
 
+    def ask(self, q: Query, images: torch.Tensor) -> torch.Tensor:
+        """Save the round's `images` (rank 0), then ask the feedback source until it answers; every rank gets the
+        answers, or the source's error. Each poll is one collective, so a long wait never times out the others."""
+        dist.on_main(lambda: self.records.round_images(q.round, images), self.world, self.rank)
+        moved = Query(q.round, q.kind, q.ids, q.images.to(self.device))
+        waiting_since = None
+        while True:
+            answers = dist.on_main(lambda: self.feedback.ask(moved), self.world, self.rank)
+            if answers is not None:
+                break
+            if waiting_since is None:
+                waiting_since = time.time()
+                self.log(f"round {q.round}: waiting for {len(q.ids)} {q.kind} answers ({q.ids[0]} …) on the images "
+                         f"in {self.run_dir / 'rounds' / f'{q.round:03d}'}")
+            time.sleep(self.cfg.feedback.poll_seconds)
+        answers = answers.cpu()
+        if answers.shape[:1] != (len(q.ids),):
+            raise RuntimeError(f"feedback source {type(self.feedback).__name__} gave {tuple(answers.shape)} answers "
+                               f"for {len(q.ids)} queries")
+        return answers
+
+    def collect(self, r: int) -> RoundData:
+        """Round r: draw, ask, and let the method build its training tensors."""
+        samples = self.draw(r)
+        q = self.query(r, samples)
+        answers = self.ask(q, samples.images)
+        tensors, stats = self.method.build(samples, answers, q)
+        return RoundData(samples.images, self.method.record(q, answers), len(q.ids), tensors, stats)
+
+    # ------------------------------------------------------------------ evaluation
     @property
     def evaluated(self) -> torch.nn.Module:
         """The model that evaluations judge: the EMA of the policy when train.ema_decay > 0, else the policy."""
-        return self.ema if self.ema is not None else self.model
+        return self.ema if self.ema is not None else self.policy.module
 
     def evaluate(self, num: int) -> tuple[dict, torch.Tensor]:
         """Evaluator metrics on `num` fixed-seed samples, and the samples."""
-        self.model.eval()
-        imgs = self.sample_images(num, self.cfg.eval.seed, net=self.evaluated)
-        probs, feats = classify(self.evaluator, imgs.to(self.device))
-        pref = self.cfg.feedback.preference
-        out = class_stats(probs.cpu(), pref)
-        sel = torch.isin(probs.argmax(1).cpu(), torch.tensor(pref))
-        out["fid_preferred"] = frechet_distance(feats[sel].cpu(), self.test_feats.cpu()) if sel.sum() >= 2 else math.nan
-        out["kl_to_base"] = self.kl_to_base()
-        out["eval_num"] = num
-        return out, imgs
+        self.policy.eval()
+        imgs = self.sample_images(num, self.cfg.eval.seed, self.method.base_below, net=self.evaluated)
+        return self.evaluator.judge(imgs, self.evaluated, self.policy.reference_module), imgs
 
-    def training_set(self, data: dict, r: int) -> dict:
-        """Round r's training units: its own feedback; with replay, all earlier feedback too, or (replay_size N > 0)
-        N units drawn without replacement from it, seeded by (seed, round) so a resumed run draws the same."""
-        t, h, m = self.cfg.train, self.state.history, self.method
-        if not t.replay or len(h) == 1:
-            return data
-        if t.replay_size == 0:
-            return m.merge(h)
-        earlier = m.merge(h[:-1])
-        n = m.num_units(earlier)
-        gen = torch.Generator().manual_seed(t.seed * 104_729 + r)
-        pick = torch.randperm(n, generator=gen)[:t.replay_size]
-        return m.merge([data, m.select(earlier, pick)])
-
+    # ------------------------------------------------------------------ update
     def update(self, data: dict, r: int) -> dict:
         """The method's update: units shuffled into optimiser steps; each step's work list sharded over ranks and
         pushed through the UNet in chunks whose gradients accumulate; one all-reduce per optimiser step."""
@@ -279,7 +285,7 @@ class Engine:
         gen = torch.Generator().manual_seed(t.seed * 7919 + r)
         for g in self.opt.param_groups:  # a function of the round only, so a resumed run sets the same value
             g["lr"] = round_lr(t.lr, t.lr_decay, r, t.rounds)
-        self.model.train()
+        self.policy.train()
         losses, n_items, stats = [], 0, {}
         data = m.prepare(data, self.state.history)
         n = m.num_units(data)
@@ -300,22 +306,23 @@ class Engine:
                 for k, v in cs.items():
                     st[k] = st.get(k, 0.0) + float(v)
             ref_scale = t.loss_scale == "reference"
-            dist.all_reduce_grads(self.model, self.world, mean=ref_scale)
+            dist.all_reduce_grads(self.policy.module, self.world, mean=ref_scale)
             total = dist.all_reduce_sum(total, self.world) / (self.world if ref_scale else 1)
             for k in m.stat_keys:  # the same keys on every rank: one collective each
                 stats[k] = stats.get(k, 0.0) + dist.all_reduce_sum(st.get(k, 0.0), self.world)
-            grads_ok = all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None)
+            params = self.policy.parameters()
+            grads_ok = all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
             if not math.isfinite(total) or not grads_ok:
                 raise NonFiniteLoss(f"non-finite {'loss' if not math.isfinite(total) else 'gradients'} "
                                     f"(loss {total}) in round {r + 1}")
             if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
             self.opt.step()
             if self.ema is not None:  # identical on every rank: the all-reduced gradients gave identical weights
                 with torch.no_grad():
-                    for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                    for pe, pm in zip(self.ema.parameters(), self.policy.module.parameters()):
                         pe.lerp_(pm, 1.0 - t.ema_decay)
-            if not all(torch.isfinite(p).all() for p in self.model.parameters()):  # e.g. a huge lr: finite grads,
+            if not all(torch.isfinite(p).all() for p in params):  # e.g. a huge lr: finite grads,
                 raise NonFiniteLoss(f"non-finite weights after an optimiser step in round {r + 1}")  # inf weights
             losses.append(total)
             n_items += len(items)
@@ -329,23 +336,16 @@ class Engine:
         t0 = time.time()
         ev, imgs = self.evaluate(num)
         row.update(ev)
-        if self.main:
-            from papa.sample import save_grid
-            save_grid(imgs[:64], self.run_dir / "rounds" / tag / "eval_grid.png", nrow=8)
+        self.records.eval_grid(tag, imgs)
         row["eval_seconds"] = round(time.time() - t0, 2)
 
-    def _base_eval_cache(self) -> Path:
+    def _base_eval_cache(self) -> Path | None:
         """Where the base model's round-0 evaluation is kept for reuse: it depends only on the base checkpoint, the
         evaluator, the data, the preference and the evaluation settings, so every method and seed shares it."""
+        if self.base_eval_key is None:
+            return None
         cfg = self.cfg
-        key = self._base_eval_key()
-        return Path(cfg.train.output_dir) / cfg.task_name / ".base_eval" / f"{config_hash(key)}.json"
-
-    def _base_eval_key(self) -> dict:
-        cfg = self.cfg  # the files by content: a replaced checkpoint with the same size and time is a new one
-        return {"files": [checkpoint.sha256_file(p) for p in (cfg.checkpoints.base, cfg.checkpoints.evaluator)],
-                "model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion), "data": to_dict(cfg.data),
-                "preference": cfg.feedback.preference, "num": cfg.eval.final_num, "seed": cfg.eval.seed}
+        return Path(cfg.train.output_dir) / cfg.task_name / ".base_eval" / f"{config_hash(self.base_eval_key)}.json"
 
     def _read_base_eval(self, cache: Path) -> dict | None:
         """The cached round-0 metrics, or None (recompute) when the file is unreadable, truncated, for other inputs,
@@ -353,7 +353,7 @@ class Engine:
         try:
             rec = json.loads(cache.read_text())
             ev, key = rec["metrics"], rec["key"]
-            ok = (key == self._base_eval_key() and rec["digest"] == config_hash({"key": key, "metrics": ev})
+            ok = (key == self.base_eval_key and rec["digest"] == config_hash({"key": key, "metrics": ev})
                   and 0.0 <= ev["preferred_rate"] <= 1.0 and ev["eval_num"] == self.cfg.eval.final_num)
         except (OSError, ValueError, KeyError, TypeError):
             ok = False
@@ -366,7 +366,7 @@ class Engine:
         row = {"round": 0, "labels_used": 0, "elapsed": 0.0}
         cache = self._base_eval_cache()
         # every rank reads the same file and reaches the same verdict, so they evaluate (collectively) or not together
-        ev = self._read_base_eval(cache) if cache.is_file() else None
+        ev = self._read_base_eval(cache) if cache is not None and cache.is_file() else None
         if ev is not None:
             row.update(ev)
             row["eval_cached"] = True
@@ -375,9 +375,9 @@ class Engine:
                 checkpoint.atomic_write_bytes(dst, cache.with_suffix(".png").read_bytes())
             return row
         self._record_eval(row, self.cfg.eval.final_num, "000")
-        if self.main:
+        if self.main and cache is not None:
             ev = {k: v for k, v in row.items() if k not in ("round", "labels_used", "elapsed", "eval_seconds")}
-            key = self._base_eval_key()
+            key = self.base_eval_key
             checkpoint.atomic_write_bytes(cache.with_suffix(".png"),
                                           (self.run_dir / "rounds" / "000" / "eval_grid.png").read_bytes())
             checkpoint.atomic_write_text(cache, json.dumps({"key": key, "metrics": ev,
@@ -422,7 +422,7 @@ class Engine:
             self.close()
 
     def _run(self, resume: bool, force: bool, overwrite: bool) -> RunState:
-        cfg, t = self.cfg, self.cfg.train
+        cfg, t, m = self.cfg, self.cfg.train, self.method
         self._open(resume, force, overwrite)
         if self.main:
             checkpoint.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
@@ -431,17 +431,16 @@ class Engine:
         if not s.metrics:  # round 0: the base model, before any feedback
             row = self._round0()
             s.metrics.append(row)
-            self._line(row)
+            self.records.line(row)
         for r in range(s.round, t.rounds):
             t0 = time.time()
-            # 1-2. the method samples from the current model and asks the feedback source (rank 0; all ranks agree)
-            self.model.eval()
-            data = self.method.collect(r)
-            if self.main:
-                self._save_round(r + 1, data)
-            s.history.append(data.tensors if t.replay or self.method.keeps_history else {})
-            # 3. update on this round's feedback, or on it plus earlier rounds' (replay)
-            upd = self.update(self.training_set(data.tensors, r), r)
+            # 1-2. draw from the current policy, save, ask (rank 0; all ranks agree), build the training tensors
+            self.policy.eval()
+            data = self.collect(r)
+            self.records.round_labels(r + 1, data.labels)
+            s.history.append(data.tensors if m.keeps_history else {})
+            # 3. update on this round's feedback, or on it plus earlier rounds' (the method's training set)
+            upd = self.update(m.training_set(data.tensors, s.history, r), r)
             # 4. evaluate (first and last on final_num samples), 5. record, 6. checkpoint
             used = (s.metrics[-1]["labels_used"] if s.metrics else 0) + data.queries
             row = {"round": r + 1, "labels_used": used, **data.stats, **upd}
@@ -455,79 +454,10 @@ class Engine:
             s.metrics.append(row)
             s.round = r + 1
             if self.main:
-                self._write_metrics()
+                self.records.metrics(s.metrics)
                 self.save()
             dist.barrier(self.world)
-            self._line(row)
-        if self.main:
-            self._write_metrics()
-            self.finish()
+            self.records.line(row)
+        self.records.metrics(s.metrics)
+        self.records.finish(cfg, default_sample_path(cfg), s.metrics, s.round, s.elapsed)
         return s
-
-    def _line(self, row: dict) -> None:
-        parts = [f"round {row['round']:3d}", f"labels {row['labels_used']:4d}"]
-        if "preferred_rate" in row:
-            parts += [f"rate {row['preferred_rate']:.3f}", f"diversity {row['diversity']:.3f}",
-                      f"FID {row['fid_preferred']:.2f}"]
-        if "loss" in row:
-            parts += [f"loss {row['loss']:+.4f}"]
-        if "round_seconds" in row:
-            parts += [f"{row['round_seconds']:.1f}s"]
-        self.log(" | ".join(parts))
-
-    def _save_images(self, r: int, images: torch.Tensor) -> None:
-        """rounds/NNN/grid.png and images.pt: what the user is asked about, written before the question."""
-        from papa.sample import save_grid
-        d = self.run_dir / "rounds" / f"{r:03d}"
-        save_grid(images, d / "grid.png", nrow=min(10, len(images)))
-        buf = io.BytesIO()
-        torch.save(images.cpu(), buf)
-        checkpoint.atomic_write_bytes(d / "images.pt", buf.getvalue())
-
-    def _save_round(self, r: int, data) -> None:
-        """rounds/NNN/labels.json: the answers (the images were saved before asking)."""
-        d = self.run_dir / "rounds" / f"{r:03d}"
-        if not (d / "images.pt").is_file():  # a method that asked no one still shows what it trained on
-            self._save_images(r, data.images)
-        checkpoint.atomic_write_text(d / "labels.json", json.dumps(data.labels, indent=1))
-
-    def finish(self) -> None:
-        """curves.png and summary.md from metrics."""
-        rows = [m for m in self.state.metrics if "preferred_rate" in m]
-        if rows:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-            lab = [m["labels_used"] for m in rows]
-            for ax, key, title in zip(axes, ("preferred_rate", "diversity", "fid_preferred"),
-                                      ("preferred-class rate (evaluator)", "diversity in preferred set",
-                                       "FID, preferred classes (evaluator features)")):
-                ax.plot(lab, [m[key] for m in rows], marker="o")
-                ax.set_xlabel("labels used")
-                ax.set_title(title, fontsize=10)
-                ax.grid(alpha=0.3)
-            axes[0].set_ylim(0, 1.02)
-            fig.suptitle(f"{self.cfg.task_name} · {default_sample_path(self.cfg)} · preference "
-                         f"{self.cfg.feedback.preference}", fontsize=10)
-            fig.tight_layout()
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=110)
-            plt.close(fig)
-            checkpoint.atomic_write_bytes(self.run_dir / "curves.png", buf.getvalue())
-        first, last = (rows[0], rows[-1]) if rows else ({}, {})
-        names = CLASS_NAMES[self.cfg.data.dataset]
-        fmt = lambda m, k: f"{m[k]:.3f}" if k in m else "n/a"
-        lines = [f"# {self.cfg.task_name}: {default_sample_path(self.cfg)}", "",
-                 f"Preference: {[names[c] for c in self.cfg.feedback.preference]}; method {self.cfg.train.algo}"
-                 f" (epapa_k {self.cfg.train.epapa_k}); {self.state.round} rounds × "
-                 f"{self.cfg.train.samples_per_round} samples; {self.state.elapsed:.0f} s of training.", "",
-                 "| | labels | preferred rate | diversity | FID (preferred) | confidence |", "|---|---|---|---|---|---|"]
-        for tag, m in (("base", first), ("final", last)):
-            if m:
-                lines.append(f"| {tag} | {m['labels_used']} | {fmt(m, 'preferred_rate')} | {fmt(m, 'diversity')} | "
-                             f"{fmt(m, 'fid_preferred')} | {fmt(m, 'mean_confidence')} |")
-        lines += ["", "Judged by the evaluator classifier (never the oracle that gave feedback) on "
-                  f"{self.cfg.eval.final_num} fixed-seed samples. Curves: `curves.png`; per-round images and labels: "
-                  "`rounds/`; every metric: `metrics.jsonl` / `metrics.csv`; config: `config.yaml`."]
-        checkpoint.atomic_write_text(self.run_dir / "summary.md", "\n".join(lines) + "\n")

@@ -1,40 +1,50 @@
-"""Feedback sources: who labels a round's images. One small interface, so a person can replace the simulated user.
+"""Feedback sources: who answers a round's question. One typed protocol, so a person can replace the simulated user.
 
-- `OracleFeedback`: the oracle classifier plays a user with a preference set: +1 for a preferred class, else −1
-  (`full_exploitation`) or 0 (ignored).
-- `FileFeedback`: labels from a JSON file `{"<image id>": 1 | -1 | 0, …}` (image ids are `r<round>_<index>`, the
-  file names the trainer writes under `rounds/NNN/`), so real human labels work without code. A missing id is an
-  error that names it. Pairwise choices (D3PO, Diffusion-DPO) use pair ids `r<round>_p<index>`: 1 when the pair's
-  first image (`2·index`) is preferred, −1 the second (`2·index + 1`), 0 a tie.
+A source gets a `papa.rounds.Query` (the round, the kind of question, an id per query and the images) and returns the
+answers as a tensor aligned with the ids, or None when it has no answer yet (a person still labelling): the engine
+then asks again every `feedback.poll_seconds`, and a run stopped while waiting waits again when resumed, because the
+resumed round draws the same images under the same ids.
 
-Three kinds of query, each one per unit of the label budget:
-- `__call__(images, round)` → (N,) per-image labels (PAPA);
-- `pairwise(first, second, round)` → (P,) preferences h ∈ {+1, −1, 0} (D3PO, Diffusion-DPO); the oracle prefers a
-  preferred-class image over a non-preferred one and calls every other pair a tie;
-- `reward(images)` → (N,) scalar rewards in [0, 1] (DDPO, SDPO): the oracle's probability mass on the preferred classes.
-  Only the oracle has one: rewards from people are not what papa is for.
+- `OracleFeedback`: the oracle classifier plays a user with a preference set. Labels: +1 for a preferred class, else
+  −1 (`full_exploitation`) or 0 (ignored); pairs: +1 when the first image is preferred and the second not, −1 the
+  reverse, 0 a tie; rewards: the oracle's probability mass on the preferred classes, in [0, 1].
+- `FileFeedback`: labels from a JSON file `{"<id>": 1 | -1 | 0, …}` (image ids `r<round>_<index>` are the images the
+  trainer wrote under `rounds/NNN/` before asking; pair ids `r<round>_p<index>`: 1 when the pair's first image
+  (`2·index`) is preferred, −1 the second (`2·index + 1`), 0 a tie), so real human labels work without code. A missing
+  id is an error that names it, or, with `feedback.wait`, "not yet".
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from papa.config import ConfigError
+from papa.rounds import Query, image_id, pair_id  # noqa: F401 - the ids' home is papa.rounds; re-exported here
 
 
-def image_id(round_idx: int, i: int) -> str:
-    return f"r{round_idx:03d}_{i:03d}"
+class FeedbackSource(Protocol):
+    """Who answers: `kinds` it can answer; `ask` returns answers aligned with `query.ids`, or None for "not yet"."""
+    kinds: tuple[str, ...]
 
-
-def pair_id(round_idx: int, p: int) -> str:
-    return f"r{round_idx:03d}_p{p:03d}"
+    def ask(self, query: Query) -> torch.Tensor | None: ...
 
 
 class OracleFeedback:
+    kinds = ("label", "pair", "reward")
+
     def __init__(self, oracle: torch.nn.Module, preference: list[int], full_exploitation: bool = True):
         self.oracle, self.preference, self.full = oracle.eval(), torch.tensor(preference), full_exploitation
+
+    def ask(self, query: Query) -> torch.Tensor:
+        x = query.images
+        if query.kind == "label":
+            return self(x, query.round).cpu()
+        if query.kind == "pair":
+            return self.pairwise(query.first, query.second, query.round).cpu()
+        return self.reward(x).cpu()
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, round_idx: int) -> torch.Tensor:
@@ -55,10 +65,20 @@ class OracleFeedback:
 
 
 class FileFeedback:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    kinds = ("label", "pair")
+
+    def __init__(self, path: str | Path, wait: bool = False):
+        self.path, self.wait = Path(path), wait
         if not self.path.is_file():
             raise ConfigError(f"config key 'feedback.labels_file': file '{path}' not found")
+
+    def ask(self, query: Query) -> torch.Tensor | None:
+        try:
+            return self(query.images if query.kind == "label" else query.first, query.round, ids=query.ids)
+        except MissingLabel:
+            if self.wait:
+                return None
+            raise
 
     def __call__(self, images: torch.Tensor, round_idx: int, ids: list[str] | None = None) -> torch.Tensor:
         try:
@@ -74,7 +94,7 @@ class FileFeedback:
         for i in range(len(images)):
             key = ids[i] if ids else image_id(round_idx, i)
             if key not in labels:
-                raise ConfigError(f"labels file '{self.path}' has no label for image '{key}' "
+                raise MissingLabel(f"labels file '{self.path}' has no label for image '{key}' "
                                   f"(add \"{key}\": 1, -1 or 0; images are under rounds/{round_idx:03d}/)")
             v = labels[key]
             if type(v) is not int or v not in (1, -1, 0):  # true and 1.0 compare equal to 1: refuse them too
@@ -86,8 +106,12 @@ class FileFeedback:
         return self(first, round_idx, ids=[pair_id(round_idx, i) for i in range(len(first))])
 
 
+class MissingLabel(ConfigError):
+    """A labels file has no answer (yet) for a query id."""
+
+
 def build_feedback(cfg, oracle: torch.nn.Module | None):
     f = cfg.feedback
     if f.source == "file":
-        return FileFeedback(f.labels_file)
+        return FileFeedback(f.labels_file, wait=f.wait)
     return OracleFeedback(oracle, f.preference, f.full_exploitation)

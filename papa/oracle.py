@@ -23,16 +23,11 @@ from papa.config import to_dict
 from papa.data import load_dataset, sha256_array
 from papa.models import load_classifier
 from papa.models.classifier import CLASSIFIERS
-from papa.pretrain import to_model_range
+from papa.data import to_model_range
+from papa.metrics import accuracy
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
-    model.eval()
-    correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
-    return correct / len(x)
-
-
 def train_classifier(kind: str, tcfg, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.nn.Module, int]:
     torch.manual_seed(tcfg.seed)
     gen = torch.Generator().manual_seed(tcfg.seed)

@@ -22,14 +22,9 @@ from tqdm import tqdm
 from papa import checkpoint
 from papa.cli import add_config_args, check_writable_dir, config_from_args, run_main
 from papa.config import ConfigError, config_hash, dump_yaml, to_dict
-from papa.data import load_dataset, sha256_array
+from papa.data import to_model_range, load_dataset, sha256_array
 from papa.models import build_unet
 from papa.schedule import NoiseSchedule
-
-
-def to_model_range(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [−1, 1]."""
-    return x_uint8.float().div(127.5).sub(1).unsqueeze(1)
 
 
 def pretrain_hash(cfg) -> str:

@@ -27,16 +27,7 @@ from papa.cli import (add_config_args, add_threads_arg, apply_threads, check_wri
                       run_main)
 from papa.config import dump_yaml
 from papa.data import CLASS_NAMES, DataError, load_dataset
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
-    """Atomically write a PNG grid of images in [−1, 1]."""
-    import math
-    from torchvision.utils import save_image
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(len(images)))))
-    buf = io.BytesIO()
-    save_image((images + 1) / 2, buf, nrow=nrow, padding=2, format="png")
-    checkpoint.atomic_write_bytes(path, buf.getvalue())
+from papa.records import save_grid  # noqa: F401 - also papa.sample.save_grid
 
 
 def fid_reference(cfg, num: int):
@@ -57,8 +48,8 @@ def fid_reference(cfg, num: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from papa.evaluate import class_stats, classify, frechet_distance
-    from papa.pretrain import to_model_range
+    from papa.data import to_model_range
+    from papa.metrics import class_stats, classify, frechet_distance
     from papa.models import load_classifier, load_unet
     from papa.sampling import PRECISIONS, sample, supports_bf16
     from papa.schedule import NoiseSchedule

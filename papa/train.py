@@ -1,6 +1,6 @@
 """Online preference alignment: `torchrun --nproc_per_node=N -m papa.train --config configs/mnist.yaml`.
 
-Runs PAPA (or ePAPA with train.epapa_k > 0) in online rounds against the configured feedback source, evaluating with
+Runs PAPA (or ePAPA with papa.epapa_k > 0), or another method (train.algo), in online rounds against the configured feedback source, evaluating with
 the independent evaluator, writing `<train.output_dir>/<task_name>/<sample_path>/` (config.yaml, log.txt,
 metrics.jsonl/.csv, rounds/NNN/, checkpoints/, curves.png, summary.md). Also runs as one process with
 `python -m papa.train`. Exit codes: 0 done, 2 bad input (nothing written), 3 non-finite loss (last good checkpoint
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(not torch.cuda.is_available(), warn_only=True)
     ok = False
     try:
-        engine = Engine(cfg, run_dir, rank, world, device)
+        engine = Engine.from_config(cfg, run_dir, rank, world, device)
         t0 = time.time()
         engine.run(resume=bool(args.resume), force=args.force, overwrite=args.overwrite)
         if rank == 0:

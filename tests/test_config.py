@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from papa.config import ConfigError, load_config
+from papa.config import dump_yaml, to_dict, ConfigError, load_config
 from testutil import ROOT
 
 
@@ -32,17 +32,20 @@ def test_bad_values_name_the_key(override, key):
     assert key in msg and "\n" not in msg
 
 
-def test_papa_only_settings_are_named_together_for_other_methods():
-    """Switching train.algo away from papa with PAPA-only settings on fails in one line that gives the whole fix."""
-    on = ["train.algo=d3po", "train.epapa_k=350", "train.replay=true", "train.replay_size=10",
-          "train.liked_balance=0.6"]
-    with pytest.raises(ConfigError) as e:
-        load_config(ROOT / "configs" / "mnist.yaml", on)
-    msg = str(e.value)
-    assert "\n" not in msg and "train.algo=d3po" in msg
-    fix = msg.split(" add ", 1)[1].split()
-    assert fix[1::2] == ["train.epapa_k=0", "train.replay=false", "train.replay_size=0", "train.liked_balance=0"]
-    assert load_config(ROOT / "configs" / "mnist.yaml", on + fix[1::2]).train.algo == "d3po"  # the fix works
+def test_each_method_owns_its_section():
+    """A method's settings live in its own section: another method on the same config ignores them, a bad value
+    names `<method>.<key>`, and an unknown section or key is refused."""
+    c = load_config(ROOT / "configs" / "mnist.yaml", ["train.algo=d3po", "d3po.beta=0.3"])
+    assert c.train.algo == "d3po" and c.method().beta == 0.3 and c.method("papa").epapa_k == 350
+    for bad, key in (("d3po.clip=1.5", "d3po.clip"), ("papa.epapa_k=1000", "papa.epapa_k"),
+                     ("sdpo.lam=0", "sdpo.lam"), ("nosuch.x=1", "nosuch"), ("papa.beta=1", "papa.beta"),
+                     ("train.epapa_k=350", "train.epapa_k")):
+        with pytest.raises(ConfigError) as e:
+            load_config(ROOT / "configs" / "mnist.yaml", [bad])
+        assert key in str(e.value) and "\n" not in str(e.value), bad
+    import yaml
+    from papa.config import _build_config, validate
+    assert to_dict(validate(_build_config(yaml.safe_load(dump_yaml(c))))) == to_dict(c)  # saved config reads back
 
 
 def test_override_applies_and_types():

@@ -1,6 +1,5 @@
 """D3PO, Diffusion-DPO, DDPO and SDPO losses against plain-torch references written from ALGORITHMS.md §3–7: values and
 gradients through a model, ties, clip edges, all-negative / all-equal rounds; and the trajectory recorder."""
-import copy
 import math
 from types import SimpleNamespace
 
@@ -16,7 +15,8 @@ from papa.algos.sdpo import SDPO, interpolate_rewards, query_steps, sdpo_loss, s
 from papa.config import load_config
 from papa.sampling import sample_trajectories
 from papa.schedule import NoiseSchedule
-from testutil import NOT_PAPA, ROOT
+from papa.policy import FullPolicy
+from testutil import ROOT
 
 
 class TinyEps(torch.nn.Module):
@@ -34,15 +34,20 @@ class TinyEps(torch.nn.Module):
         return s * x + 0.1 * self.conv(x)
 
 
-def fake_engine(algo, **train):
-    cfg = load_config(ROOT / "configs" / "mnist.yaml", [f"train.algo={algo}", *NOT_PAPA] +
-                      [f"train.{k}={v}" for k, v in train.items()])
-    base = TinyEps(0).requires_grad_(False)
-    model = copy.deepcopy(base).requires_grad_(True)
+def fake_engine(algo, **settings):
+    """What a method sees: the config (its own section set from `settings`) and a policy seam over tiny models."""
+    cfg = load_config(ROOT / "configs" / "mnist.yaml", [f"train.algo={algo}"] +
+                      [f"{algo}.{k}={v}" for k, v in settings.items()])
+    policy = FullPolicy(TinyEps(0))
     with torch.no_grad():  # a policy a little away from the reference
-        for p in model.parameters():
+        for p in policy.module.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return SimpleNamespace(cfg=cfg, sched=NoiseSchedule(), model=model, base=base, device=torch.device("cpu"))
+    return SimpleNamespace(cfg=cfg, sched=NoiseSchedule(), policy=policy, model=policy.module,
+                           base=policy.reference_module)
+
+
+def method(cls, e):
+    return cls(e.cfg, e.policy, e.sched)
 
 
 def gauss_lp(x_t, eps, x_prev, coef):
@@ -120,7 +125,7 @@ def d3po_reference(model, base, data, units, beta, clip):
 @pytest.mark.parametrize("h", [[1.0, -1.0], [-1.0, 0.0], [0.0, 0.0]])
 def test_d3po_loss_and_gradient_match_the_formula(traj, h):
     e = fake_engine("d3po", beta=0.1, clip=0.1)
-    m = D3PO(e)
+    m = method(D3PO, e)
     data = {"x": traj["x"], "t": traj["t"], "coef": traj["coef"], "h": torch.tensor(h)}
     units = torch.arange(2)
     _, items = m.step_items(data, units, torch.Generator())
@@ -138,7 +143,7 @@ def test_d3po_loss_and_gradient_match_the_formula(traj, h):
 def test_d3po_clip_edges_stop_the_gradient(traj):
     data = {"x": traj["x"], "t": traj["t"], "coef": traj["coef"], "h": torch.tensor([1.0, -1.0])}
     e = fake_engine("d3po", clip=1e-9)  # every ratio of the perturbed policy is outside [1 − ε, 1 + ε]
-    m = D3PO(e)
+    m = method(D3PO, e)
     _, items = m.step_items(data, torch.arange(2), torch.Generator())
     loss, _ = m.loss(None, items)
     assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
@@ -152,8 +157,8 @@ def test_d3po_clip_edges_stop_the_gradient(traj):
 
 
 def test_diffusion_dpo_matches_the_formula_and_ignores_ties():
-    e = fake_engine("diffusion_dpo", dpo_beta=50.0, timesteps_per_sample=3)
-    m = DiffusionDPO(e)
+    e = fake_engine("diffusion_dpo", beta=50.0, timesteps_per_sample=3)
+    m = method(DiffusionDPO, e)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1
     data = {"x": x, "h": torch.tensor([1.0, 0.0, -1.0])}
@@ -200,7 +205,7 @@ def test_advantages_of_an_all_equal_round_are_zero():
 
 def test_ddpo_loss_matches_the_formula(traj):
     e = fake_engine("ddpo", ppo_clip=0.2)
-    m = DDPO(e)
+    m = method(DDPO, e)
     adv = torch.tensor([1.0, -0.5, 2.0, 0.0])[:, None].expand(4, 5).contiguous()
     data = {"x": traj["x"], "t": traj["t"], "coef": traj["coef"], "log_prob": traj["log_prob"], "adv": adv}
     units = torch.tensor([2, 0])
@@ -262,8 +267,8 @@ def test_sdpo_loss_formula_and_clip():
 
 
 def test_sdpo_method_loss_matches_the_formula(traj):
-    e = fake_engine("sdpo", ppo_clip=0.05, sdpo_lambda=0.9)
-    m = SDPO(e)
+    e = fake_engine("sdpo", ppo_clip=0.05, lam=0.9)
+    m = method(SDPO, e)
     adv = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
     data = {"x": traj["x"], "t": traj["t"], "coef": traj["coef"], "log_prob": traj["log_prob"], "adv": adv}
     units = torch.tensor([1, 0])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from papa.algos.papa import chunk_loss, papa_weights, plan_items
-from papa.config import TrainConfig
+from papa.algos.papa import PAPASettings
 from papa.schedule import NoiseSchedule
 
 
@@ -54,7 +54,7 @@ def _reference_loss(model, base, x0, y, eps, sched, lam, steps, cfg):
 
 @pytest.mark.parametrize("epapa_k", [0, 990])
 def test_full_sum_matches_the_reference_loop(sched, epapa_k):
-    cfg = TrainConfig(epapa_k=epapa_k, timesteps_per_sample=0)
+    cfg = PAPASettings(epapa_k=epapa_k, timesteps_per_sample=0)
     sched_small = sched
     lam = papa_weights(sched_small, cfg.t0_weight).float()
     model, base = TinyEps(), TinyEps()
@@ -79,7 +79,7 @@ def test_full_sum_matches_the_reference_loop(sched, epapa_k):
 
 def test_stratified_subsample_is_unbiased(sched):
     """E[Σ_k w_k f(t_k)] over the stratified draw equals the full Σ_t λ_t f(t) (here f(t) = cos(t/50) + 2)."""
-    cfg = TrainConfig(timesteps_per_sample=20, pref_loss_coef=1.0)
+    cfg = PAPASettings(timesteps_per_sample=20, pref_loss_coef=1.0)
     lam = papa_weights(sched, cfg.t0_weight)
     f = lambda t: torch.cos(t.double() / 50) + 2
     full = (lam * f(torch.arange(1000))).sum().item()
@@ -96,14 +96,14 @@ def test_stratified_subsample_is_unbiased(sched):
 
 
 def test_labels_zero_and_negatives_without_qpde(sched):
-    cfg = TrainConfig(timesteps_per_sample=5)
+    cfg = PAPASettings(timesteps_per_sample=5)
     lam = papa_weights(sched, cfg.t0_weight)
     it = plan_items(torch.zeros(3, 1, 2, 2), torch.tensor([0.0, -1.0, 1.0]), sched, cfg, lam,
                     torch.Generator().manual_seed(0))
     assert set(it.sample.tolist()) == {1, 2}                        # the 0-labelled sample is skipped
     assert (it.w_pref[it.sample == 1] < 0).all() and (it.w_qpde[it.sample == 1] == 0).all()
     assert (it.w_qpde[it.sample == 2] > 0).sum() == 1 and it.t[(it.w_qpde > 0)].item() == 999
-    cfg2 = TrainConfig(timesteps_per_sample=5, qpde_on_negatives=True, qpde_placement="every")
+    cfg2 = PAPASettings(timesteps_per_sample=5, qpde_on_negatives=True, qpde_placement="every")
     it2 = plan_items(torch.zeros(3, 1, 2, 2), torch.tensor([0.0, -1.0, 1.0]), sched, cfg2, lam,
                      torch.Generator().manual_seed(0))
     assert (it2.w_qpde[it2.sample == 1] > 0).all() and len(it2) == 10
@@ -121,7 +121,7 @@ def test_uniform_weighting_spreads_the_elbo_total_evenly(sched):
 def test_negative_cap_bounds_the_unlikelihood_term(sched):
     """κ > 0: a disliked sample's term is −w·min(err_θ, (1 + κ)·err_base); its gradient stops beyond the cap, while a
     liked sample's term is untouched. Written from the formula, item by item."""
-    cfg = TrainConfig(timesteps_per_sample=4, epapa_k=500, negative_cap=0.5, qpde_on_negatives=False)
+    cfg = PAPASettings(timesteps_per_sample=4, epapa_k=500, negative_cap=0.5, qpde_on_negatives=False)
     lam = papa_weights(sched, cfg.t0_weight)
     base = TinyEps()
     model = TinyEps()
@@ -150,7 +150,7 @@ def test_negative_cap_bounds_the_unlikelihood_term(sched):
     g = torch.autograd.grad(chunk_loss(model, base, x0, neg, sched), model.conv.weight, allow_unused=True)[0]
     assert g is None or g.abs().max() == 0
     # κ = 0 (the reference) leaves the term unbounded: the same items then do have a gradient
-    items0 = plan_items(x0, y, sched, TrainConfig(timesteps_per_sample=4, epapa_k=500, qpde_on_negatives=False), lam,
+    items0 = plan_items(x0, y, sched, PAPASettings(timesteps_per_sample=4, epapa_k=500, qpde_on_negatives=False), lam,
                         torch.Generator().manual_seed(0))
     assert items0.cap is None
     g0 = torch.autograd.grad(chunk_loss(model, base, x0, items0.slice(slice(0, len(neg))), sched),
@@ -178,7 +178,7 @@ def test_liked_balance_weights_crowded_likes_down(sched):
     assert torch.allclose(tight[:8][top], tight[:8][top][0].expand(int(top.sum())))  # clipped: tied
     assert (liked_weights(x, y, pool, 0.0) == 1).all()                 # off
     assert (liked_weights(x, y, pool[:2], 0.5) == 1).all()             # a pool too small to estimate a density
-    cfg = TrainConfig(timesteps_per_sample=4, epapa_k=500)
+    cfg = PAPASettings(timesteps_per_sample=4, epapa_k=500)
     lam = papa_weights(sched, cfg.t0_weight)
     plain = plan_items(x, y, sched, cfg, lam, torch.Generator().manual_seed(0))
     weighted = plan_items(x, y, sched, cfg, lam, torch.Generator().manual_seed(0), w)
@@ -193,9 +193,9 @@ def test_noise_per_timestep_draws_independent_noise_and_lowers_the_estimator_var
     x0 = torch.rand(1, 1, 6, 6) * 2 - 1
     y = torch.tensor([1.0])
     model = TinyEps()
-    per_t = TrainConfig(timesteps_per_sample=10, epapa_k=350, noise_per_timestep=True, model_loss_coef=0.0,
+    per_t = PAPASettings(timesteps_per_sample=10, epapa_k=350, noise_per_timestep=True, model_loss_coef=0.0,
                        qpde_placement="every")
-    shared = TrainConfig(timesteps_per_sample=10, epapa_k=350, noise_per_timestep=False, model_loss_coef=0.0,
+    shared = PAPASettings(timesteps_per_sample=10, epapa_k=350, noise_per_timestep=False, model_loss_coef=0.0,
                         qpde_placement="every")
     lam = papa_weights(sched, per_t.t0_weight)
     it = plan_items(x0, y, sched, per_t, lam, torch.Generator().manual_seed(0))

@@ -35,7 +35,7 @@ def snapshot(d: Path) -> dict:
 
 @pytest.mark.parametrize("override, key", [
     ("train.lr=inf", "train.lr"), ("train.lr=.nan", "train.lr"), ("train.ema_decay=-.inf", "train.ema_decay"),
-    ("train.pref_loss_coef=-1", "train.pref_loss_coef"), ("train.model_loss_coef=-0.5", "train.model_loss_coef"),
+    ("papa.pref_loss_coef=-1", "papa.pref_loss_coef"), ("papa.model_loss_coef=-0.5", "papa.model_loss_coef"),
     ("model.num_heads=3", "model.num_heads"), ("train.sample_path=/tmp/elsewhere", "train.sample_path"),
     ("train.sample_path=../up", "train.sample_path"), ("task_name=a/b", "task_name"),
     ("train.rounds=[1", "train.rounds=[1"), ("task_name=@x", "task_name=@x"), ("train..rounds=1", "train..rounds"),

@@ -14,7 +14,7 @@ import torch
 from papa import checkpoint
 from papa.config import load_config
 from papa.models import EvaluatorCNN, OracleCNN, build_unet
-from testutil import NOT_PAPA, ROOT
+from testutil import ROOT
 
 TINY_MODEL = ["model.down_channels=[8,16,16,16]", "model.mid_channels=[16,16,16]", "model.time_emb_dim=16"]
 
@@ -34,7 +34,7 @@ def overrides(tiny, out, rounds=3, extra=()):
     return TINY_MODEL + [
         f"checkpoints.base={tiny / 'base.pt'}", f"checkpoints.oracle={tiny / 'oracle.pt'}",
         f"checkpoints.evaluator={tiny / 'evaluator.pt'}", f"train.output_dir={out}", f"train.rounds={rounds}",
-        "train.samples_per_round=4", "train.batch_size=2", "train.timesteps_per_sample=6", "train.timestep_chunk=5",
+        "train.samples_per_round=4", "train.batch_size=2", "papa.timesteps_per_sample=6", "train.timestep_chunk=5",
         "train.lr=0.001", "diffusion.sample_steps=4", "eval.num=6", "eval.final_num=8", "eval.every=2",
         "feedback.preference=[0,1,2,3,4]", "train.sample_path=run", *extra]
 
@@ -131,8 +131,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny, tmp_path):
     ("train.rounds=many", "train.rounds"),
     ("feedback.preference=[1,12]", "feedback.preference"),
     ("checkpoints.base=/nonexistent/base.pt", "checkpoints.base"),
-    ("train.epapa_k=1000", "train.epapa_k"),
-    (("train.replay=false", "train.replay_size=4"), "train.replay_size"),  # a replay size would be silently ignored
+    ("papa.epapa_k=1000", "papa.epapa_k"),
+    (("papa.replay=false", "papa.replay_size=4"), "papa.replay_size"),  # a replay size would be silently ignored
 ])
 def test_bad_config_fails_before_any_work(tiny, tmp_path, bad, key):
     r = cli(args_for(overrides(tiny, tmp_path, extra=bad if isinstance(bad, tuple) else [bad])))
@@ -210,45 +210,44 @@ def test_ema_is_evaluated_saved_and_resumed(tiny, tmp_path):
 
 
 def test_replay_trains_on_earlier_feedback_and_resumes(tiny, tmp_path):
-    """train.replay: round r trains on its own units plus all earlier ones, or (replay_size N) N of the earlier ones
+    """papa.replay: round r trains on its own units plus all earlier ones, or (replay_size N) N of the earlier ones
     drawn without replacement, the same draw in a resumed run."""
     from types import SimpleNamespace
 
-    from papa.algos.papa import PAPA
-    from papa.engine import Engine
+    from papa.algos.papa import PAPA, PAPASettings
     from papa.train import main
     history = [{"x": torch.full((4, 1), float(r)), "y": torch.arange(4) + 10 * r} for r in range(3)]
-    fake = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(replay=True, replay_size=5, seed=0)),
-                           state=SimpleNamespace(history=history), method=PAPA.__new__(PAPA))
-    got = Engine.training_set(fake, history[-1], 2)
+    m = PAPA.__new__(PAPA)
+    m.t, m.s = SimpleNamespace(seed=0), PAPASettings(replay=True, replay_size=5)
+    got = m.training_set(history[-1], history, 2)
     assert torch.equal(got["y"][:4], history[-1]["y"]) and len(got["y"]) == 9
     drawn = got["y"][4:].tolist()
     assert len(set(drawn)) == 5 and all(v < 20 for v in drawn)            # distinct units of rounds 1-2 (0-based 0-1)
     assert torch.equal(got["x"][4:, 0], torch.tensor([v // 10 for v in drawn], dtype=torch.float))  # x, y paired
-    assert torch.equal(Engine.training_set(fake, history[-1], 2)["y"], got["y"])  # seeded by (seed, round)
-    fake.cfg.train.replay_size = 0
-    assert len(Engine.training_set(fake, history[-1], 2)["y"]) == 12              # 0: everything so far
-    fake.cfg.train.replay = False
-    assert Engine.training_set(fake, history[-1], 2) is history[-1]
+    assert torch.equal(m.training_set(history[-1], history, 2)["y"], got["y"])  # seeded by (seed, round)
+    m.s.replay_size = 0
+    assert len(m.training_set(history[-1], history, 2)["y"]) == 12              # 0: everything so far
+    m.s.replay = False
+    assert m.training_set(history[-1], history, 2) is history[-1]
 
     full, sub, cut = tmp_path / "full", tmp_path / "sub", tmp_path / "cut"
-    assert main(args_for(overrides(tiny, full, rounds=3, extra=["train.replay=true", "train.replay_size=0"]))) == 0
-    assert main(args_for(overrides(tiny, sub, rounds=3, extra=["train.replay=true", "train.replay_size=3"]))) == 0
+    assert main(args_for(overrides(tiny, full, rounds=3, extra=["papa.replay=true", "papa.replay_size=0"]))) == 0
+    assert main(args_for(overrides(tiny, sub, rounds=3, extra=["papa.replay=true", "papa.replay_size=3"]))) == 0
     assert [r["optimizer_steps"] for r in metrics(run_dir(full))[1:]] == [2, 4, 6]   # 4, 8, 12 units, batch 2
     assert [r["optimizer_steps"] for r in metrics(run_dir(sub))[1:]] == [2, 4, 4]    # 4, 4 + 3, 4 + 3
-    assert main(args_for(overrides(tiny, cut, rounds=3, extra=["train.replay=true", "train.replay_size=3"]))) == 0
+    assert main(args_for(overrides(tiny, cut, rounds=3, extra=["papa.replay=true", "papa.replay_size=3"]))) == 0
     (run_dir(cut) / "checkpoints" / "round_003.pt").unlink()
     assert main(["--resume", str(run_dir(cut))]) == 0
     assert_same_metrics(metrics(run_dir(sub)), metrics(run_dir(cut)))
 
 
 def test_liked_balance_keeps_the_feedback_and_resumes(tiny, tmp_path):
-    """train.liked_balance weighs liked samples by all liked images so far: the run keeps every round's feedback in
+    """papa.liked_balance weighs liked samples by all liked images so far: the run keeps every round's feedback in
     its checkpoint (without replay too), its losses differ from the plain run's, and a resumed run matches."""
     from papa.train import main
     plain, bal, cut = tmp_path / "plain", tmp_path / "bal", tmp_path / "cut"
-    ovs = ["train.liked_balance=0.4", "train.samples_per_round=8", "train.batch_size=8"]
-    assert main(args_for(overrides(tiny, plain, rounds=3, extra=["train.liked_balance=0", *ovs[1:]]))) == 0
+    ovs = ["papa.liked_balance=0.4", "train.samples_per_round=8", "train.batch_size=8"]
+    assert main(args_for(overrides(tiny, plain, rounds=3, extra=["papa.liked_balance=0", *ovs[1:]]))) == 0
     assert main(args_for(overrides(tiny, bal, rounds=3, extra=ovs))) == 0
     a, b = metrics(run_dir(plain)), metrics(run_dir(bal))
     assert [r["round_positive"] for r in a[1:2]] == [r["round_positive"] for r in b[1:2]]  # same first samples
@@ -271,7 +270,7 @@ def pair_labels_file(path, rounds, pairs):
 @pytest.mark.parametrize("algo", ["d3po", "diffusion_dpo", "ddpo", "sdpo"])
 def test_every_method_runs_end_to_end(tiny, tmp_path, algo):
     from papa.train import main
-    extra = [f"train.algo={algo}", *NOT_PAPA, "train.traj_steps=4", "train.timestep_chunk=7"]
+    extra = [f"train.algo={algo}", "train.traj_steps=4", "train.timestep_chunk=7"]
     if algo in ("d3po", "diffusion_dpo"):  # choices from a labels file (the random oracle calls every pair a tie)
         extra += ["feedback.source=file", f"feedback.labels_file={pair_labels_file(tmp_path / 'pairs.json', 2, 4)}"]
     assert main(args_for(overrides(tiny, tmp_path / "out", rounds=2, extra=extra))) == 0
@@ -291,7 +290,7 @@ def test_every_method_runs_end_to_end(tiny, tmp_path, algo):
 
 
 def test_d3po_on_two_ranks_matches_one(tiny, tmp_path):
-    extra = ["train.algo=d3po", *NOT_PAPA, "train.traj_steps=4", "train.timestep_chunk=3",
+    extra = ["train.algo=d3po", "train.traj_steps=4", "train.timestep_chunk=3",
              "feedback.source=file", f"feedback.labels_file={pair_labels_file(tmp_path / 'pairs.json', 2, 4)}"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli(args_for(overrides(tiny, one, rounds=2, extra=extra))).returncode == 0
@@ -304,7 +303,7 @@ def test_d3po_on_two_ranks_matches_one(tiny, tmp_path):
 
 def test_reward_methods_refuse_a_labels_file(tiny, tmp_path):
     f = pair_labels_file(tmp_path / "pairs.json", 1, 1)
-    r = cli(args_for(overrides(tiny, tmp_path, extra=["train.algo=ddpo", *NOT_PAPA, "feedback.source=file",
+    r = cli(args_for(overrides(tiny, tmp_path, extra=["train.algo=ddpo", "feedback.source=file",
                                                       f"feedback.labels_file={f}"])))
     assert r.returncode == 2 and "feedback.source" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "mnist").exists()
@@ -314,11 +313,10 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     import yaml
     common = dict(o.split("=", 1) for o in overrides(tiny, tmp_path, rounds=2))
     common = {k: yaml.safe_load(v) for k, v in common.items() if k not in ("train.output_dir", "train.sample_path")}
-    not_papa = {k: yaml.safe_load(v) for k, v in (o.split("=") for o in NOT_PAPA)}
     spec = {"base_config": str(ROOT / "configs" / "mnist.yaml"), "output_dir": str(tmp_path / "cmp"), "seeds": [0, 1],
             "budget": 8, "common": {**common, "train.traj_steps": 4},
-            "methods": {"epapa": {"train.epapa_k": 500},
-                        "ddpo": {"train.algo": "ddpo", **not_papa}}}
+            "methods": {"epapa": {"papa.epapa_k": 500},
+                        "ddpo": {"train.algo": "ddpo"}}}
     cfg = tmp_path / "compare.yaml"
     cfg.write_text(yaml.safe_dump(spec))
     run = lambda *a: subprocess.run([sys.executable, "-m", "papa.compare", "--config", str(cfg), *a],

@@ -17,9 +17,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# Overrides that turn the MNIST config's PAPA-only settings off, for runs of the other methods on it.
-NOT_PAPA = ["train.epapa_k=0", "train.replay=false", "train.replay_size=0", "train.liked_balance=0"]
-
 
 class Poisoned:
     """Stands in for the `torch` module inside a kernel module: every torch.empty/empty_like it allocates is filled

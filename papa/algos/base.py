@@ -1,19 +1,25 @@
-"""What a method is to the round engine: how it collects a round (samples + feedback) and the loss of a work list.
+"""What a method is to the round engine: what a round draws and asks, its settings, and the loss of a work list.
 
-A method declares what it needs from a round (`collect`: images, pairs or trajectories, and the feedback on them) and
-supplies its loss over a flat work list (`step_items` builds the list for one optimiser step, `loss` evaluates a chunk
-of it). The engine does the rest: shuffling units into optimiser steps, sharding the work list over ranks, chunking it
-through the UNet with gradient accumulation, the all-reduce, clipping, the optimiser, evaluation and records. A new
-method is one file here plus a registry line.
+A method declares its round (`draws`: images, image pairs, trajectories or trajectory pairs; `feedback`: a label per
+image, a choice per pair, or a reward), its settings section (`Settings`, a dataclass read from the config section
+named after the method), its queries per unit and its diagnostics. The engine draws, gives ids, saves, asks and hands
+the answers to `build`; the method supplies its loss over a flat work list (`step_items` builds the list for one
+optimiser step, `loss` evaluates a chunk of it). The engine does the rest: shuffling units into optimiser steps,
+sharding the work list over ranks, chunking it through the UNet with gradient accumulation, the all-reduce, clipping,
+the optimiser, evaluation and records. Methods see the weights only through a `papa.policy.Policy`. A new method is
+one file: a class with `@register`.
 
 Loss normalisation: every item carries its own weight so that the sum over the whole work list of an optimiser step is
 that step's loss; chunks and ranks only split the sum, so the maths does not depend on the chunk size or world size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+from papa.rounds import Query, RoundData, Samples  # noqa: F401 - RoundData: part of a method's vocabulary
 
 
 class Items(dict):
@@ -36,29 +42,52 @@ class Items(dict):
 
 
 @dataclass
-class RoundData:
-    """One round's collection: what the user saw, what they said, and what the update needs."""
-    images: torch.Tensor                        # (N, C, H, W) shown to the user / reward model; saved with the run
-    labels: dict                                # JSON-able record of the feedback (image or pair id -> value)
-    queries: int                                # feedback used: labels (images or pairs) or reward-model queries
-    tensors: dict = field(default_factory=dict)  # what `step_items` needs (labels, trajectories, rewards, ...)
-    stats: dict = field(default_factory=dict)    # round facts for metrics (positives, ties, mean reward, ...)
+class NoSettings:
+    """A method without settings of its own."""
+
+    def check(self, cfg, require) -> None:
+        """Range checks; `require(cond, key, message)` raises a ConfigError naming `<method>.<key>`."""
 
 
 class Method:
-    """Base class. Subclasses set `name`, implement `collect`, `num_units`, `step_items` and `loss`."""
-    name = "?"
-    stat_keys: tuple[str, ...] = ()   # float sums `loss` reports per chunk, summed over chunks, ranks and steps
+    """Base class. Subclasses set `name`, `draws`, `feedback` (and `Settings`), implement `build`, `num_units`,
+    `step_items` and `loss`."""
+    name: ClassVar[str] = "?"
+    draws: ClassVar[str] = "images"             # images | image_pairs | trajectories | trajectory_pairs
+    feedback: ClassVar[str] = "label"           # label | pair | reward
+    queries_per_unit: ClassVar[int] = 1         # feedback budget used per unit (image or pair) of samples_per_round
+    Settings: ClassVar[type] = NoSettings       # its config section, `<name>:`
+    diagnostics: ClassVar[tuple[str, ...]] = ()  # metric names `summarize` adds to every round's row
+    stat_keys: ClassVar[tuple[str, ...]] = ()   # float sums `loss` reports per chunk, summed over chunks, ranks, steps
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.cfg = engine.cfg
-        self.t = engine.cfg.train
-        self.sched = engine.sched
+    def __init__(self, cfg, policy, sched, device=torch.device("cpu")):
+        self.cfg, self.policy, self.sched, self.device = cfg, policy, sched, device
+        self.t = cfg.train
+        self.s = cfg.method(self.name)
 
-    # --- collection
-    def collect(self, r: int) -> RoundData:
+    # --- the round
+    @property
+    def base_below(self) -> int:
+        """Sampling steps t < k use the frozen reference (ePAPA's switch); 0: the policy throughout."""
+        return 0
+
+    def shown(self, samples: Samples) -> torch.Tensor:
+        """The images the feedback source is asked about (default: the round's images)."""
+        return samples.images
+
+    def build(self, samples: Samples, answers: torch.Tensor, query: Query) -> tuple[dict, dict]:
+        """(training tensors, round stats) from the round's samples and the source's answers."""
         raise NotImplementedError
+
+    def record(self, query: Query, answers: torch.Tensor) -> dict:
+        """The JSON record of the answers written to rounds/NNN/labels.json (default: id -> value)."""
+        vals = answers.tolist()
+        return {i: (int(v) if self.feedback != "reward" else round(float(v), 4)) for i, v in zip(query.ids, vals)}
+
+    @classmethod
+    def run_tag(cls, settings) -> str:
+        """A suffix of the default run directory name that tells runs of this method apart (ePAPA: '_k350')."""
+        return ""
 
     # --- update
     def num_units(self, data: dict) -> int:
@@ -67,9 +96,14 @@ class Method:
 
     keeps_history = False  # the engine keeps every round's training tensors (in checkpoints too) for `prepare`
 
+    def training_set(self, data: dict, history: list[dict], r: int) -> dict:
+        """Round r's training units from its own (`data`) and, where the method replays, earlier rounds' feedback
+        (`history`, which holds tensors where `keeps_history`); default: this round's."""
+        return data
+
     def prepare(self, data: dict, history: list[dict]) -> dict:
-        """The round's training set as the update uses it (e.g. with per-unit weights from all rounds' feedback so far,
-        `history`, which holds tensors where `train.replay` or `keeps_history`); default: as it is."""
+        """The round's training set as the update uses it (e.g. with per-unit weights from all rounds' feedback so far);
+        default: as it is."""
         return data
 
     def step_items(self, data: dict, units: torch.Tensor, gen: torch.Generator) -> tuple[object, Items]:
@@ -81,7 +115,7 @@ class Method:
         raise NotImplementedError
 
     def summarize(self, stats: dict) -> dict:
-        """Round metrics from the stats summed over chunks, ranks and optimiser steps."""
+        """Round metrics (named in `diagnostics`) from the stats summed over chunks, ranks and optimiser steps."""
         return {}
 
     @staticmethod

@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 
 from papa import ops
-from papa.algos.base import Items, Method, RoundData, ratio
-from papa.feedback import pair_id
+from dataclasses import dataclass
+
+from papa.algos import register
+from papa.algos.base import Items, Method, ratio
 
 
 def pair_trajectory_items(traj: dict, pairs: torch.Tensor, steps: torch.Tensor, per_member: dict | None = None,
@@ -39,18 +41,32 @@ def pair_trajectory_items(traj: dict, pairs: torch.Tensor, steps: torch.Tensor, 
     return items
 
 
+@dataclass
+class D3POSettings:
+    """The `d3po:` config section."""
+    beta: float = 0.1                 # beta of the DPO logit
+    clip: float = 0.1                 # the ratio is clipped to [1 - clip, 1 + clip]
+
+    def check(self, cfg, require) -> None:
+        require(self.beta > 0, "beta", "must be > 0")
+        require(0 < self.clip < 1, "clip", "must be in (0, 1) (the ratio is clipped to [1 - clip, 1 + clip])")
+
+
+def pair_stats(h: torch.Tensor) -> dict:
+    return {"round_decisive": int((h != 0).sum()), "round_ties": int((h == 0).sum())}
+
+
+@register
 class D3PO(Method):
     name = "d3po"
+    draws, feedback = "trajectory_pairs", "pair"
+    Settings = D3POSettings
+    diagnostics = ("implicit_accuracy",)
     stat_keys = ("acc_num", "acc_den")
 
-    def collect(self, r: int) -> RoundData:
-        e, P = self.engine, self.t.samples_per_round
-        traj = e.sample_trajectories(2 * P, self.t.seed * 100_003 + r + 1, paired=True)
-        imgs = traj.images
-        h = e.ask(lambda: e.feedback.pairwise(imgs[0::2].to(e.device), imgs[1::2].to(e.device), r + 1), r + 1, imgs)
-        return RoundData(imgs, {pair_id(r + 1, p): int(v) for p, v in enumerate(h.tolist())}, P,
-                         {"x": traj["x"], "t": traj["t"], "coef": traj["coef"], "h": h},
-                         {"round_decisive": int((h != 0).sum()), "round_ties": int((h == 0).sum())})
+    def build(self, samples, h, query):
+        traj = samples.traj
+        return {"x": traj["x"], "t": traj["t"], "coef": traj["coef"], "h": h}, pair_stats(h)
 
     def num_units(self, data: dict) -> int:
         return len(data["h"])
@@ -66,15 +82,13 @@ class D3PO(Method):
         return None, pair_trajectory_items(data, decisive, steps, h=hh, w=w)
 
     def loss(self, ctx, c: Items):
-        e = self.engine
         K = len(c)
         x = c.x_t.flatten(0, 1)
         tt = c.t.repeat_interleave(2)
-        eps = e.model(x, tt).view_as(c.x_t)
-        with torch.no_grad():
-            eps_ref = e.base(x, tt).view_as(c.x_t)
+        eps = self.policy.policy(x, tt).view_as(c.x_t)
+        eps_ref = self.policy.reference(x, tt).view_as(c.x_t)
         coef = c.coef[:, None, :].expand(K, 2, 5)
-        loss, lp, lr = ops.fused_d3po_loss(c.x_t, eps, eps_ref, c.x_prev, coef, c.h, self.t.beta, self.t.clip)
+        loss, lp, lr = ops.fused_d3po_loss(c.x_t, eps, eps_ref, c.x_prev, coef, c.h, self.s.beta, self.s.clip)
         with torch.no_grad():
             d = (lp - lr) * c.h  # winner's log-ratio positive, loser's negated
             margin = d.sum(1)

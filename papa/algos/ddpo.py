@@ -14,8 +14,21 @@ from __future__ import annotations
 import torch
 
 from papa import ops
-from papa.algos.base import Items, Method, RoundData, ratio
-from papa.feedback import image_id
+from dataclasses import dataclass
+
+from papa.algos import register
+from papa.algos.base import Items, Method, ratio
+
+
+@dataclass
+class PPOSettings:
+    """The `ddpo:` config section (and the base of `sdpo:`)."""
+    ppo_clip: float = 1e-4            # clip range of the policy ratio / log-ratio difference
+    adv_clip: float = 5.0             # advantages clipped to +-adv_clip
+
+    def check(self, cfg, require) -> None:
+        for k in ("ppo_clip", "adv_clip"):
+            require(getattr(self, k) > 0, k, "must be > 0")
 
 
 def normalized_advantages(r: torch.Tensor, clip: float) -> torch.Tensor:
@@ -39,20 +52,19 @@ def trajectory_items(traj: dict, idx: torch.Tensor, steps: torch.Tensor, **per_s
     return items
 
 
+@register
 class DDPO(Method):
     name = "ddpo"
+    draws, feedback = "trajectories", "reward"
+    Settings = PPOSettings
+    diagnostics = ("clip_fraction", "approx_kl_old")
     stat_keys = ("clipped", "kl", "count")
 
-    def collect(self, r: int) -> RoundData:
-        e, n = self.engine, self.t.samples_per_round
-        traj = e.sample_trajectories(n, self.t.seed * 100_003 + r + 1)
-        imgs = traj.images
-        reward = e.ask(lambda: e.feedback.reward(imgs.to(e.device)), r + 1, imgs)
-        adv = normalized_advantages(reward, self.t.adv_clip)
-        return RoundData(imgs, {image_id(r + 1, i): round(float(v), 4) for i, v in enumerate(reward.tolist())}, n,
-                         {"x": traj["x"], "t": traj["t"], "coef": traj["coef"], "log_prob": traj["log_prob"],
-                          "adv": adv[:, None].expand(n, len(traj["t"])).contiguous()},
-                         {"round_reward": float(reward.mean())})
+    def build(self, samples, reward, query):
+        traj, n = samples.traj, len(reward)
+        adv = normalized_advantages(reward, self.s.adv_clip)
+        return ({"x": traj["x"], "t": traj["t"], "coef": traj["coef"], "log_prob": traj["log_prob"],
+                 "adv": adv[:, None].expand(n, len(traj["t"])).contiguous()}, {"round_reward": float(reward.mean())})
 
     def num_units(self, data: dict) -> int:
         return len(data["x"])
@@ -64,12 +76,12 @@ class DDPO(Method):
         return None, items
 
     def loss(self, ctx, c: Items):
-        eps = self.engine.model(c.x_t, c.t)
+        eps = self.policy.policy(c.x_t, c.t)
         lp = ops.step_log_prob(c.x_t, eps, c.x_prev, c.coef)
-        loss = ppo_loss(lp, c.lp_old, c.adv, self.t.ppo_clip)
+        loss = ppo_loss(lp, c.lp_old, c.adv, self.s.ppo_clip)
         with torch.no_grad():
             d = lp - c.lp_old
-            clipped = (d.exp() - 1).abs() > self.t.ppo_clip
+            clipped = (d.exp() - 1).abs() > self.s.ppo_clip
         return (loss * c.w).sum(), {"clipped": float(clipped.sum()), "kl": float(0.5 * d.square().sum()),
                                     "count": float(len(c))}
 

@@ -1,12 +1,12 @@
 """Diffusion-DPO (ALGORITHMS.md §7): pairwise preferences, trajectory-free: the closest relative of PAPA.
 
 Round: 2P images from the current model (the configured sampler, pairs 2p and 2p+1), one choice per pair. For each
-decisive pair (winner x^w, loser x^l) and M timesteps t ~ U{0, …, T−1} (`train.timesteps_per_sample`, 0 = 100), with
+decisive pair (winner x^w, loser x^l) and M timesteps t ~ U{0, …, T−1} (`diffusion_dpo.timesteps_per_sample`), with
 the same t and ε for both images:
 
     L = −log σ(−½ β [(‖ε − ε_θ(x^w_t, t)‖² − ‖ε − ε_θ(x^l_t, t)‖²) − (‖ε − ε_ref(x^w_t, t)‖² − ‖ε − ε_ref(x^l_t, t)‖²)])
 
-with pixel-mean squared norms, β = `train.dpo_beta` (5000 in the paper), ref = the frozen base model, averaged over
+with pixel-mean squared norms, β = `diffusion_dpo.beta` (5000 in the paper), ref = the frozen base model, averaged over
 the step's pairs and timesteps. Ties give no gradient. Logged: implicit accuracy (the share of items whose logit is
 positive: the policy improved the winner's denoising more than the loser's, relative to the reference).
 """
@@ -15,21 +15,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from papa.algos.base import Items, Method, RoundData, ratio
-from papa.feedback import pair_id
+from dataclasses import dataclass
+
+from papa.algos import register
+from papa.algos.base import Items, Method, ratio
+from papa.algos.d3po import pair_stats
 
 
+@dataclass
+class DiffusionDPOSettings:
+    """The `diffusion_dpo:` config section."""
+    beta: float = 5000.0              # the paper's value for pixel-mean MSE
+    timesteps_per_sample: int = 100   # M noise levels drawn per decisive pair and optimiser step
+
+    def check(self, cfg, require) -> None:
+        require(self.beta > 0, "beta", "must be > 0")
+        require(self.timesteps_per_sample >= 1, "timesteps_per_sample", "must be >= 1")
+
+
+@register
 class DiffusionDPO(Method):
     name = "diffusion_dpo"
+    draws, feedback = "image_pairs", "pair"
+    Settings = DiffusionDPOSettings
+    diagnostics = ("implicit_accuracy",)
     stat_keys = ("acc_num", "acc_den")
 
-    def collect(self, r: int) -> RoundData:
-        e, P = self.engine, self.t.samples_per_round
-        imgs = e.sample_images(2 * P, self.t.seed * 100_003 + r + 1, epapa=False)
-        h = e.ask(lambda: e.feedback.pairwise(imgs[0::2].to(e.device), imgs[1::2].to(e.device), r + 1), r + 1, imgs)
-        return RoundData(imgs, {pair_id(r + 1, p): int(v) for p, v in enumerate(h.tolist())}, P,
-                         {"x": imgs.cpu(), "h": h},
-                         {"round_decisive": int((h != 0).sum()), "round_ties": int((h == 0).sum())})
+    def build(self, samples, h, query):
+        return {"x": samples.images.cpu(), "h": h}, pair_stats(h)
 
     def num_units(self, data: dict) -> int:
         return len(data["h"])
@@ -42,7 +55,7 @@ class DiffusionDPO(Method):
         first, second = data["x"][2 * decisive], data["x"][2 * decisive + 1]
         win = torch.where(hd.view(-1, 1, 1, 1) > 0, first, second)
         lose = torch.where(hd.view(-1, 1, 1, 1) > 0, second, first)
-        M = self.t.timesteps_per_sample or 100
+        M = self.s.timesteps_per_sample
         n = len(decisive)
         t = torch.randint(0, self.sched.T, (n * M,), generator=gen)
         eps = torch.randn((n * M, *win.shape[1:]), generator=gen)
@@ -50,15 +63,13 @@ class DiffusionDPO(Method):
         return None, Items(x_w=win.repeat_interleave(M, 0), x_l=lose.repeat_interleave(M, 0), t=t, eps=eps, w=w)
 
     def loss(self, ctx, c: Items):
-        e = self.engine
         x = torch.cat([self.sched.add_noise(c.x_w, c.eps, c.t), self.sched.add_noise(c.x_l, c.eps, c.t)])
         tt = torch.cat([c.t, c.t])
         eps2 = torch.cat([c.eps, c.eps])
         mse = lambda pred: (pred - eps2).square().flatten(1).mean(1).view(2, -1)
-        m = mse(e.model(x, tt))
-        with torch.no_grad():
-            ref = mse(e.base(x, tt))
-        inside = -0.5 * self.t.dpo_beta * ((m[0] - m[1]) - (ref[0] - ref[1]))
+        m = mse(self.policy.policy(x, tt))
+        ref = mse(self.policy.reference(x, tt))
+        inside = -0.5 * self.s.beta * ((m[0] - m[1]) - (ref[0] - ref[1]))
         loss = -F.logsigmoid(inside)
         with torch.no_grad():
             acc = (inside > 0).float() + 0.5 * (inside == 0).float()

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from papa.algos.base import Method, RoundData
-from papa.feedback import image_id
+from papa.algos import register
+from papa.algos.base import Method
 from papa.schedule import NoiseSchedule
 
 
@@ -72,8 +72,8 @@ class WorkItems:
                          self.w_qpde.to(device), None if self.cap is None else self.cap.to(device))
 
 
-def trained_steps(cfg_train, T: int, lam: torch.Tensor) -> torch.Tensor:
-    steps = torch.arange(cfg_train.epapa_k, T)
+def trained_steps(s: PAPASettings, T: int, lam: torch.Tensor) -> torch.Tensor:
+    steps = torch.arange(s.epapa_k, T)
     return steps[lam[steps] > 0]
 
 
@@ -97,7 +97,7 @@ def liked_weights(x: torch.Tensor, y: torch.Tensor, pool: torch.Tensor, f: float
     return w
 
 
-def plan_items(x0: torch.Tensor, y: torch.Tensor, sched: NoiseSchedule, cfg_train, lam: torch.Tensor,
+def plan_items(x0: torch.Tensor, y: torch.Tensor, sched: NoiseSchedule, cfg_train: PAPASettings, lam: torch.Tensor,
                gen: torch.Generator, weight: torch.Tensor | None = None) -> WorkItems:
     """Build the work list for a minibatch x0 (B, C, H, W) with labels y (B,) and optional per-sample weights of the
     likelihood term (`liked_weights`). Deterministic given `gen`."""
@@ -106,7 +106,7 @@ def plan_items(x0: torch.Tensor, y: torch.Tensor, sched: NoiseSchedule, cfg_trai
     n = len(steps)
     M = cfg_train.timesteps_per_sample or n
     samples, ts, wp, wq, caps = [], [], [], [], []
-    kappa = getattr(cfg_train, "negative_cap", 0.0)
+    kappa = cfg_train.negative_cap
     for i in range(B):
         if M >= n:
             t_i, imp = steps, torch.ones(n, dtype=torch.float64)
@@ -152,9 +152,9 @@ def plan_items(x0: torch.Tensor, y: torch.Tensor, sched: NoiseSchedule, cfg_trai
     return WorkItems(sample, t, eps, torch.cat(wp).float(), torch.cat(wq).float(), cap if (cap > 0).any() else None)
 
 
-def chunk_loss(model: torch.nn.Module, base: torch.nn.Module | None, x0: torch.Tensor, items: WorkItems,
-               sched: NoiseSchedule) -> torch.Tensor:
-    """Σ over the chunk's items of w_pref·mse(ε_θ(x_t,t), ε) + w_qpde·mse(ε_θ(x_t,t), ε_base(x_t,t)), as one graph."""
+def chunk_loss(model, base, x0: torch.Tensor, items: WorkItems, sched: NoiseSchedule) -> torch.Tensor:
+    """Σ over the chunk's items of w_pref·mse(ε_θ(x_t,t), ε) + w_qpde·mse(ε_θ(x_t,t), ε_base(x_t,t)), as one graph.
+    `model` and `base` are callables (x, t) -> ε̂: modules, or a Policy's `policy` and `reference`."""
     x_t = sched.add_noise(x0[items.sample], items.eps, items.t)
     eps_hat = model(x_t, items.t)
     mse = lambda a, b: (a - b).square().flatten(1).mean(1)
@@ -177,40 +177,96 @@ def chunk_loss(model: torch.nn.Module, base: torch.nn.Module | None, x0: torch.T
     return loss
 
 
+@dataclass
+class PAPASettings:
+    """The `papa:` config section."""
+    epapa_k: int = 0                  # ePAPA: base model for t < k when sampling; train only t in [k, T-1]
+    timesteps_per_sample: int = 0     # M: stratified, importance-weighted subsample of the trained steps; 0 = all
+    pref_loss_coef: float = 0.1
+    model_loss_coef: float = 0.009    # QPDE weight
+    weighting: str = "elbo"           # elbo: lambda_t as the reference | uniform: the same total spread evenly over t
+    t0_weight: str = "reference"      # lambda_0: reference (alpha_bar_{-1} wraps to alpha_bar_{T-1}) | skip | clamp
+    qpde_placement: str = "last"      # last (t = T-1, as the reference on one GPU) | random (one trained t) | every
+    qpde_on_negatives: bool = False   # also keep disliked samples close to the base model
+    negative_weight: float = 1.0      # scale of the unlikelihood term of disliked samples (reference 1.0: unbounded)
+    negative_cap: float = 0.0         # kappa > 0 bounds it: min(err, (1 + kappa) err_base); 0: unbounded (reference)
+    liked_balance: float = 0.0        # f > 0: weight liked samples by inverse pixel-kernel density among all liked
+                                      # images so far (bandwidth f x median distance), mean 1; 0: off (reference)
+    replay: bool = False              # train on all feedback so far (paper figure) or this round's only (code)
+    replay_size: int = 0              # with replay: this round's units plus this many drawn (seeded, without
+                                      # replacement) from earlier rounds' feedback; 0: all of them
+    noise_per_timestep: bool = False  # false: one eps draw reused for every t (reference)
+
+    def check(self, cfg, require) -> None:
+        T = cfg.diffusion.num_timesteps
+        require(0 <= self.epapa_k < T, "epapa_k", f"must be in [0, diffusion.num_timesteps={T}) (k >= T trains no step)")
+        require(0 <= self.timesteps_per_sample <= T - self.epapa_k, "timesteps_per_sample",
+                f"must be in [0, T - epapa_k = {T - self.epapa_k}] (0 = all)")
+        for k in ("pref_loss_coef", "model_loss_coef", "negative_weight"):
+            require(getattr(self, k) >= 0, k, "must be >= 0")
+        require(self.negative_cap >= 0, "negative_cap", "must be >= 0 (0: unbounded, as the reference)")
+        require(self.liked_balance >= 0, "liked_balance", "must be >= 0 (0: off)")
+        require(self.replay_size >= 0, "replay_size", "must be >= 0 (0: replay all earlier feedback)")
+        require(self.replay or self.replay_size == 0, "replay_size", "applies with papa.replay: true; set it to 0")
+        require(self.weighting in ("elbo", "uniform"), "weighting", "must be elbo or uniform")
+        require(self.t0_weight in ("reference", "skip", "clamp"), "t0_weight", "must be reference, skip or clamp")
+        require(self.qpde_placement in ("last", "random", "every"), "qpde_placement", "must be last, random or every")
+
+
+@register
 class PAPA(Method):
     """PAPA / ePAPA: one label per image (+1 / −1 / 0); the loss above over (sample, t) items."""
     name = "papa"
+    draws, feedback = "images", "label"
+    Settings = PAPASettings
 
-    def __init__(self, engine):
-        super().__init__(engine)
-        self.lam = papa_weights(self.sched, self.t.t0_weight, self.t.weighting)
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.lam = papa_weights(self.sched, self.s.t0_weight, self.s.weighting)
 
-    def collect(self, r: int) -> RoundData:
-        e, n = self.engine, self.t.samples_per_round
-        imgs = e.sample_images(n, self.t.seed * 100_003 + r + 1, epapa=True)
-        y = e.ask(lambda: e.feedback(imgs.to(e.device), r + 1), r + 1, imgs)
-        return RoundData(imgs, {image_id(r + 1, i): int(v) for i, v in enumerate(y.tolist())}, n,
-                         {"x": imgs.cpu(), "y": y}, {"round_positive": int((y > 0).sum()),
-                                                    "round_negative": int((y < 0).sum())})
+    @property
+    def base_below(self) -> int:
+        return self.s.epapa_k
+
+    @classmethod
+    def run_tag(cls, settings) -> str:
+        return f"_k{settings.epapa_k}" if settings.epapa_k else ""
+
+    def build(self, samples, y, query):
+        return {"x": samples.images.cpu(), "y": y}, {"round_positive": int((y > 0).sum()),
+                                                     "round_negative": int((y < 0).sum())}
 
     def num_units(self, data: dict) -> int:
         return len(data["x"])
 
     @property
     def keeps_history(self) -> bool:
-        return self.t.liked_balance > 0
+        return self.s.replay or self.s.liked_balance > 0
+
+    def training_set(self, data: dict, history: list[dict], r: int) -> dict:
+        """Round r's training units: its own feedback; with replay, all earlier feedback too, or (replay_size N > 0)
+        N units drawn without replacement from it, seeded by (seed, round) so a resumed run draws the same."""
+        s = self.s
+        if not s.replay or len(history) == 1:
+            return data
+        if s.replay_size == 0:
+            return self.merge(history)
+        earlier = self.merge(history[:-1])
+        gen = torch.Generator().manual_seed(self.t.seed * 104_729 + r)
+        pick = torch.randperm(self.num_units(earlier), generator=gen)[:s.replay_size]
+        return self.merge([data, self.select(earlier, pick)])
 
     def prepare(self, data: dict, history: list[dict]) -> dict:
-        if self.t.liked_balance <= 0:
+        if self.s.liked_balance <= 0:
             return data
         seen = self.merge(history)
-        return {**data, "w": liked_weights(data["x"], data["y"], seen["x"][seen["y"] > 0], self.t.liked_balance)}
+        return {**data, "w": liked_weights(data["x"], data["y"], seen["x"][seen["y"] > 0], self.s.liked_balance)}
 
     def step_items(self, data: dict, units: torch.Tensor, gen: torch.Generator):
         x0 = data["x"][units]
         w = data["w"][units] if "w" in data else None
-        return x0.to(self.engine.device), plan_items(x0, data["y"][units], self.sched, self.t, self.lam, gen, w)
+        return x0.to(self.device), plan_items(x0, data["y"][units], self.sched, self.s, self.lam, gen, w)
 
     def loss(self, x0: torch.Tensor, chunk: WorkItems):
         import papa.algos.papa as this  # looked up at call time, so tests can poison it
-        return this.chunk_loss(self.engine.model, self.engine.base, x0, chunk, self.sched), {}
+        return this.chunk_loss(self.policy.policy, self.policy.reference, x0, chunk, self.sched), {}

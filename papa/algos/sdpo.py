@@ -7,9 +7,9 @@ Between two queried steps q_l < j < q_r the reward is interpolated by cosine sim
 
     r̂_j = (s_l r_{q_l} + s_r r_{q_r}) / (s_l + s_r),     s = max(cos(x̂0_j, x̂0_q), 1e-6),
 
-then discounted returns G_j = r̂_j + γ G_{j+1} (γ = `sdpo_gamma`) are normalised per step over the round's
+then discounted returns G_j = r̂_j + γ G_{j+1} (γ = `sdpo.gamma`) are normalised per step over the round's
 trajectories into advantages A_j (clipped to ±adv_clip). With Δ^i_j = log π_θ − log π_old (π_old recorded while
-sampling) for the pair's members i = 1, 2 and w_j = λ^j (λ = `sdpo_lambda`):
+sampling) for the pair's members i = 1, 2 and w_j = λ^j (λ = `sdpo.lam`):
 
     L_unc  = (w_j (Δ¹_j − Δ²_j) − (A¹_j − A²_j))²
     L_clip = (w_j clamp(Δ¹_j − Δ²_j, ±c) − (A¹_j − A²_j))²           (c = train.ppo_clip)
@@ -23,9 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from papa import ops
-from papa.algos.base import Items, Method, RoundData, ratio
+from dataclasses import dataclass
+
+from papa.algos import register
+from papa.algos.base import Items, Method, ratio
 from papa.algos.d3po import pair_trajectory_items
-from papa.feedback import pair_id
+from papa.algos.ddpo import PPOSettings
 
 QUERIES_PER_TRAJECTORY = 3
 
@@ -75,21 +78,46 @@ def sdpo_loss(delta: torch.Tensor, adv: torch.Tensor, w: torch.Tensor, clip: flo
     return torch.maximum((w * d - target).square(), (w * d.clamp(-clip, clip) - target).square())
 
 
+@dataclass
+class SDPOSettings(PPOSettings):
+    """The `sdpo:` config section."""
+    gamma: float = 0.99               # discount of the stepwise returns
+    lam: float = 0.99                 # step weight w_j = lam^j
+
+    def check(self, cfg, require) -> None:
+        super().check(cfg, require)
+        for k in ("gamma", "lam"):
+            require(0 < getattr(self, k) <= 1, k, "must be in (0, 1]")
+
+
+@register
 class SDPO(Method):
     name = "sdpo"
+    draws, feedback = "trajectory_pairs", "reward"
+    queries_per_unit = 2 * QUERIES_PER_TRAJECTORY  # per pair
+    Settings = SDPOSettings
+    diagnostics = ("clip_fraction",)
     stat_keys = ("clipped", "count")
 
-    def collect(self, r: int) -> RoundData:
-        e, P = self.engine, self.t.samples_per_round
-        traj = e.sample_trajectories(2 * P, self.t.seed * 100_003 + r + 1, paired=True)
-        q = query_steps(traj["x0_hat"])
-        shown = torch.gather(traj["x0_hat"], 1, q.view(*q.shape, 1, 1, 1).expand(-1, -1, *traj["x0_hat"].shape[2:]))
-        rq = e.ask(lambda: e.feedback.reward(shown.flatten(0, 1).to(e.device)), r + 1, traj.images).view(2 * P, 3)
-        adv = stepwise_advantages(interpolate_rewards(traj["x0_hat"], q, rq), self.t.sdpo_gamma, self.t.adv_clip)
-        labels = {pair_id(r + 1, p): [[round(float(v), 4) for v in rq[2 * p + i]] for i in range(2)] for p in range(P)}
-        return RoundData(traj.images, labels, QUERIES_PER_TRAJECTORY * 2 * P,
-                         {"x": traj["x"], "t": traj["t"], "coef": traj["coef"], "log_prob": traj["log_prob"],
-                          "adv": adv}, {"round_reward": float(rq[:, -1].mean())})
+    def shown(self, samples):
+        """x̂0 at each trajectory's three query steps: (2P · 3, C, H, W), trajectory-major."""
+        x0_hat = samples.traj["x0_hat"]
+        q = query_steps(x0_hat)
+        return torch.gather(x0_hat, 1, q.view(*q.shape, 1, 1, 1).expand(-1, -1, *x0_hat.shape[2:])).flatten(0, 1)
+
+    def build(self, samples, answers, query):
+        traj = samples.traj
+        rq = answers.view(-1, QUERIES_PER_TRAJECTORY)
+        adv = stepwise_advantages(interpolate_rewards(traj["x0_hat"], query_steps(traj["x0_hat"]), rq),
+                                  self.s.gamma, self.s.adv_clip)
+        return ({"x": traj["x"], "t": traj["t"], "coef": traj["coef"], "log_prob": traj["log_prob"], "adv": adv},
+                {"round_reward": float(rq[:, -1].mean())})
+
+    def record(self, query, answers):
+        """pair id -> [[3 rewards of the first trajectory], [3 of the second]]."""
+        rq = answers.view(-1, 2, QUERIES_PER_TRAJECTORY)
+        return {f"r{query.round:03d}_p{p:03d}": [[round(float(v), 4) for v in rq[p, i]] for i in range(2)]
+                for p in range(len(rq))}
 
     def num_units(self, data: dict) -> int:
         return len(data["x"]) // 2
@@ -98,7 +126,7 @@ class SDPO(Method):
         steps = torch.nonzero(data["coef"][:, 2] > 0).flatten()
         P, S = len(units), len(steps)
         items = pair_trajectory_items(data, units, steps, {"lp_old": data["log_prob"], "adv": data["adv"]})
-        items["wj"] = (self.t.sdpo_lambda ** steps.double()).float().repeat(P)
+        items["wj"] = (self.s.lam ** steps.double()).float().repeat(P)
         items["w"] = torch.full((P * S,), 1.0 / (P * S))
         return None, items
 
@@ -106,12 +134,12 @@ class SDPO(Method):
         K = len(c)
         x = c.x_t.flatten(0, 1)
         tt = c.t.repeat_interleave(2)
-        eps = self.engine.model(x, tt)
+        eps = self.policy.policy(x, tt)
         lp = ops.step_log_prob(x, eps, c.x_prev.flatten(0, 1), c.coef.repeat_interleave(2, 0)).view(K, 2)
         delta = lp - c.lp_old
-        loss = sdpo_loss(delta, c.adv, c.wj, self.t.ppo_clip)
+        loss = sdpo_loss(delta, c.adv, c.wj, self.s.ppo_clip)
         with torch.no_grad():
-            clipped = (delta[:, 0] - delta[:, 1]).abs() > self.t.ppo_clip
+            clipped = (delta[:, 0] - delta[:, 1]).abs() > self.s.ppo_clip
         return (loss * c.w).sum(), {"clipped": float(clipped.sum()), "count": float(K)}
 
     def summarize(self, stats: dict) -> dict:

@@ -1,0 +1,54 @@
+"""How a run judges its model each evaluation: the evaluator's metrics on fixed-seed samples, the FID of the
+preferred-class samples against real test images of the preferred classes, and a KL-to-base probe.
+
+Built once per run (the test features and the probe are fixed), so every evaluation is comparable with every other,
+and with other runs of the same config: the samples are drawn with `eval.seed`, the probe from it too.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from papa.data import to_model_range
+from papa.metrics import class_stats, classify, frechet_distance
+from papa.schedule import NoiseSchedule
+
+
+class RunEvaluator:
+    """The evaluator classifier, its features of the real preferred-class test images, and the KL probe."""
+
+    def __init__(self, net: torch.nn.Module, test_x: np.ndarray, test_y: np.ndarray, cfg, sched: NoiseSchedule,
+                 device: torch.device = torch.device("cpu")):
+        self.net, self.preference, self.device = net.to(device).eval(), list(cfg.feedback.preference), device
+        keep = np.isin(test_y.astype(np.int64), self.preference)
+        _, self.test_feats = classify(self.net, to_model_range(torch.from_numpy(test_x[keep])).to(device))
+        # a fixed probe for the KL-to-base diagnostic: real test images noised at fixed steps of the sampling chain
+        g = torch.Generator().manual_seed(cfg.eval.seed)
+        ts = torch.tensor(sched.sampling_timesteps(cfg.diffusion.sample_steps))
+        j = torch.randint(0, len(ts) - 1, (64,), generator=g)  # never the last step (σ = 0)
+        x0 = to_model_range(torch.from_numpy(test_x[torch.randperm(len(test_x), generator=g)[:64].numpy()]))
+        pt, ptp = ts[j], ts[j + 1]
+        self.probe = (sched.add_noise(x0, torch.randn(x0.shape, generator=g), pt).to(device), pt.to(device),
+                      sched.fused_coefficients(pt, ptp, cfg.diffusion.sampler, cfg.diffusion.eta).to(device))
+
+    @torch.no_grad()
+    def kl_to_base(self, net: torch.nn.Module, base: torch.nn.Module) -> float:
+        """Mean per-step KL(p_θ ‖ p_base) of the sampling chain on the fixed probe, nats per pixel (pixel mean)."""
+        x, t, coef = self.probe
+        d = net(x, t) - base(x, t)
+        return float((coef[:, 1] ** 2 * d.square().flatten(1).mean(1) / (2 * coef[:, 2] ** 2)).mean())
+
+    def judge(self, images: torch.Tensor, net: torch.nn.Module, base: torch.nn.Module) -> dict:
+        """Metrics of `images` sampled from `net`: class shares, preferred rate, diversity, FID, KL to `base`."""
+        probs, feats = classify(self.net, images.to(self.device))
+        out = class_stats(probs.cpu(), self.preference)
+        sel = torch.isin(probs.argmax(1).cpu(), torch.tensor(self.preference))
+        try:
+            out["fid_preferred"] = frechet_distance(feats[sel].cpu(), self.test_feats.cpu())
+        except ValueError:  # fewer than two preferred samples, or non-finite features: no distance to report
+            out["fid_preferred"] = math.nan
+        out["kl_to_base"] = self.kl_to_base(net, base)
+        out["eval_num"] = len(images)
+        return out

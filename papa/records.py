@@ -1,0 +1,129 @@
+"""The files a run writes, all atomically: log.txt, metrics.jsonl / .csv, rounds/NNN/ (images, grid, labels), the
+evaluation grids, curves.png and summary.md. Only rank 0 writes; a person who opens the run directory reads the run
+from these without running code."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from papa import checkpoint
+from papa.data import CLASS_NAMES
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
+    """Atomically write a PNG grid of images in [−1, 1]."""
+    from torchvision.utils import save_image
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(len(images)))))
+    buf = io.BytesIO()
+    save_image((images + 1) / 2, buf, nrow=nrow, padding=2, format="png")
+    checkpoint.atomic_write_bytes(path, buf.getvalue())
+
+
+def round_dir(run_dir: Path, r: int) -> Path:
+    return Path(run_dir) / "rounds" / f"{r:03d}"
+
+
+class Records:
+    """Writes a run's records under `run_dir`; every method is a no-op on ranks other than 0 (`main` False)."""
+
+    def __init__(self, run_dir: str | Path, main: bool = True):
+        self.run_dir, self.main = Path(run_dir), main
+
+    def log(self, msg: str) -> None:
+        if self.main:
+            tqdm.write(msg)
+            with open(self.run_dir / "log.txt", "a") as f:
+                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+
+    def metrics(self, rows: list[dict]) -> None:
+        """metrics.jsonl (every key) and metrics.csv (the scalar keys)."""
+        if not self.main:
+            return
+        checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        keys = sorted({k for r in rows for k, v in r.items() if not isinstance(v, (list, dict))})
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        checkpoint.atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+
+    def round_images(self, r: int, images: torch.Tensor) -> None:
+        """rounds/NNN/grid.png and images.pt: what the user is asked about, written before the question."""
+        if not self.main:
+            return
+        d = round_dir(self.run_dir, r)
+        save_grid(images, d / "grid.png", nrow=min(10, len(images)))
+        buf = io.BytesIO()
+        torch.save(images.cpu(), buf)
+        checkpoint.atomic_write_bytes(d / "images.pt", buf.getvalue())
+
+    def round_labels(self, r: int, labels: dict) -> None:
+        if self.main:
+            checkpoint.atomic_write_text(round_dir(self.run_dir, r) / "labels.json", json.dumps(labels, indent=1))
+
+    def eval_grid(self, tag: str, images: torch.Tensor) -> None:
+        if self.main:
+            save_grid(images[:64], self.run_dir / "rounds" / tag / "eval_grid.png", nrow=8)
+
+    def line(self, row: dict) -> None:
+        """One line per round on the console and in log.txt."""
+        parts = [f"round {row['round']:3d}", f"labels {row['labels_used']:4d}"]
+        if "preferred_rate" in row:
+            parts += [f"rate {row['preferred_rate']:.3f}", f"diversity {row['diversity']:.3f}",
+                      f"FID {row['fid_preferred']:.2f}"]
+        if "loss" in row:
+            parts += [f"loss {row['loss']:+.4f}"]
+        if "round_seconds" in row:
+            parts += [f"{row['round_seconds']:.1f}s"]
+        self.log(" | ".join(parts))
+
+    def finish(self, cfg, name: str, rows: list[dict], rounds: int, elapsed: float) -> None:
+        """curves.png and summary.md from the metric rows."""
+        if not self.main:
+            return
+        rows = [m for m in rows if "preferred_rate" in m]
+        if rows:
+            self._curves(cfg, name, rows)
+        first, last = (rows[0], rows[-1]) if rows else ({}, {})
+        names = CLASS_NAMES[cfg.data.dataset]
+        fmt = lambda m, k: f"{m[k]:.3f}" if k in m else "n/a"
+        lines = [f"# {cfg.task_name}: {name}", "",
+                 f"Preference: {[names[c] for c in cfg.feedback.preference]}; method {cfg.train.algo}; {rounds} rounds "
+                 f"× {cfg.train.samples_per_round} samples; {elapsed:.0f} s of training.", "",
+                 "| | labels | preferred rate | diversity | FID (preferred) | confidence |", "|---|---|---|---|---|---|"]
+        for tag, m in (("base", first), ("final", last)):
+            if m:
+                lines.append(f"| {tag} | {m['labels_used']} | {fmt(m, 'preferred_rate')} | {fmt(m, 'diversity')} | "
+                             f"{fmt(m, 'fid_preferred')} | {fmt(m, 'mean_confidence')} |")
+        lines += ["", "Judged by the evaluator classifier (never the oracle that gave feedback) on "
+                  f"{cfg.eval.final_num} fixed-seed samples. Curves: `curves.png`; per-round images and labels: "
+                  "`rounds/`; every metric: `metrics.jsonl` / `metrics.csv`; config: `config.yaml`."]
+        checkpoint.atomic_write_text(self.run_dir / "summary.md", "\n".join(lines) + "\n")
+
+    def _curves(self, cfg, name: str, rows: list[dict]) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        lab = [m["labels_used"] for m in rows]
+        for ax, key, title in zip(axes, ("preferred_rate", "diversity", "fid_preferred"),
+                                  ("preferred-class rate (evaluator)", "diversity in preferred set",
+                                   "FID, preferred classes (evaluator features)")):
+            ax.plot(lab, [m[key] for m in rows], marker="o")
+            ax.set_xlabel("labels used")
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylim(0, 1.02)
+        fig.suptitle(f"{cfg.task_name} · {name} · preference {cfg.feedback.preference}", fontsize=10)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        checkpoint.atomic_write_bytes(self.run_dir / "curves.png", buf.getvalue())
