@@ -1,7 +1,7 @@
 // papa fused denoising step: the per-element maths, free of torch and Python so every backend (CPU op, CUDA op,
 // the CMake unit test) shares one definition.
 //
-// For one sample with per-sample coefficients (ALGORITHMS.md §1, §3; computed by papa.schedule.step_coefficients):
+// For one sample with per-sample coefficients (docs/ALGORITHMS.md §1, §3; computed by papa.schedule.step_coefficients):
 //   μ       = c_xt · x_t + c_eps · ε̂
 //   x_prev  = μ + σ · z                        (z ~ N(0, I), given)
 //   x̂0      = clamp(a0 · x_t − b0 · ε̂, −1, 1)  (a0 = 1/√ᾱ_t, b0 = √(1−ᾱ_t)/√ᾱ_t)
@@ -56,7 +56,7 @@ inline float step_sample(const scalar_t* x, const scalar_t* eps, const scalar_t*
 namespace papa {
 
 // Per-step Gaussian log-probability of a stored x_prev under N(μ = c_xt·x_t + c_eps·ε̂, σ²) for one row of D pixels
-// (ALGORITHMS.md §3):  lp = scale·Σ_j −(x_prev_j − μ_j)²/(2σ²) − scale·D·(log σ + ½ log 2π),  scale = 1/D (mean) or 1.
+// (docs/ALGORITHMS.md §3):  lp = scale·Σ_j −(x_prev_j − μ_j)²/(2σ²) − scale·D·(log σ + ½ log 2π),  scale = 1/D (mean) or 1.
 template <typename scalar_t, typename acc_t>
 PAPA_HD acc_t logprob_residual(scalar_t x, scalar_t eps, scalar_t x_prev, acc_t c_xt, acc_t c_eps) {
   return static_cast<acc_t>(x_prev) - (c_xt * static_cast<acc_t>(x) + c_eps * static_cast<acc_t>(eps));

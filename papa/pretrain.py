@@ -1,4 +1,4 @@
-"""Pretrain the base DDPM: uniform t, unweighted MSE on ε (ALGORITHMS.md §1), Adam with warm-up and cosine decay, EMA.
+"""Pretrain the base DDPM: uniform t, unweighted MSE on ε (docs/ALGORITHMS.md §1), Adam with warm-up and cosine decay, EMA.
 
     python -m papa.pretrain --config configs/mnist.yaml [--out runs/pretrain/mnist] [--resume]
 

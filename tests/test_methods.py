@@ -1,4 +1,4 @@
-"""D3PO, Diffusion-DPO, DDPO and SDPO losses against plain-torch references written from ALGORITHMS.md §3–7: values and
+"""D3PO, Diffusion-DPO, DDPO and SDPO losses against plain-torch references written from docs/ALGORITHMS.md §3–7: values and
 gradients through a model, ties, clip edges, all-negative / all-equal rounds; and the trajectory recorder."""
 import math
 from types import SimpleNamespace
@@ -103,7 +103,7 @@ def test_trajectories_do_not_depend_on_sharding():
 
 
 def d3po_reference(model, base, data, units, beta, clip):
-    """Loop over decisive pairs and trained steps, as ALGORITHMS.md §4."""
+    """Loop over decisive pairs and trained steps, as docs/ALGORITHMS.md §4."""
     steps = [j for j in range(len(data["t"])) if data["coef"][j, 2] > 0]
     total = 0.0
     for p in units.tolist():

@@ -1,4 +1,4 @@
-"""PAPA loss against a plain loop written from the formula (ALGORITHMS.md §2), its weights, and its estimator."""
+"""PAPA loss against a plain loop written from the formula (docs/ALGORITHMS.md §2), its weights, and its estimator."""
 import pytest
 import torch
 

@@ -1,11 +1,11 @@
-"""D3PO (ALGORITHMS.md §4): pairwise preferences on trajectories from shared noise, no reward model.
+"""D3PO (docs/ALGORITHMS.md §4): pairwise preferences on trajectories from shared noise, no reward model.
 
 Round: P pairs of trajectories (2p and 2p+1 start from the same x_T) are sampled with the training sampler
 (`train.traj_*`, DDIM η = 1 by default) and recorded; the user answers one choice per pair, h = (+1, −1), (−1, +1) or a
 tie (0, 0). For every recorded step j with a density (σ_j > 0) of a decisive pair:
 
     r_i = clamp(exp(log π_θ(x^i_{j+1} | x^i_j) − log π_ref(x^i_{j+1} | x^i_j)), 1 − ε, 1 + ε)      (pixel-mean log-probs)
-    L   = −log σ(β (h_0 log r_0 + h_1 log r_1))                    β = train.beta, ε = train.clip, ref = frozen base
+    L   = −log σ(β (h_0 log r_0 + h_1 log r_1))                    β = d3po.beta, ε = d3po.clip, ref = frozen base
 
 averaged over the optimiser step's pairs and steps, gradients accumulated over the trajectory. Ties give no gradient
 (they are not even pushed through the UNet). Both members of a step go through the UNet in one call, and the

@@ -1,10 +1,10 @@
-"""DDPO (ALGORITHMS.md §5): PPO on recorded trajectories with a reward (here the oracle's preferred-class mass).
+"""DDPO (docs/ALGORITHMS.md §5): PPO on recorded trajectories with a reward (here the oracle's preferred-class mass).
 
 Round: N trajectories from the current model with the training sampler (`train.traj_*`), one reward query each on
 the final image, R ∈ [0, 1]. Advantages are normalised over the round, A = clip((R − mean)/(std + 1e-6), ±adv_clip).
 For every recorded step j with a density, with π_old the log-prob recorded while sampling:
 
-    ρ = exp(log π_θ(x_{j+1} | x_j) − log π_old),      L = max(−A ρ, −A clamp(ρ, 1 − c, 1 + c))     (c = train.ppo_clip)
+    ρ = exp(log π_θ(x_{j+1} | x_j) − log π_old),      L = max(−A ρ, −A clamp(ρ, 1 − c, 1 + c))     (c = ddpo.ppo_clip)
 
 the trajectory's advantage at every step, averaged over the optimiser step's trajectories and steps. Logged: the mean
 reward, the clipped fraction and an approximate KL to π_old (½ mean (log ρ)²).

@@ -1,4 +1,4 @@
-"""Diffusion-DPO (ALGORITHMS.md §7): pairwise preferences, trajectory-free: the closest relative of PAPA.
+"""Diffusion-DPO (docs/ALGORITHMS.md §7): pairwise preferences, trajectory-free: the closest relative of PAPA.
 
 Round: 2P images from the current model (the configured sampler, pairs 2p and 2p+1), one choice per pair. For each
 decisive pair (winner x^w, loser x^l) and M timesteps t ~ U{0, …, T−1} (`diffusion_dpo.timesteps_per_sample`), with

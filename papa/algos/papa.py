@@ -1,4 +1,4 @@
-"""PAPA / ePAPA loss (ALGORITHMS.md §2): an ELBO-weighted signed likelihood term plus QPDE, no reward model.
+"""PAPA / ePAPA loss (docs/ALGORITHMS.md §2): an ELBO-weighted signed likelihood term plus QPDE, no reward model.
 
 For a sample x0 with label y ∈ {+1, −1, 0}, noise ε (one draw reused for every t, as the reference, unless
 `noise_per_timestep`), x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε:

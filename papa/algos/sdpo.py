@@ -1,4 +1,4 @@
-"""SDPO (ALGORITHMS.md §6): dense stepwise reward differences on paired trajectories, for few-step samplers.
+"""SDPO (docs/ALGORITHMS.md §6): dense stepwise reward differences on paired trajectories, for few-step samplers.
 
 Round: P pairs of trajectories from shared noise, recorded with the training sampler (`train.traj_*`). Each trajectory
 queries the reward (the oracle's preferred-class mass) three times, on x̂0 at: the first step, an anchor step
@@ -12,7 +12,7 @@ trajectories into advantages A_j (clipped to ±adv_clip). With Δ^i_j = log π_�
 sampling) for the pair's members i = 1, 2 and w_j = λ^j (λ = `sdpo.lam`):
 
     L_unc  = (w_j (Δ¹_j − Δ²_j) − (A¹_j − A²_j))²
-    L_clip = (w_j clamp(Δ¹_j − Δ²_j, ±c) − (A¹_j − A²_j))²           (c = train.ppo_clip)
+    L_clip = (w_j clamp(Δ¹_j − Δ²_j, ±c) − (A¹_j − A²_j))²           (c = sdpo.ppo_clip)
     L      = mean over the step's pairs and trained steps of max(L_unc, L_clip)
 
 Budget: 3 reward queries per trajectory, 6 per pair. Logged: mean reward and the fraction of clipped items.

@@ -6,7 +6,7 @@ code load directly. The fast default keeps the same blocks but drops self-attent
 over 784 tokens at 28×28 dominates the reference's CPU cost, while attention in the 7×7 mid block is cheap. Which
 blocks carry attention is a per-block switch (`down_attention`; up blocks mirror it; mid blocks always have it).
 
-Block anatomy (ALGORITHMS.md §1): each layer is GroupNorm(8)–SiLU–Conv3×3, + Linear(SiLU(t_emb)), GroupNorm(8)–SiLU–
+Block anatomy (docs/ALGORITHMS.md §1): each layer is GroupNorm(8)–SiLU–Conv3×3, + Linear(SiLU(t_emb)), GroupNorm(8)–SiLU–
 Conv3×3, + 1×1-conv residual of the layer input, then (optionally) GroupNorm + multi-head self-attention, residual add.
 """
 from __future__ import annotations
