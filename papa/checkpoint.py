@@ -111,6 +111,14 @@ def round_files(d: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def prune_rounds(d: str | Path, latest: int) -> None:
+    """Keep round `latest` and the newest one before it (the last good), by round number: a text sort would put
+    round_1000 before round_999 and delete the new checkpoint. Files of later rounds are left alone."""
+    earlier = [p for n, p in round_files(d) if n < latest]
+    for old in earlier[:-1]:
+        old.unlink(missing_ok=True)
+
+
 # key: (type, what it must be) of a trainer round checkpoint; `check_round` is the one place that judges one
 ROUND_KEYS = {"model": dict, "opt": dict, "round": int, "history": list, "metrics": list, "elapsed": (int, float),
               "config_hash": str, "torch_rng": torch.Tensor}

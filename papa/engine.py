@@ -130,10 +130,7 @@ class Engine:
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "history": s.history, "metrics": s.metrics, "elapsed": s.elapsed, "dataset": self.cfg.data.dataset,
             "config_hash": config_hash(self.cfg), "torch_rng": torch.get_rng_state()}, path)
-        # keep the newest two, by round number (a text sort puts round_1000 before round_999): latest and last good
-        earlier = [(n, p) for n, p in checkpoint.round_files(self.ckpt_dir) if n < s.round]
-        for _, old in earlier[:-1]:
-            old.unlink(missing_ok=True)
+        checkpoint.prune_rounds(self.ckpt_dir, s.round)
         return path
 
     def _load_round(self, path: Path, n: int, force: bool) -> dict:

@@ -1,4 +1,4 @@
-"""Issue 3's run-time check: the default MNIST run with one process and with two, timed, and their metrics compared.
+"""The default run's time check: the default MNIST run with one process and with two, timed, and their metrics compared.
 
     .venv/bin/python scripts/check_default_run.py [--config configs/mnist.yaml] [--out runs/default_check]
                                                   [--only 1|2] [--set KEY=VALUE ...]

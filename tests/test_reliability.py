@@ -194,6 +194,8 @@ def test_round_files_sort_by_number_and_pruning_keeps_the_newest_two(tmp_path):
         (tmp_path / f"round_{n:03d}.pt").write_bytes(b"")
     (tmp_path / "round_x.pt").write_bytes(b"")
     assert [n for n, _ in checkpoint.round_files(tmp_path)] == [2, 10, 999, 1000]
+    checkpoint.prune_rounds(tmp_path, 1000)
+    assert [n for n, _ in checkpoint.round_files(tmp_path)] == [999, 1000] and (tmp_path / "round_x.pt").exists()
 
 
 def test_hand_edited_config_is_refused_on_resume_unless_forced(tiny, tmp_path):
