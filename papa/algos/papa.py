@@ -179,22 +179,25 @@ def chunk_loss(model, base, x0: torch.Tensor, items: WorkItems, sched: NoiseSche
 
 @dataclass
 class PAPASettings:
-    """The `papa:` config section."""
+    """The `papa:` config section. The first group is what the shipped configs set; the second holds the reference's
+    choices papa keeps switchable and options measured and not adopted (docs/ALIGNMENT.md, "Options measured and not
+    adopted"): experimental, off or at the reference's value by default."""
     epapa_k: int = 0                  # ePAPA: base model for t < k when sampling; train only t in [k, T-1]
     timesteps_per_sample: int = 0     # M: stratified, importance-weighted subsample of the trained steps; 0 = all
     pref_loss_coef: float = 0.1
     model_loss_coef: float = 0.009    # QPDE weight
-    weighting: str = "elbo"           # elbo: lambda_t as the reference | uniform: the same total spread evenly over t
-    t0_weight: str = "reference"      # lambda_0: reference (alpha_bar_{-1} wraps to alpha_bar_{T-1}) | skip | clamp
     qpde_placement: str = "last"      # last (t = T-1, as the reference on one GPU) | random (one trained t) | every
     qpde_on_negatives: bool = False   # also keep disliked samples close to the base model
-    negative_weight: float = 1.0      # scale of the unlikelihood term of disliked samples (reference 1.0: unbounded)
     negative_cap: float = 0.0         # kappa > 0 bounds it: min(err, (1 + kappa) err_base); 0: unbounded (reference)
     liked_balance: float = 0.0        # f > 0: weight liked samples by inverse pixel-kernel density among all liked
                                       # images so far (bandwidth f x median distance), mean 1; 0: off (reference)
     replay: bool = False              # train on all feedback so far (paper figure) or this round's only (code)
     replay_size: int = 0              # with replay: this round's units plus this many drawn (seeded, without
                                       # replacement) from earlier rounds' feedback; 0: all of them
+    # experimental: the reference's choices kept switchable, and options measured and not adopted
+    weighting: str = "elbo"           # elbo: lambda_t as the reference | uniform: the same total spread evenly over t
+    t0_weight: str = "reference"      # lambda_0: reference (alpha_bar_{-1} wraps to alpha_bar_{T-1}) | skip | clamp
+    negative_weight: float = 1.0      # scale of the unlikelihood term of disliked samples (reference 1.0: unbounded)
     noise_per_timestep: bool = False  # false: one eps draw reused for every t (reference)
 
     def check(self, cfg, require) -> None:
