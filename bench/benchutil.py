@@ -1,32 +1,79 @@
-"""Shared benchmark helpers (uniquely named: tests/ has a conftest too)."""
+"""Shared benchmark helpers (uniquely named: tests/ has a conftest too).
+
+Every gate is the median of per-pair ratios reference time / fast time, the two timed in alternation in the same run
+(reference, fast, reference, fast, …): load that comes and goes on the shared 2-core machine then hits both members
+of a pair alike, and the median drops the pairs it hit unevenly. Never an absolute time (these machines drift 20–30 %
+between runs and 2–7× with a second job beside them).
+"""
+from __future__ import annotations
+
+import os
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
+LONG = os.environ.get("PAPA_BENCH_LONG", "") not in ("", "0")  # opt-in long benchmarks (bench/README.md)
 
-def min_time(fn, reps: int = 20, warmup: int = 3) -> float:
-    """Best-of-`reps` wall time of fn() in seconds (the minimum is the least noisy estimator on a shared machine)."""
+
+def bench_threads() -> int:
+    """Threads for the benchmarks that take a thread count: PAPA_BENCH_THREADS, default 1 (a second job on the
+    2-core machine slows a 2-thread run 5×, a 1-thread run far less)."""
+    return int(os.environ.get("PAPA_BENCH_THREADS", "1"))
+
+
+@dataclass
+class Paired:
+    """Seconds of a reference and a fast path measured in alternation; pair i is (reference_s[i], fast_s[i])."""
+    reference_s: list[float]
+    fast_s: list[float]
+
+    @property
+    def ratios(self) -> list[float]:
+        return [r / f for r, f in zip(self.reference_s, self.fast_s)]
+
+    @property
+    def ratio(self) -> float:
+        """The gated figure: the median of the per-pair ratios (> 1: the fast path is faster)."""
+        return statistics.median(self.ratios)
+
+    def info(self, reference: str = "reference", fast: str = "fast") -> dict[str, Any]:
+        return {f"{reference}_s": statistics.median(self.reference_s), f"{fast}_s": statistics.median(self.fast_s),
+                "ratio": self.ratio, "ratios": [round(r, 3) for r in self.ratios], "pairs": len(self.fast_s)}
+
+    def line(self, reference: str = "reference", fast: str = "fast", unit: float = 1e3, suffix: str = "ms") -> str:
+        return (f"{reference} {statistics.median(self.reference_s) * unit:.3f} {suffix}, {fast} "
+                f"{statistics.median(self.fast_s) * unit:.3f} {suffix} (medians of {len(self.fast_s)}): median ratio "
+                f"{self.ratio:.2f}x (pairs {', '.join(f'{r:.2f}' for r in self.ratios)})")
+
+
+def alternated(reference: Callable[[], Any], fast: Callable[[], Any], reps: int, warmup: int = 1, inner: int = 1,
+               benchmark=None) -> Paired:
+    """Time `reference` and `fast` in alternation, `reps` pairs after `warmup` untimed pairs; each timing covers
+    `inner` calls (for calls too short for one timer reading), reported per call.
+
+    With pytest-benchmark's `benchmark` fixture the fast path's rounds also feed its table: `fast` is the timed
+    target and the reference the untimed setup of each round, so the order stays reference, fast, reference, fast."""
     for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(reps):
+        reference()
+        fast()
+    ref_s: list[float] = []
+    fast_s: list[float] = []
+
+    def timed(fn, out):
         t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def interleaved_min_times(fns: dict, reps: int = 5, warmup: int = 1) -> dict:
-    """Best-of-`reps` wall time of each fn, measured in alternation (a, b, a, b, …) so that a change in the machine's
-    load during the measurement hits every candidate alike; the ratio of these minima is what the gates use."""
-    for _ in range(warmup):
-        for fn in fns.values():
+        for _ in range(inner):
             fn()
-    best = {k: float("inf") for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
+        out.append((time.perf_counter() - t0) / inner)
+
+    if benchmark is None:
+        for _ in range(reps):
+            timed(reference, ref_s)
+            timed(fast, fast_s)
+    else:
+        benchmark.pedantic(lambda: timed(fast, fast_s), setup=lambda: timed(reference, ref_s), rounds=reps,
+                           iterations=1)
+    return Paired(ref_s, fast_s)

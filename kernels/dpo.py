@@ -1,4 +1,4 @@
-"""Triton kernels: the D3PO ratio loss, alone and fused with the per-step log-probabilities of both pair members.
+"""Triton kernel: the D3PO loss fused with the per-step log-probabilities of both pair members.
 
 For pair n with stored steps of trajectories i ∈ {0, 1} (ALGORITHMS.md §4), preference h ∈ {(+1,−1), (−1,+1), (0,0)}:
 
@@ -8,10 +8,12 @@ For pair n with stored steps of trajectories i ∈ {0, 1} (ALGORITHMS.md §4), p
 
 ∂L/∂log π_θ(i) = (σ(z) − 1) · β h_i · 1[inside the clip, edges included, as torch.clamp]. A tie gives no gradient.
 
-`dpo_ratio_loss` takes precomputed log-probs (N, 2). `fused_d3po_loss` takes the raw step tensors (x_t, ε̂_θ, ε̂_ref,
-x_{t−1} of shape (N, 2, …), coefficients (N, 2, 3)) and computes both members' policy and reference log-probs and the
-loss in one pass per pair; its backward recomputes the residuals and writes ∂L/∂ε̂_θ directly, so no per-pixel
-intermediate is ever stored. log-softplus is written with exp/log (libdevice calls fail in the Triton interpreter).
+`fused_d3po_loss` takes the raw step tensors (x_t, ε̂_θ, ε̂_ref, x_{t−1} of shape (N, 2, …), coefficients (N, 2, 3))
+and computes both members' policy and reference log-probs and the loss in one pass per pair; its backward recomputes
+the residuals and writes ∂L/∂ε̂_θ directly, so no per-pixel intermediate is ever stored. log-softplus is written with
+exp/log (libdevice calls fail in the Triton interpreter). The plain-torch twin is `papa.ops_ref.fused_d3po_loss_ref`;
+`papa.ops.fused_d3po_loss` is the public op. (An unfused Triton loss over precomputed log-probs was removed: nothing in
+papa used it.)
 """
 from __future__ import annotations
 
@@ -21,25 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from papa_kernels.logprob import _acc, _block, gaussian_step_logprob_ref
-
-
-def dpo_ratio_loss_ref(lp_policy, lp_ref, h, beta: float = 0.1, clip: float = 0.1):
-    """Plain torch twin. D3PO writes log(clamp(exp(Δ), 1 − ε, 1 + ε)); the same clamp is taken in log space here, so
-    a large Δ cannot overflow exp into an inf whose zero gradient times inf is NaN. Returns (N,) losses."""
-    log_r = torch.clamp(lp_policy - lp_ref, math.log(1 - clip), math.log(1 + clip))
-    z = beta * (h[:, 0] * log_r[:, 0] + h[:, 1] * log_r[:, 1])
-    return -torch.nn.functional.logsigmoid(z)
-
-
-def fused_d3po_loss_ref(x_t, eps_policy, eps_ref, x_prev, coef, h, beta=0.1, clip=0.1, reduce="mean"):
-    """Plain torch twin of the fused kernel: (loss (N,), lp_policy (N, 2), lp_ref (N, 2))."""
-    N = x_t.shape[0]
-    flat = lambda v: v.reshape(N * 2, *v.shape[2:])
-    c = coef.reshape(N * 2, 3)
-    lp_pol = gaussian_step_logprob_ref(flat(x_t), flat(eps_policy), flat(x_prev), c, reduce).view(N, 2)
-    lp_ref = gaussian_step_logprob_ref(flat(x_t), flat(eps_ref), flat(x_prev), c, reduce).view(N, 2)
-    return dpo_ratio_loss_ref(lp_pol, lp_ref.detach(), h.to(lp_pol.dtype), beta, clip), lp_pol, lp_ref
+from papa_kernels.logprob import HALF_LOG_2PI, _acc, _block
 
 
 @triton.jit
@@ -58,49 +42,6 @@ def _pair_terms(lp0, lr0, lp1, lr1, h0, h1, beta, lo, hi):
     g0 = tl.where((d0 >= lo) & (d0 <= hi), dz * beta * h0, 0.0)
     g1 = tl.where((d1 >= lo) & (d1 <= hi), dz * beta * h1, 0.0)
     return loss, g0, g1
-
-
-@triton.jit
-def _dpo_fwd(LP, LR, H, LOSS, GRAD, N, beta, lo, hi, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < N
-    lp0 = tl.load(LP + offs * 2, mask=m, other=0.0).to(ACC)
-    lp1 = tl.load(LP + offs * 2 + 1, mask=m, other=0.0).to(ACC)
-    lr0 = tl.load(LR + offs * 2, mask=m, other=0.0).to(ACC)
-    lr1 = tl.load(LR + offs * 2 + 1, mask=m, other=0.0).to(ACC)
-    h0 = tl.load(H + offs * 2, mask=m, other=0.0).to(ACC)
-    h1 = tl.load(H + offs * 2 + 1, mask=m, other=0.0).to(ACC)
-    loss, g0, g1 = _pair_terms(lp0, lr0, lp1, lr1, h0, h1, beta, lo, hi)
-    tl.store(LOSS + offs, loss, mask=m)
-    tl.store(GRAD + offs * 2, g0, mask=m)
-    tl.store(GRAD + offs * 2 + 1, g1, mask=m)
-
-
-class _DPORatioLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, lp_policy, lp_ref, h, beta, clip):
-        N = lp_policy.shape[0]
-        acc, tl_acc = _acc(lp_policy.dtype)
-        loss = torch.empty(N, device=lp_policy.device, dtype=acc)
-        grad = torch.empty(N, 2, device=lp_policy.device, dtype=acc)
-        BLOCK = min(1024, triton.next_power_of_2(max(N, 1)))
-        _dpo_fwd[(triton.cdiv(N, BLOCK),)](lp_policy.contiguous(), lp_ref.contiguous(), h.contiguous(), loss, grad,
-                                           N, beta, math.log(1 - clip), math.log(1 + clip), BLOCK=BLOCK, ACC=tl_acc)
-        ctx.save_for_backward(grad)
-        ctx.dtype = lp_policy.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        return (grad * g[:, None]).to(ctx.dtype), None, None, None, None
-
-
-def dpo_ratio_loss(lp_policy, lp_ref, h, beta: float = 0.1, clip: float = 0.1):
-    """Triton D3PO loss per pair (N,), differentiable in lp_policy (N, 2). lp_ref and h (N, 2) get no gradient."""
-    if not 0 < clip < 1:
-        raise ValueError(f"clip must be in (0, 1), got {clip}")
-    return _DPORatioLoss.apply(lp_policy, lp_ref.detach(), h.to(lp_policy.dtype), float(beta), float(clip))
 
 
 # ----------------------------------------------------------------------------------------- fused log-prob + loss
@@ -133,8 +74,8 @@ def _fused_fwd(X, EP, ER, P, C, H, LOSS, LP, LR, GLP, D, scale, beta, lo, hi, BL
     s1 = tl.load(C + n * 6 + 5).to(ACC)
     sp0, sr0 = _member_sums(X, EP, ER, P, C, n * 2 * D, n * 6, D, BLOCK, ACC)
     sp1, sr1 = _member_sums(X, EP, ER, P, C, (n * 2 + 1) * D, n * 6 + 3, D, BLOCK, ACC)
-    k0 = D * (tl.log(s0) + 0.9189385332046727)
-    k1 = D * (tl.log(s1) + 0.9189385332046727)
+    k0 = D * (tl.log(s0) + HALF_LOG_2PI)
+    k1 = D * (tl.log(s1) + HALF_LOG_2PI)
     lp0 = (-sp0 / (2.0 * s0 * s0) - k0) * scale
     lr0 = (-sr0 / (2.0 * s0 * s0) - k0) * scale
     lp1 = (-sp1 / (2.0 * s1 * s1) - k1) * scale

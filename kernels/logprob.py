@@ -10,28 +10,19 @@ Gradients flow to ε̂ (and x_t, x_{t−1} if they require grad) through r_j = (
 
 Why fused: eager torch materialises μ, the residual, its square and the per-pixel log-density (four B×D tensors kept
 for backward); this kernel reads x_t, ε̂, x_{t−1} once and keeps only (B,) outputs, recomputing the residual in the
-backward pass. Inputs fp32/fp16/bf16, accumulation and outputs fp32 (fp64 for fp64 inputs). `gaussian_step_logprob_ref` is the plain-torch twin.
+backward pass. Inputs fp32/fp16/bf16, accumulation and outputs fp32 (fp64 for fp64 inputs). The plain-torch twin
+is `papa.ops_ref.step_log_prob_ref` (kept out of this module so that the torch fallback imports without triton);
+`papa.ops.step_log_prob` is the public op.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+from papa.schedule import HALF_LOG_2PI as _HALF_LOG_2PI_FLOAT
 
-
-def gaussian_step_logprob_ref(x_t, eps, x_prev, coef, reduce: str = "mean"):
-    """Plain torch twin. coef: (B, 3) [c_xt, c_eps, σ]. Returns (B,) float32 (float64 for float64 inputs)."""
-    acc = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-    c = coef.to(acc)
-    b = lambda i: c[:, i].reshape(-1, *([1] * (x_t.ndim - 1)))
-    mean = b(0) * x_t.to(acc) + b(1) * eps.to(acc)
-    lp = -((x_prev.to(acc) - mean) ** 2) / (2 * b(2) ** 2) - torch.log(b(2)) - HALF_LOG_2PI
-    lp = lp.flatten(1)
-    return lp.mean(1) if reduce == "mean" else lp.sum(1)
+HALF_LOG_2PI = tl.constexpr(_HALF_LOG_2PI_FLOAT)  # a constexpr global: the kernels see it as the literal it replaced
 
 
 @triton.jit
@@ -50,7 +41,7 @@ def _logprob_fwd(X, E, P, C, OUT, D, scale, BLOCK: tl.constexpr, ACC: tl.constex
         r = p - (c_xt * x + c_eps * e)
         acc += tl.where(m, r * r, 0.0)
     sq = tl.sum(acc, axis=0)
-    lp = -sq / (2.0 * sigma * sigma) - D * (tl.log(sigma) + 0.9189385332046727)
+    lp = -sq / (2.0 * sigma * sigma) - D * (tl.log(sigma) + HALF_LOG_2PI)
     tl.store(OUT + row, lp * scale)
 
 

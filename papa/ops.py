@@ -1,25 +1,58 @@
 """The one dispatch point for papa's fused ops: C++/CUDA extension, Triton, or the plain-torch reference.
 
-Each public op has a `*_ref` twin written in plain torch from the formula; it is the test oracle and the fallback.
-The backend is decided lazily at the first call (never at import time, so importing papa touches no GPU):
-`PAPA_OPS=torch|cpp|triton` forces one (for tests and debugging); otherwise CUDA tensors use the extension's CUDA
-kernels, CPU tensors the extension's vectorised CPU kernels, and anything the extension cannot take the reference.
+Each public op has a `*_ref` twin in `papa.ops_ref`, written in plain torch from the formula: the test oracle and
+the fallback. One rule, `backend(op, tensor)`, picks the implementation at each call (never at import time, so
+importing papa touches no GPU and imports neither triton nor the extension):
+
+1. an override, `with ops.use_backend("torch"|"cpp"|"triton"):` or else the environment variable
+   `PAPA_OPS=torch|cpp|triton`, wins: the op runs on that backend if it has one (an error if that backend is not
+   installed), on the torch reference if it has none (so one switch can pin a whole run);
+2. otherwise the first backend in the tensor's device preference that implements the op and is installed:
+   CUDA tensors Triton, then the extension's CUDA kernels; CPU tensors the extension's vectorised CPU kernels (Triton
+   runs CPU tensors only in its slow interpreter, so only when forced); the torch reference last, always there.
+
+    op               implementations
+    fused_step       cpp, torch
+    step_log_prob    triton, cpp, torch
+    fused_d3po_loss  triton, torch
+
+"Installed" is checked once, lazily: the extension by importing `papa._C`, Triton by importing `triton`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-import math
 import os
+from collections.abc import Iterator
 
 import torch
 
-from papa.schedule import LOG_SQRT_2PI
+from papa.ops_ref import d3po_loss_ref, fused_d3po_loss_ref, fused_step_ref, step_log_prob_ref
+
+__all__ = ["BACKENDS", "backend", "use_backend", "forced_backend", "extension_available", "triton_available",
+           "fused_step", "fused_step_ref", "step_log_prob", "step_log_prob_ref", "fused_d3po_loss",
+           "fused_d3po_loss_ref", "d3po_loss_ref"]
 
 BACKENDS = ("torch", "cpp", "triton")
+
+IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
+    "fused_step": ("cpp", "torch"),
+    "step_log_prob": ("triton", "cpp", "torch"),
+    "fused_d3po_loss": ("triton", "torch"),
+}
+
+PREFERENCE: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
+
+_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("papa_ops_backend", default=None)
+
+
+# ----------------------------------------------------------------------------- the dispatch rule
 
 
 @functools.lru_cache(maxsize=1)
 def extension_available() -> bool:
+    """Whether papa._C (the C++/CUDA extension) imports; registers its fake and autograd rules on first success."""
     try:
         import papa._C  # noqa: F401  (registers torch.ops.papa.*)
     except ImportError:
@@ -33,35 +66,61 @@ def extension_available() -> bool:
     return True
 
 
-def forced_backend() -> str | None:
-    b = os.environ.get("PAPA_OPS", "").strip().lower()
-    if b and b not in BACKENDS:
-        raise ValueError(f"PAPA_OPS={b!r} is not one of {BACKENDS}")
-    return b or None
-
-
-def fused_step_ref(x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor, coef: torch.Tensor):
-    """Reference: μ = c_xt x + c_eps ε̂; x_prev = μ + σ z; x̂0 = clamp(a0 x − b0 ε̂); log π = mean(−z²/2) − log σ − ½log2π."""
-    c = coef.to(torch.float64 if x_t.dtype == torch.float64 else torch.float32)
-    b = lambda i: c[:, i].reshape(-1, *([1] * (x_t.ndim - 1)))
-    xf, ef, zf = (v.to(c.dtype) for v in (x_t, eps, noise))
-    x_prev = b(0) * xf + b(1) * ef + b(2) * zf
-    x0 = (b(3) * xf - b(4) * ef).clamp(-1, 1)
-    sigma = c[:, 2]
-    lp = -0.5 * zf.flatten(1).square().mean(1) - torch.log(sigma.clamp_min(1e-30)) - LOG_SQRT_2PI
-    lp = torch.where(sigma > 0, lp, torch.full_like(lp, math.nan)).float()
-    return x_prev.to(x_t.dtype), x0.to(x_t.dtype), lp
-
-
-def _use_extension() -> bool:
-    backend = forced_backend()
-    if backend == "torch" or (backend is None and not extension_available()):
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether triton imports (it is optional: papa's torch paths never need it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
         return False
-    if backend == "triton":
-        raise NotImplementedError("fused_step has no Triton kernel: use PAPA_OPS=cpp or torch")
-    if not extension_available():
-        raise RuntimeError("PAPA_OPS=cpp but papa._C is not built: run `pip install --no-build-isolation -e .`")
     return True
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}={name!r} is not one of {BACKENDS}")
+    return name
+
+
+def forced_backend() -> str | None:
+    """The override: `use_backend(...)` if inside one, else `PAPA_OPS`, else None (read at every call)."""
+    b = _OVERRIDE.get()
+    if b is not None:
+        return b
+    env = os.environ.get("PAPA_OPS", "").strip().lower()
+    return _check_name(env, "PAPA_OPS") if env else None
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Run the ops in this block on `name` (as PAPA_OPS would, and over it); None restores the automatic choice."""
+    token = _OVERRIDE.set(None if name is None else _check_name(name.strip().lower(), "use_backend"))
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def _installed(b: str) -> bool:
+    return b == "torch" or (b == "cpp" and extension_available()) or (b == "triton" and triton_available())
+
+
+def backend(op: str, t: torch.Tensor) -> str:
+    """The backend that runs `op` on tensors on `t`'s device: the rule in this module's docstring."""
+    impls = IMPLEMENTATIONS[op]
+    forced = forced_backend()
+    if forced is not None:
+        if forced not in impls:
+            return "torch"
+        if not _installed(forced):
+            raise RuntimeError(f"{op} was forced onto {forced!r}, which is not installed here: " + (
+                "build papa._C with `pip install --no-build-isolation -e .`" if forced == "cpp" else
+                "install triton"))
+        return forced
+    return next(b for b in PREFERENCE.get(t.device.type, ("torch",)) if b in impls and _installed(b))
+
+
+# ----------------------------------------------------------------------------- the fused sampling step
 
 
 def fused_step(x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor, coef: torch.Tensor,
@@ -71,7 +130,7 @@ def fused_step(x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor, coef: 
 
     `out=(x_prev, x0, log_prob)`: preallocated contiguous buffers (e.g. one step's slice of a trajectory recorder) that
     receive the results without allocating; they are returned."""
-    if not _use_extension():
+    if backend("fused_step", x_t) == "torch":
         res = fused_step_ref(x_t, eps, noise, coef)
         if out is None:
             return res
@@ -95,23 +154,6 @@ def _fused_step_out_fake(x_t, eps, noise, coef, x_prev, x0, log_prob):
 # ----------------------------------------------------------------------------- step log-prob and the D3PO loss
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    b = forced_backend()
-    if b == "triton":
-        return True
-    return b is None and t.is_cuda
-
-
-def _logprob_backend(t: torch.Tensor) -> str:
-    """Triton on CUDA tensors, the C++ extension on CPU ones, the reference where neither is there (or forced)."""
-    b = forced_backend()
-    if b:
-        return b
-    if t.is_cuda:
-        return "triton"
-    return "cpp" if extension_available() else "torch"
-
-
 def _step_log_prob_fake(x_t, eps, x_prev, coef, mean):
     return x_t.new_empty((x_t.shape[0],), dtype=torch.float64 if x_t.dtype == torch.float64 else torch.float32)
 
@@ -133,12 +175,6 @@ def _step_log_prob_backward(ctx, grad):
     return (g_x if need[0] else None, g_eps if need[1] else None, g_prev if need[2] else None, None, None)
 
 
-def step_log_prob_ref(x_t, eps, x_prev, coef, reduce: str = "mean"):
-    """Plain-torch twin of `step_log_prob` (see papa_kernels.logprob)."""
-    from papa_kernels.logprob import gaussian_step_logprob_ref
-    return gaussian_step_logprob_ref(x_t, eps, x_prev, coef, reduce)
-
-
 def step_log_prob(x_t: torch.Tensor, eps: torch.Tensor, x_prev: torch.Tensor, coef: torch.Tensor,
                   reduce: str = "mean") -> torch.Tensor:
     """log π(x_prev | x_t) per sample under N(c_xt x_t + c_eps ε̂, σ²), differentiable in ε̂. coef: (B, 3) or (B, 5)
@@ -146,38 +182,22 @@ def step_log_prob(x_t: torch.Tensor, eps: torch.Tensor, x_prev: torch.Tensor, co
     coef = coef[:, :3]
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    backend = _logprob_backend(x_t)
-    if backend == "triton":
+    b = backend("step_log_prob", x_t)
+    if b == "triton":
         from papa_kernels.logprob import gaussian_step_logprob
         return gaussian_step_logprob(x_t, eps, x_prev, coef, reduce)
-    if backend == "cpp":
-        if not extension_available():
-            raise RuntimeError("PAPA_OPS=cpp but papa._C is not built: run `pip install --no-build-isolation -e .`")
+    if b == "cpp":
         return torch.ops.papa.step_log_prob(x_t, eps, x_prev, coef, reduce == "mean")
     return step_log_prob_ref(x_t, eps, x_prev, coef, reduce)
 
 
-def d3po_loss_ref(lp_policy, lp_ref, h, beta: float = 0.1, clip: float = 0.1):
-    from papa_kernels.dpo import dpo_ratio_loss_ref
-    return dpo_ratio_loss_ref(lp_policy, lp_ref.detach(), h.to(lp_policy.dtype), beta, clip)
-
-
-def d3po_loss(lp_policy: torch.Tensor, lp_ref: torch.Tensor, h: torch.Tensor, beta: float = 0.1,
-              clip: float = 0.1) -> torch.Tensor:
-    """D3PO loss per pair (N,) from log-probs (N, 2) and preferences h (N, 2) ∈ {(1,−1), (−1,1), (0,0)}."""
-    if _use_triton(lp_policy):
-        from papa_kernels.dpo import dpo_ratio_loss
-        return dpo_ratio_loss(lp_policy, lp_ref, h, beta, clip)
-    return d3po_loss_ref(lp_policy, lp_ref, h, beta, clip)
-
-
-def fused_d3po_loss(x_t, eps_policy, eps_ref, x_prev, coef, h, beta: float = 0.1, clip: float = 0.1,
-                    reduce: str = "mean"):
-    """Log-probs of both pair members under policy and reference, and the D3PO loss, in one pass where Triton runs.
-    Tensors (N, 2, …), coef (N, 2, ≥3). Returns (loss (N,), lp_policy (N, 2), lp_ref (N, 2))."""
+def fused_d3po_loss(x_t: torch.Tensor, eps_policy: torch.Tensor, eps_ref: torch.Tensor, x_prev: torch.Tensor,
+                    coef: torch.Tensor, h: torch.Tensor, beta: float = 0.1, clip: float = 0.1, reduce: str = "mean"):
+    """Log-probs of both pair members under policy and reference, and the D3PO loss (`papa.ops_ref.d3po_loss_ref`),
+    in one pass where Triton runs. Tensors (N, 2, …), coef (N, 2, ≥3), h (N, 2). Returns (loss (N,), lp_policy (N, 2),
+    lp_ref (N, 2)), with gradient to eps_policy only."""
     coef = coef[..., :3]
-    if _use_triton(x_t):
-        from papa_kernels.dpo import fused_d3po_loss as k
-        return k(x_t, eps_policy, eps_ref, x_prev, coef, h, beta, clip, reduce)
-    from papa_kernels.dpo import fused_d3po_loss_ref
+    if backend("fused_d3po_loss", x_t) == "triton":
+        from papa_kernels.dpo import fused_d3po_loss as kernel
+        return kernel(x_t, eps_policy, eps_ref, x_prev, coef, h, beta, clip, reduce)
     return fused_d3po_loss_ref(x_t, eps_policy, eps_ref, x_prev, coef, h, beta, clip, reduce)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)  # ½ log 2π, the one copy (the Triton kernels import it too)
 
 
 @dataclass
@@ -34,9 +34,13 @@ def extract(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
-    """Per-sample log N(x; mean, std² I): mean (default) or sum over non-batch dims. std: (B,)."""
+    """Per-sample log N(x; mean, std² I): mean (default) or sum over non-batch dims. std: (B,).
+
+    log N(x; μ, σ²) = −(x − μ)²/(2σ²) − log σ − ½ log 2π per pixel. The one torch writing of it: the schedule's steps
+    and `papa.ops_ref` (the fused ops' references and torch fallbacks) call this function; the tests check it against
+    float64 torch.distributions."""
     s = std.reshape(-1, *([1] * (x.ndim - 1)))
-    lp = -((x - mean) ** 2) / (2 * s ** 2) - torch.log(s) - LOG_SQRT_2PI
+    lp = -((x - mean) ** 2) / (2 * s ** 2) - torch.log(s) - HALF_LOG_2PI
     lp = lp.flatten(1)
     return lp.mean(1) if reduce == "mean" else lp.sum(1)
 
