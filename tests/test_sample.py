@@ -17,12 +17,26 @@ def _tiny_model():
     return build_unet(cfg.model).eval()
 
 
+class OneByOne(torch.nn.Module):
+    """The UNet applied to one sample at a time: batch-invariant by construction. A batched convolution's float
+    rounding depends on the batch size on some CPUs (measured: 1e-6 per call, 1e-4 after four steps of a random
+    UNet), which says nothing about the property tested here: every sample's noise comes from its own seed."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t).expand(len(x)) if torch.as_tensor(t).ndim == 0 else t
+        return torch.cat([self.net(x[i:i + 1], t[i:i + 1]) for i in range(len(x))])
+
+
 def test_samples_do_not_depend_on_batch_size():
-    m, s = _tiny_model(), NoiseSchedule()
+    m, s = OneByOne(_tiny_model()), NoiseSchedule()
     a = sample(m, s, 5, steps=4, seed=3, batch_size=5, progress=False)
     b = torch.cat([sample(m, s, 2, steps=4, seed=3, batch_size=2, progress=False),
                    sample(m, s, 3, steps=4, seed=3, first_index=2, batch_size=3, progress=False)])
-    assert a.shape == (5, 1, 28, 28) and torch.allclose(a, b, atol=1e-5)
+    assert a.shape == (5, 1, 28, 28) and torch.equal(a, b)
     c = sample(m, s, 5, steps=4, seed=4, batch_size=5, progress=False)
     assert not torch.allclose(a, c)
 
