@@ -27,7 +27,6 @@ from papa.data import to_model_range
 from papa.metrics import accuracy
 
 
-@torch.no_grad()
 def train_classifier(kind: str, tcfg, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.nn.Module, int]:
     torch.manual_seed(tcfg.seed)
     gen = torch.Generator().manual_seed(tcfg.seed)
