@@ -1,5 +1,6 @@
-"""How a run judges its model each evaluation: the evaluator's metrics on fixed-seed samples, the FID of the
-preferred-class samples against real test images of the preferred classes, and a KL-to-base probe.
+"""How a run judges its model each evaluation: the evaluator's metrics on fixed-seed samples; the FID, improved
+precision / recall and density / coverage of the preferred-class samples against real test images of the preferred
+classes on evaluator features, with the drift of their ink and stroke width (papa.fidelity); and a KL-to-base probe.
 
 Built once per run (the test features and the probe are fixed), so every evaluation is comparable with every other,
 and with other runs of the same config: the samples are drawn with `eval.seed`, the probe from it too.
@@ -12,7 +13,12 @@ import numpy as np
 import torch
 
 from papa.data import to_model_range
+from papa.fidelity import fidelity_report, knn_radii
 from papa.metrics import class_stats, classify, frechet_distance
+
+# reported beside the FID in every evaluation (papa.fidelity): on evaluator features and simple image statistics
+FIDELITY_KEYS = ("precision", "recall", "density", "coverage", "ink_drift", "stroke_drift")
+FIDELITY_REAL = 1000
 from papa.schedule import NoiseSchedule
 
 
@@ -24,6 +30,14 @@ class RunEvaluator:
         self.net, self.preference, self.device = net.to(device).eval(), list(cfg.feedback.preference), device
         keep = np.isin(test_y.astype(np.int64), self.preference)
         _, self.test_feats = classify(self.net, to_model_range(torch.from_numpy(test_x[keep])).to(device))
+        # the fidelity metrics' real set: a fixed subset of the preferred-class test images (k-NN radii are O(N²);
+        # 1,000 real points against 200-500 samples keep the sets of a similar size), its radii computed once
+        g = torch.Generator().manual_seed(cfg.eval.seed)
+        pick = torch.randperm(int(keep.sum()), generator=g)[:FIDELITY_REAL]
+        self.fid_real_images = to_model_range(torch.from_numpy(test_x[keep][pick.numpy()]))
+        self.fid_real_feats = self.test_feats.cpu()[pick]
+        self.fid_real_radii = ({k: knn_radii(self.fid_real_feats, k) for k in (3, 5)}
+                               if len(pick) > 5 and torch.isfinite(self.fid_real_feats).all() else None)
         # a fixed probe for the KL-to-base diagnostic: real test images noised at fixed steps of the sampling chain
         g = torch.Generator().manual_seed(cfg.eval.seed)
         ts = torch.tensor(sched.sampling_timesteps(cfg.diffusion.sample_steps))
@@ -49,6 +63,14 @@ class RunEvaluator:
             out["fid_preferred"] = frechet_distance(feats[sel].cpu(), self.test_feats.cpu())
         except ValueError:  # fewer than two preferred samples, or non-finite features: no distance to report
             out["fid_preferred"] = math.nan
+        try:  # fidelity of what the evaluator calls preferred, against real images of those classes
+            if self.fid_real_radii is None:
+                raise ValueError("too few real preferred-class images for the fidelity metrics")
+            rep = fidelity_report(self.fid_real_feats, feats[sel].cpu(), self.fid_real_images, images[sel].cpu(),
+                                  real_radii=self.fid_real_radii)
+            out.update({k: rep[k] for k in FIDELITY_KEYS})
+        except ValueError:  # too few preferred samples for the k-nearest-neighbour radii, or non-finite ones
+            out.update({k: math.nan for k in FIDELITY_KEYS})
         out["kl_to_base"] = self.kl_to_base(net, base)
         out["eval_num"] = len(images)
         return out

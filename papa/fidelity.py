@@ -91,7 +91,8 @@ def _membership(points: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor
     return counts, hit
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = DEFAULT_CHUNK) -> dict:
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = DEFAULT_CHUNK,
+                     real_radii: torch.Tensor | None = None) -> dict:
     """Improved precision and recall (Kynkäänniemi et al. 2019).
 
     The manifold of a set S is the union of closed balls B(s, NND_k(s)) around its points, with NND_k(s) the distance
@@ -100,18 +101,21 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: 
         precision = (1/M) Σ_j 1[∃ i: ‖g_j − r_i‖ ≤ NND_k(r_i)]      share of fake points on the real manifold
         recall    = (1/N) Σ_i 1[∃ j: ‖r_i − g_j‖ ≤ NND_k(g_j)]      share of real points on the fake manifold
 
-    Balls are closed (≤), as in the authors' reference code. Both sets need at least k + 1 points. Returns
+    Balls are closed (≤), as in the authors' reference code. Both sets need at least k + 1 points. `real_radii`:
+    `knn_radii(real, k)` computed once by a caller that judges many fake sets against one real set. Returns
     {"precision": float, "recall": float}."""
     _check_features(real, fake, "precision_recall", k, k + 1, k + 1)
     real, fake = real.double(), fake.to(real.device).double()
-    r_real, r_fake = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)
+    r_real = knn_radii(real, k, chunk) if real_radii is None else real_radii
+    r_fake = knn_radii(fake, k, chunk)
     fake_in_real, _ = _membership(fake, real, r_real, closed=True, chunk=chunk)
     real_in_fake, _ = _membership(real, fake, r_fake, closed=True, chunk=chunk)
     return {"precision": float((fake_in_real > 0).double().mean()),
             "recall": float((real_in_fake > 0).double().mean())}
 
 
-def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5, chunk: int = DEFAULT_CHUNK) -> dict:
+def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5, chunk: int = DEFAULT_CHUNK,
+                     real_radii: torch.Tensor | None = None) -> dict:
     """Density and coverage (Naeem et al. 2020): only real points define balls, so outliers in the FAKE set cannot
     inflate a fake manifold (the weakness of recall), and a dense cluster of fakes counts more than once (density).
 
@@ -127,7 +131,7 @@ def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5, chunk: 
     {"density": float, "coverage": float}."""
     _check_features(real, fake, "density_coverage", k, k + 1, 1)
     real, fake = real.double(), fake.to(real.device).double()
-    r_real = knn_radii(real, k, chunk)
+    r_real = knn_radii(real, k, chunk) if real_radii is None else real_radii
     counts, hit = _membership(fake, real, r_real, closed=False, chunk=chunk)
     return {"density": float(counts.sum().double() / (k * len(fake))),
             "coverage": float(hit.double().mean())}
@@ -222,13 +226,16 @@ def drift(fake_images: torch.Tensor, real_images: torch.Tensor) -> dict:
 
 
 def fidelity_report(real_feats: torch.Tensor, fake_feats: torch.Tensor, real_images: torch.Tensor,
-                    fake_images: torch.Tensor, k_pr: int = 3, k_dc: int = 5, chunk: int = DEFAULT_CHUNK) -> dict:
+                    fake_images: torch.Tensor, k_pr: int = 3, k_dc: int = 5, chunk: int = DEFAULT_CHUNK,
+                    real_radii: dict | None = None) -> dict:
     """All of the above in one flat dict with stable keys: precision, recall (``precision_recall`` with k = k_pr),
     density, coverage (``density_coverage`` with k = k_dc), ink_fake, ink_real, ink_drift, stroke_fake, stroke_real,
-    stroke_drift (``drift``). Features and images are those of the same real and fake sets."""
+    stroke_drift (``drift``). Features and images are those of the same real and fake sets. `real_radii`: {k:
+    knn_radii(real_feats, k)} for k_pr and k_dc, computed once where one real set judges many fake sets."""
     out = {}
-    out.update(precision_recall(real_feats, fake_feats, k=k_pr, chunk=chunk))
-    out.update(density_coverage(real_feats, fake_feats, k=k_dc, chunk=chunk))
+    rr = real_radii or {}
+    out.update(precision_recall(real_feats, fake_feats, k=k_pr, chunk=chunk, real_radii=rr.get(k_pr)))
+    out.update(density_coverage(real_feats, fake_feats, k=k_dc, chunk=chunk, real_radii=rr.get(k_dc)))
     d = drift(fake_images, real_images)
     for key in ("ink_fake", "ink_real", "ink_drift", "stroke_fake", "stroke_real", "stroke_drift"):
         out[key] = d[key]

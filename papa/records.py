@@ -97,13 +97,16 @@ class Records:
         lines = [f"# {cfg.task_name}: {name}", "",
                  f"Preference: {[names[c] for c in cfg.feedback.preference]}; method {cfg.train.algo}; {rounds} rounds "
                  f"× {cfg.train.samples_per_round} samples; {elapsed:.0f} s of training.", "",
-                 "| | labels | preferred rate | diversity | FID (preferred) | confidence |", "|---|---|---|---|---|---|"]
+                 "| | labels | preferred rate | diversity | FID (preferred) | precision | recall | coverage | ink drift "
+                 "| confidence |", "|---|---|---|---|---|---|---|---|---|---|"]
         for tag, m in (("base", first), ("final", last)):
             if m:
                 lines.append(f"| {tag} | {m['labels_used']} | {fmt(m, 'preferred_rate')} | {fmt(m, 'diversity')} | "
-                             f"{fmt(m, 'fid_preferred')} | {fmt(m, 'mean_confidence')} |")
+                             f"{fmt(m, 'fid_preferred')} | {fmt(m, 'precision')} | {fmt(m, 'recall')} | "
+                             f"{fmt(m, 'coverage')} | {fmt(m, 'ink_drift')} | {fmt(m, 'mean_confidence')} |")
         lines += ["", "Judged by the evaluator classifier (never the oracle that gave feedback) on "
-                  f"{cfg.eval.final_num} fixed-seed samples. Curves: `curves.png`; per-round images and labels: "
+                  f"{cfg.eval.final_num} fixed-seed samples; FID, precision / recall, coverage and the ink drift compare "
+                  "the samples it puts in a preferred class with real test images of those classes. Curves: `curves.png`; per-round images and labels: "
                   "`rounds/`; every metric: `metrics.jsonl` / `metrics.csv`; config: `config.yaml`."]
         checkpoint.atomic_write_text(self.run_dir / "summary.md", "\n".join(lines) + "\n")
 
@@ -111,16 +114,22 @@ class Records:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
         lab = [m["labels_used"] for m in rows]
         for ax, key, title in zip(axes, ("preferred_rate", "diversity", "fid_preferred"),
                                   ("preferred-class rate (evaluator)", "diversity in preferred set",
                                    "FID, preferred classes (evaluator features)")):
             ax.plot(lab, [m[key] for m in rows], marker="o")
-            ax.set_xlabel("labels used")
             ax.set_title(title, fontsize=10)
+        for key in ("precision", "recall", "coverage"):
+            axes[3].plot(lab, [m.get(key, math.nan) for m in rows], marker="o", label=key)
+        axes[3].set_title("fidelity, preferred classes (evaluator features)", fontsize=10)
+        axes[3].legend(fontsize=8)
+        for ax in axes:
+            ax.set_xlabel("labels used")
             ax.grid(alpha=0.3)
         axes[0].set_ylim(0, 1.02)
+        axes[3].set_ylim(0, 1.02)
         fig.suptitle(f"{cfg.task_name} · {name} · preference {cfg.feedback.preference}", fontsize=10)
         fig.tight_layout()
         buf = io.BytesIO()

@@ -17,7 +17,7 @@ from papa.algos import METHODS, register
 from papa.algos.base import Items, Method
 from papa.config import load_config
 from papa.engine import Engine
-from papa.evaluation import RunEvaluator
+from papa.evaluation import FIDELITY_KEYS, RunEvaluator
 from papa.models import EvaluatorCNN, build_unet
 from papa.policy import FullPolicy, Policy
 from papa.schedule import NoiseSchedule
@@ -97,6 +97,7 @@ def test_a_method_defined_in_a_test_file_runs_on_an_in_memory_engine(toy, tmp_pa
     rows = metrics(tmp_path / "run")
     assert state.round == 2 and [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1]["toy_items"] == 4 and rows[2]["labels_used"] == 8 and "preferred_rate" in rows[2]
+    assert all(k in rows[2] for k in FIDELITY_KEYS)  # beside the FID in every evaluation (NaN when too few samples)
     labels = json.loads((tmp_path / "run" / "rounds" / "001" / "labels.json").read_text())
     assert sorted(labels) == [f"r001_{i:03d}" for i in range(4)] and sorted(labels.values()) == [-1, -1, 1, 1]
     assert not (tmp_path / "mnist" / ".base_eval").exists()  # no files behind it: the base evaluation is not cached

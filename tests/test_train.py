@@ -84,6 +84,7 @@ def test_run_writes_the_whole_story(tiny, tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[0]["eval_num"] == 8 and rows[2]["eval_num"] == 6 and rows[3]["eval_num"] == 8
     assert rows[3]["labels_used"] == 12 and "preferred_rate" in rows[3] and "fid_preferred" in rows[3]
+    assert {"precision", "recall", "density", "coverage", "ink_drift", "stroke_drift"} <= rows[3].keys()
     labels = json.loads((rd / "rounds/002/labels.json").read_text())
     assert sorted(labels) == [f"r002_{i:03d}" for i in range(4)] and set(labels.values()) <= {1, -1}
     assert len(list((rd / "checkpoints").glob("round_*.pt"))) == 2  # latest and last good
