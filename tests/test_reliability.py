@@ -299,3 +299,15 @@ def test_shipped_paths_resolve_from_any_directory(tmp_path, monkeypatch):
         assert Path(getattr(cfg.checkpoints, key)).is_file(), key
     monkeypatch.chdir(ROOT)  # from the checkout the config keeps its paths as written (and its hash)
     assert load_config(MNIST).checkpoints.base == "checkpoints/mnist/base_ddpm.pt"
+
+
+def test_non_finite_training_on_two_ranks_exits_3_once(tiny, tmp_path):
+    """A learning rate that blows the weights up: every rank sees the same all-reduced loss and weights, so all stop
+    with exit 3 and rank 0 says so once; no checkpoint with non-finite weights is left."""
+    ovs = overrides(tiny, tmp_path, rounds=3, extra=["train.lr=1e30"])
+    r = subprocess.run([sys.executable, "-m", "papa.train", "--nproc-per-node", "2", *args_for(ovs)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 3, r.stderr[-2000:]
+    one_error_line(r, "non-finite", "last good checkpoint")
+    for _, p in checkpoint.round_files(run_dir(tmp_path) / "checkpoints"):
+        checkpoint.check_round(checkpoint.load(p), p)  # raises on non-finite weights
