@@ -99,6 +99,10 @@ class FeedbackConfig:
     preference: list[int] = field(default_factory=lambda: [1, 4, 7, 9])   # the user's liked classes
     full_exploitation: bool = True    # non-preferred samples labelled -1 (true) or 0 (false: ignored)
     labels_file: str = ""             # for source: file
+    flip_prob: float = 0.0            # oracle: each label or pair choice is flipped with this probability (label
+                                      # noise, as people make; seeded by train.seed and the round)
+    skip_below: float = 0.0           # oracle: "unsure -> skip": an image the oracle gives less than this top-class
+                                      # probability is skipped (label 0; a pair with one is a tie); 0: never
     wait: bool = False                # source file: a missing label means "not yet": wait for it (a person labelling
                                       # rounds/NNN/ while the run waits) instead of stopping with an error
     poll_seconds: float = 2.0         # how often a waiting run looks for new answers
@@ -306,6 +310,8 @@ def validate(cfg: Config) -> Config:
              f"must be a plain directory name under train.output_dir/task_name (no '/', '..'), got {t.sample_path!r}")
     _require(bool(t.output_dir), "train.output_dir", "must not be empty")
     _require(f.poll_seconds > 0, "feedback.poll_seconds", "must be > 0")
+    _require(0.0 <= f.flip_prob <= 0.5, "feedback.flip_prob", "must be in [0, 0.5] (above 0.5 the user is inverted)")
+    _require(0.0 <= f.skip_below < 1.0, "feedback.skip_below", "must be in [0, 1) (0: never skip)")
     _require(not f.wait or f.source == "file", "feedback.wait", "applies to feedback.source: file; set it to false")
     for name, settings in cfg.methods.items():  # every section is checked, the active method's and the others'
         settings.check(cfg, require=lambda cond, key, msg, name=name: _require(cond, f"{name}.{key}", msg))

@@ -33,18 +33,42 @@ class FeedbackSource(Protocol):
 
 
 class OracleFeedback:
+    """The simulated user. With `skip_below` > 0 it skips what it is unsure of (top-class probability below it), and
+    with `flip_prob` > 0 it flips each remaining decision with that probability, from a generator seeded by the run's
+    seed and the round: the same run gets the same noisy answers, resumed or not."""
     kinds = ("label", "pair", "reward")
 
-    def __init__(self, oracle: torch.nn.Module, preference: list[int], full_exploitation: bool = True):
+    def __init__(self, oracle: torch.nn.Module, preference: list[int], full_exploitation: bool = True,
+                 flip_prob: float = 0.0, skip_below: float = 0.0, seed: int = 0):
         self.oracle, self.preference, self.full = oracle.eval(), torch.tensor(preference), full_exploitation
+        self.flip_prob, self.skip_below, self.seed = flip_prob, skip_below, seed
 
     def ask(self, query: Query) -> torch.Tensor:
         x = query.images
+        if query.kind == "reward":
+            return self.reward(x).cpu()
         if query.kind == "label":
-            return self(x, query.round).cpu()
-        if query.kind == "pair":
-            return self.pairwise(query.first, query.second, query.round).cpu()
-        return self.reward(x).cpu()
+            y, unsure = self(x, query.round).cpu(), self.unsure(x)
+        else:
+            y = self.pairwise(query.first, query.second, query.round).cpu()
+            unsure = self.unsure(query.first) | self.unsure(query.second)
+        return self.noisy(y, unsure, query.round)
+
+    @torch.no_grad()
+    def unsure(self, images: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the oracle's top-class probability is below `skip_below`."""
+        if self.skip_below <= 0:
+            return torch.zeros(len(images), dtype=torch.bool)
+        return (self.oracle(images).float().softmax(1).max(1).values < self.skip_below).cpu()
+
+    def noisy(self, y: torch.Tensor, unsure: torch.Tensor, round_idx: int) -> torch.Tensor:
+        """Skip the unsure (0), then flip each remaining answer with probability flip_prob (seeded by the round)."""
+        y = torch.where(unsure, torch.zeros_like(y), y)
+        if self.flip_prob > 0:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_idx)
+            flip = torch.rand(len(y), generator=gen) < self.flip_prob
+            y = torch.where(flip, -y, y)  # a skip (0) or a tie stays what it is
+        return y
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, round_idx: int) -> torch.Tensor:
@@ -114,4 +138,4 @@ def build_feedback(cfg, oracle: torch.nn.Module | None):
     f = cfg.feedback
     if f.source == "file":
         return FileFeedback(f.labels_file, wait=f.wait)
-    return OracleFeedback(oracle, f.preference, f.full_exploitation)
+    return OracleFeedback(oracle, f.preference, f.full_exploitation, f.flip_prob, f.skip_below, cfg.train.seed)
