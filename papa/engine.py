@@ -16,7 +16,6 @@ from a config and the shipped files.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from papa.evaluation import RunEvaluator
 from papa.feedback import FeedbackSource, build_feedback
 from papa.policy import FullPolicy, Policy
 from papa.records import Records
+from papa.rundir import BaseEvalCache, RunDir
 from papa.rounds import Query, RoundData, Samples, image_id, pair_id, round_seed
 from papa.sampling import Trajectories, sample, sample_trajectories
 from papa.schedule import NoiseSchedule
@@ -85,7 +85,7 @@ class Engine:
         self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, Path(run_dir), rank, world, device
         self.main = rank == 0
         t = cfg.train
-        self.policy, self.feedback, self.evaluator, self.base_eval_key = policy, feedback, evaluator, base_eval_key
+        self.policy, self.feedback, self.evaluator = policy, feedback, evaluator
         self.sched = NoiseSchedule.from_config(cfg.diffusion)
         self.method = get_method(t.algo)(cfg, policy, self.sched, device)
         if self.method.feedback not in getattr(feedback, "kinds", (self.method.feedback,)):
@@ -96,8 +96,9 @@ class Engine:
         # the evaluated model: the policy itself, or an exponential moving average of its weights (train.ema_decay)
         self.ema = copy.deepcopy(policy.module).eval().requires_grad_(False) if t.ema_decay > 0 else None
         self.records = Records(run_dir, self.main)
+        self.dir = RunDir(run_dir, self.records.log)
+        self.base_eval = BaseEvalCache(Path(cfg.train.output_dir) / cfg.task_name, base_eval_key, self.records.log)
         self.state = RunState()
-        self.ckpt_dir = self.run_dir / "checkpoints"
 
     @classmethod
     def from_config(cls, cfg: Config, run_dir: Path, rank: int = 0, world: int = 1,
@@ -124,17 +125,15 @@ class Engine:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         s = self.state
-        path = self.ckpt_dir / f"round_{s.round:03d}.pt"
-        checkpoint.atomic_save({
+        return self.dir.save(s.round, {
             "model": self.policy.state_dict(), "opt": self.opt.state_dict(), "round": s.round,
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "history": s.history, "metrics": s.metrics, "elapsed": s.elapsed, "dataset": self.cfg.data.dataset,
-            "config_hash": config_hash(self.cfg), "torch_rng": torch.get_rng_state()}, path)
-        checkpoint.prune_rounds(self.ckpt_dir, s.round)
-        return path
+            "config_hash": config_hash(self.cfg), "torch_rng": torch.get_rng_state()})
 
     def _load_round(self, path: Path, n: int, force: bool) -> dict:
-        """A round checkpoint checked for structure, provenance and fit before anything is loaded from it."""
+        """A round checkpoint checked for structure, provenance and fit, then loaded into the policy, optimiser and
+        EMA (a failed load is followed by a full load of an earlier one, or the run stops)."""
         st = checkpoint.check_round(checkpoint.load(path), path, expect_round=n)
         if st["config_hash"] != config_hash(self.cfg) and not force:
             raise checkpoint.CheckpointError(
@@ -150,49 +149,20 @@ class Engine:
         if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != \
                 [len(g["params"]) for g in self.opt.param_groups]:
             raise checkpoint.CheckpointError(f"{path.name}: its optimiser state does not fit this model")
+        self.policy.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        if self.ema is not None:
+            self.ema.load_state_dict(st["ema"])
         return st
 
     def try_resume(self, force: bool = False) -> bool:
-        """Load the newest usable checkpoint; an unusable one (corrupt, truncated, wrong structure or provenance,
-        non-finite weights) is reported and the previous one tried. When checkpoints exist but none is usable, or the
-        records say rounds were done that no checkpoint holds, refuse (CheckpointError) rather than start again over
-        them: nothing is written or deleted before that check."""
-        files = checkpoint.round_files(self.ckpt_dir)
-        problems = []
-        for n, path in reversed(files):
-            try:
-                st = self._load_round(path, n, force)
-                self.policy.load_state_dict(st["model"])
-                self.opt.load_state_dict(st["opt"])
-                if self.ema is not None:
-                    self.ema.load_state_dict(st["ema"])
-            except (checkpoint.CheckpointError, KeyError, RuntimeError, ValueError, TypeError) as e:
-                problems.append(f"{path.name}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}")
-                self.log(f"warning: {path.name} is unusable ({problems[-1]}); trying the previous checkpoint")
-                continue
-            self.state = RunState(st["round"], st["history"], st["metrics"], st["elapsed"])
-            torch.set_rng_state(st["torch_rng"])
-            self.log(f"resumed from {path} (round {self.state.round} done)")
-            return True
-        if files:
-            raise checkpoint.CheckpointError(
-                f"--resume {self.run_dir}: no usable checkpoint ({'; '.join(problems)}); nothing was changed. Move "
-                "the bad files out of checkpoints/ to resume from an earlier one, or start afresh with --overwrite")
-        done = self._recorded_rounds()
-        if done > 0:
-            raise checkpoint.CheckpointError(
-                f"--resume {self.run_dir}: metrics.jsonl records {done} round(s) but checkpoints/ holds none; nothing "
-                "was changed. Restore the checkpoints, or start afresh with --overwrite")
-        self.log("no checkpoint yet (the run stopped in its first round): starting at round 1")
-        return False
-
-    def _recorded_rounds(self) -> int:
-        f = self.run_dir / "metrics.jsonl"
-        try:
-            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
-            return max((int(r.get("round", 0)) for r in rows if isinstance(r, dict)), default=0)
-        except (ValueError, OSError):
-            return 1  # unreadable records of a run that did something: do not start over them
+        """Continue from the newest usable checkpoint (papa.rundir decides which, or refuses)."""
+        st = self.dir.newest_usable(lambda path, n: self._load_round(path, n, force))
+        if st is None:
+            return False
+        self.state = RunState(st["round"], st["history"], st["metrics"], st["elapsed"])
+        torch.set_rng_state(st["torch_rng"])
+        return True
 
     # ------------------------------------------------------------------ the round
     def sample_images(self, n: int, seed: int, k: int = 0, net: torch.nn.Module | None = None) -> torch.Tensor:
@@ -336,87 +306,38 @@ class Engine:
         self.records.eval_grid(tag, imgs)
         row["eval_seconds"] = round(time.time() - t0, 2)
 
-    def _base_eval_cache(self) -> Path | None:
-        """Where the base model's round-0 evaluation is kept for reuse: it depends only on the base checkpoint, the
-        evaluator, the data, the preference and the evaluation settings, so every method and seed shares it."""
-        if self.base_eval_key is None:
-            return None
-        cfg = self.cfg
-        return Path(cfg.train.output_dir) / cfg.task_name / ".base_eval" / f"{config_hash(self.base_eval_key)}.json"
-
-    def _read_base_eval(self, cache: Path) -> dict | None:
-        """The cached round-0 metrics, or None (recompute) when the file is unreadable, truncated, for other inputs,
-        or its values do not match the digest written with them (edited by hand)."""
-        try:
-            rec = json.loads(cache.read_text())
-            ev, key = rec["metrics"], rec["key"]
-            ok = (key == self.base_eval_key and rec["digest"] == config_hash({"key": key, "metrics": ev})
-                  and 0.0 <= ev["preferred_rate"] <= 1.0 and ev["eval_num"] == self.cfg.eval.final_num)
-        except (OSError, ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            self.log(f"warning: {cache} is not a valid base-model evaluation; evaluating the base model again")
-            return None
-        return ev
-
     def _round0(self) -> dict:
+        """Round 0: the base model's evaluation, from the shared cache where it is valid."""
         row = {"round": 0, "labels_used": 0, "elapsed": 0.0}
-        cache = self._base_eval_cache()
         # every rank reads the same file and reaches the same verdict, so they evaluate (collectively) or not together
-        ev = self._read_base_eval(cache) if cache is not None and cache.is_file() else None
+        ev = self.base_eval.read(self.cfg.eval.final_num)
+        grid = self.run_dir / "rounds" / "000" / "eval_grid.png"
         if ev is not None:
             row.update(ev)
             row["eval_cached"] = True
-            if self.main and cache.with_suffix(".png").is_file():
-                dst = self.run_dir / "rounds" / "000" / "eval_grid.png"
-                checkpoint.atomic_write_bytes(dst, cache.with_suffix(".png").read_bytes())
+            if self.main and self.base_eval.grid.is_file():
+                checkpoint.atomic_write_bytes(grid, self.base_eval.grid.read_bytes())
             return row
         self._record_eval(row, self.cfg.eval.final_num, "000")
-        if self.main and cache is not None:
-            ev = {k: v for k, v in row.items() if k not in ("round", "labels_used", "elapsed", "eval_seconds")}
-            key = self.base_eval_key
-            checkpoint.atomic_write_bytes(cache.with_suffix(".png"),
-                                          (self.run_dir / "rounds" / "000" / "eval_grid.png").read_bytes())
-            checkpoint.atomic_write_text(cache, json.dumps({"key": key, "metrics": ev,
-                                                            "digest": config_hash({"key": key, "metrics": ev})}))
+        if self.main:
+            self.base_eval.write({k: v for k, v in row.items()
+                                  if k not in ("round", "labels_used", "elapsed", "eval_seconds")}, grid.read_bytes())
         return row
 
-    # files a run writes at the top of its directory; --overwrite removes these (and rounds/, checkpoints/) only
-    RUN_FILES = ("config.yaml", "log.txt", "metrics.jsonl", "metrics.csv", "summary.md", "curves.png")
-
-    def _clear_run(self) -> None:
-        """--overwrite: the old run's files go, after the new run has been validated and holds the lock."""
-        import shutil
-        for name in self.RUN_FILES:
-            (self.run_dir / name).unlink(missing_ok=True)
-        for sub in ("rounds", "checkpoints"):
-            shutil.rmtree(self.run_dir / sub, ignore_errors=True)
-
     def _open(self, resume: bool, force: bool, overwrite: bool) -> None:
-        """Take the run directory: lock it (rank 0; every rank learns the outcome), tidy what a killed writer left,
-        clear it for --overwrite, load the checkpoint for --resume. Nothing is written before the lock is held, and
-        a refused resume writes nothing but the lock file."""
-        def take() -> None:
-            self.lock = checkpoint.RunLock(self.run_dir).acquire()
-            for d in (self.run_dir, self.ckpt_dir, *sorted((self.run_dir / "rounds").glob("*"))):
-                checkpoint.remove_stale_temps(d)
-            if overwrite:
-                self._clear_run()
-        dist.on_main(take, self.world, self.rank)
+        """Take the run directory (rank 0 locks, tidies and, for --overwrite, clears it; every rank learns the
+        outcome), then load the checkpoint for --resume. Nothing is written before the lock is held, and a refused
+        resume writes nothing but the lock file."""
+        dist.on_main(lambda: self.dir.take(overwrite), self.world, self.rank)
         dist.barrier(self.world)
         if resume:
             self.try_resume(force)
-
-    def close(self) -> None:
-        if getattr(self, "lock", None) is not None:
-            self.lock.release()
-            self.lock = None
 
     def run(self, resume: bool = False, force: bool = False, overwrite: bool = False) -> RunState:
         try:
             return self._run(resume, force, overwrite)
         finally:
-            self.close()
+            self.dir.release()
 
     def _run(self, resume: bool, force: bool, overwrite: bool) -> RunState:
         cfg, t, m = self.cfg, self.cfg.train, self.method
