@@ -3,7 +3,7 @@ the two timed in alternation in the same run (benchutil.alternated; every timed 
 
     pytest bench/bench_gpu.py -s        (scripts/gpu_check.sh runs these and writes the JSON under $OUT)
 
-Floors (issue 4): Triton log-prob + D3PO loss forward+backward ≥ 3× eager torch with ≤ 0.5× its peak memory at
+Floors: Triton log-prob + D3PO loss forward+backward ≥ 3× eager torch with ≤ 0.5× its peak memory at
 512 pairs × 20 steps × 1×28×28; CUDA-graph sampling of 10 images × 1000 steps with the paper UNet ≥ 3× the eager loop;
 the fused C++/CUDA step ≥ 1.2× the eager step at batch 256 (launch-bound: ~45 kernels against ~28, counted, since no
 GPU run has measured it yet). None of these floors has been checked on a GPU yet (bench/README.md).

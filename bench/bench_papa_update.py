@@ -1,6 +1,6 @@
 """PAPA update: papa's chunked, accumulated work list against the reference's loop, identical maths.
 
-    pytest bench/bench_papa_update.py -s        (PAPA_BENCH_THREADS=2 for the issue's 2-thread figure)
+    pytest bench/bench_papa_update.py -s        (PAPA_BENCH_THREADS=2 for the 2-thread figure)
 
 The reference loop runs one UNet call per (sample, timestep) at batch 1 and keeps every graph until one backward per
 sample; papa pushes the same items through the UNet in chunks of 100 and back-propagates chunk by chunk. Each mode
@@ -8,7 +8,7 @@ lives in a process of its own (so each peak RSS is its own), started once; the p
 alternation (reference, papa, reference, papa, …: `benchutil.alternated`) and gates on the median of the per-pair
 ratios of the update times (process start excluded). Same sample, noise and timesteps (t ∈ [800, 999]: a fifth of a
 reference round's 1000 steps keeps the benchmark short; the reference's memory grows with the number of steps,
-papa's does not). Floors, set to hold with a second job on the 2-core machine at one thread: ≥ 2× faster (issue 3
+papa's does not). Floors, set to hold with a second job on the 2-core machine at one thread: ≥ 2× faster (the idle 2-thread target is 3×
 asks 3×: met on the idle machine, bench/README.md), peak memory no higher; every update gives the same weights.
 """
 import json

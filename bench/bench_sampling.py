@@ -6,7 +6,7 @@ unless PAPA_BENCH_THREADS says otherwise.
     pytest bench/bench_sampling.py -s                       (PAPA_BENCH_LONG=1 adds the long ones: bench/README.md)
 
 The UNet is ~99 % of a sampling step, so loop-level gains must come from it: bf16 autocast (gated ≥ 1.2× on CPUs with
-bf16 kernels, issue 4) and torch.compile (long; its per-step ratio gated ≥ 0.8×, its compilation reported).
+bf16 kernels) and torch.compile (long; its per-step ratio gated ≥ 0.8×, its compilation reported).
 """
 import statistics
 import time
@@ -47,7 +47,7 @@ def _run(model, sched, n, S, **kw):
 def test_sample_100_default_config(benchmark, setup, threads):
     """100 samples with the default config, against the same UNet calls alone (the same 100 × S forwards, nothing
     else): the sampler's own work (noise, coefficients, the fused step) must stay small, ratio UNet-alone / sampler
-    ≥ 0.8. Issue 2 asks ≤ 60 s for 100 samples at the config's steps; that absolute figure is reported, not gated: a
+    ≥ 0.8. The target is ≤ 60 s for 100 samples at the config's steps; that absolute figure is reported, not gated: a
     5-step chain here (per-step time × the config's steps), the config's own chain with PAPA_BENCH_LONG=1."""
     cfg, model, sched = setup
     S = cfg.diffusion.sample_steps if LONG else 5
@@ -99,7 +99,7 @@ def test_bf16_sampling_1000_steps_vs_eager_loop(benchmark, setup):
     """1000-step sampling of 100 images with the default model: the loop with the UNet under bf16 autocast and the
     fused step against the eager float32 loop (eager UNet, torch reference step). bf16 runs the convolutions on
     oneDNN's AMX / AVX-512-BF16 kernels. Timing 1000 steps would take minutes, so the per-step times are compared on a
-    6-step chain (same per-step cost, nothing to compile): the ratio is the 1000-step ratio. Gated ≥ 1.2× (issue 4)
+    6-step chain (same per-step cost, nothing to compile): the ratio is the 1000-step ratio. Gated ≥ 1.2×
     where the CPU has bf16 kernels, one thread; ε̂ must stay within bf16's error of float32 (the images are not
     bit-equal; their evaluator statistics at 1000 steps are in docs/SAMPLING.md)."""
     from papa.sampling import autocast_bf16, supports_bf16

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3's GPU criterion: configs/mnist_paper.yaml end to end on one GPU (the reference UNet, T = 1000, 1000-step
+# The reference setting on a GPU: configs/mnist_paper.yaml end to end on one GPU (the reference UNet, T = 1000, 1000-step
 # ancestral sampling, 30 rounds x 10 samples, batch 1, every timestep), in device calls of at most 10 minutes.
 #
 #   # once, on the CPU machine (MNIST as four gzipped IDX files, 11 MB; the GPU machine has no data source):
@@ -9,7 +9,7 @@
 #   run command="bash scripts/gpu_paper_run.sh" carry=["data"]
 #
 # 1. Pretrains the reference UNet (it is not shipped) for PRETRAIN_STEPS steps with the recipe's cosine schedule over
-#    that many steps (default 6000 of the recipe's 37500: the whole recipe does not fit a session's 30 device minutes;
+#    that many steps (default 6000 of the recipe's 37500: the whole recipe does not fit 30 minutes of device time;
 #    the base's own rate and FID are the round-0 evaluation, so its quality is measured, not assumed). Resumable.
 # 2. Runs `python -m papa.train --config configs/mnist_paper.yaml` on it (round checkpoints; resumed when killed).
 # Writes env.txt, timings.txt, the pretraining log and the run's log, metrics, summary and curves under $OUT.

@@ -90,7 +90,7 @@ def test_oracle_writes_both_classifiers_with_sidecars(tmp_path, small_data):
 
 
 def test_gpu_paper_script_pretrains_then_aligns_and_resumes(tmp_path):
-    """scripts/gpu_paper_run.sh (issue 3's paper config on a GPU, in calls of <= 10 minutes) on the CPU with a tiny
+    """scripts/gpu_paper_run.sh (the paper config on a GPU, in calls of <= 10 minutes) on the CPU with a tiny
     model: pretrains, runs the paper config to its summary, copies the records to $OUT; a second call finds both
     phases done and retrains nothing."""
     import os
