@@ -8,8 +8,9 @@ lives in a process of its own (so each peak RSS is its own), started once; the p
 alternation (reference, papa, reference, papa, …: `benchutil.alternated`) and gates on the median of the per-pair
 ratios of the update times (process start excluded). Same sample, noise and timesteps (t ∈ [800, 999]: a fifth of a
 reference round's 1000 steps keeps the benchmark short; the reference's memory grows with the number of steps,
-papa's does not). Floors, set to hold with a second job on the 2-core machine at one thread: ≥ 2× faster (the idle 2-thread target is 3×
-asks 3×: met on the idle machine, bench/README.md), peak memory no higher; every update gives the same weights.
+papa's does not). Floors, set to hold with a second job on the 2-core machine at one thread: ≥ 2× faster (the
+idle 2-thread target, 3×, is met on the idle machine: bench/README.md), peak memory no higher; every update gives the
+same weights.
 """
 import json
 import os
