@@ -157,11 +157,17 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # each registered method's settings section, by name (`papa:`, `d3po:`, … at the top level of the YAML)
-    methods: dict = field(default_factory=lambda: {n: tp() for n, tp in __import__("papa.algos").algos.method_settings().items()})
+    methods: dict = field(default_factory=lambda: _default_methods())
 
     def method(self, name: str | None = None) -> Any:
         """The settings of method `name` (default: train.algo)."""
         return self.methods[name or self.train.algo]
+
+
+def _default_methods() -> dict:
+    """Every registered method's settings at their defaults (imported late: the methods import papa.config)."""
+    from papa.algos import method_settings
+    return {name: tp() for name, tp in method_settings().items()}
 
 
 # --------------------------------------------------------------------------- building from plain data
@@ -400,8 +406,9 @@ def to_dict(cfg: Any) -> dict:
         return dataclasses.asdict(cfg)
     out = {}
     for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
         if f.name != "methods":
-            out[f.name] = dataclasses.asdict(getattr(cfg, f.name)) if f.name != "task_name" else cfg.task_name
+            out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
         if f.name == "train":
             out.update({name: dataclasses.asdict(v) for name, v in cfg.methods.items()})
     return out

@@ -53,14 +53,6 @@ def gather_cat(t: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat(parts).to(t.device)
 
 
-def broadcast_tensor(t: torch.Tensor, world: int, src: int = 0) -> torch.Tensor:
-    if world == 1:
-        return t
-    obj = [t.cpu()]
-    dist.broadcast_object_list(obj, src=src)
-    return obj[0].to(t.device)
-
-
 def all_reduce_grads(model: torch.nn.Module, world: int, mean: bool = False) -> None:
     """Sum (or average, the DDP convention) gradients over ranks, flattened into one buffer for one collective."""
     if world == 1:

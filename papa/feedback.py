@@ -126,9 +126,6 @@ class FileFeedback:
             out.append(float(v))
         return torch.tensor(out)
 
-    def pairwise(self, first: torch.Tensor, second: torch.Tensor, round_idx: int) -> torch.Tensor:
-        return self(first, round_idx, ids=[pair_id(round_idx, i) for i in range(len(first))])
-
 
 class MissingLabel(ConfigError):
     """A labels file has no answer (yet) for a query id."""
