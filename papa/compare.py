@@ -43,7 +43,8 @@ def diagnostic_keys() -> tuple[str, ...]:
     from papa.algos import METHODS
     keys = [k for cls in METHODS.values() for k in cls.diagnostics]
     return tuple(dict.fromkeys(keys + ["round_reward"]))
-HEADLINE = [("preferred_rate", "preferred rate", "{:.3f}"), ("diversity", "diversity", "{:.3f}"),
+HEADLINE = [("legible_preferred_rate", "legible preferred rate", "{:.3f}"), ("rejected_rate", "rejected", "{:.3f}"),
+            ("precision", "precision", "{:.3f}"), ("diversity", "diversity", "{:.3f}"),
             ("fid_preferred", "FID (preferred)", "{:.2f}"), ("kl_to_base", "KL to base", "{:.3f}")]
 
 
@@ -221,15 +222,21 @@ def _fmt(ms: tuple[float, float], f: str) -> str:
     return "n/a" if math.isnan(ms[0]) else f"{f.format(ms[0])} ± {f.format(ms[1])}"
 
 
+def _rate(row: dict) -> float:
+    """The headline: the legible preferred rate (runs judged before the reject option: the argmax preferred rate)."""
+    return row.get("legible_preferred_rate", row["preferred_rate"])
+
+
 def summarize_run(rows: list[dict]) -> dict:
     evals = [r for r in rows if "preferred_rate" in r]
     final = evals[-1]
     out = {k: final.get(k, math.nan) for k, _, _ in HEADLINE}
+    out["legible_preferred_rate"] = _rate(final)
     out["labels_used"] = final["labels_used"]
     out["wall_s"] = final.get("elapsed", 0.0)
     out["train_s"] = sum(r.get("round_seconds", 0.0) - r.get("eval_seconds", 0.0) for r in rows if r["round"] > 0)
     out["peak_rss_mb"] = max((r.get("peak_rss_mb", 0.0) for r in rows), default=math.nan)
-    out["curve"] = [(r["labels_used"], r["preferred_rate"]) for r in evals]
+    out["curve"] = [(r["labels_used"], _rate(r)) for r in evals]
     out["fid_curve"] = [(r["labels_used"], r["fid_preferred"]) for r in evals]
     for k in diagnostic_keys():
         vals = [r[k] for r in rows if k in r and not (isinstance(r[k], float) and math.isnan(r[k]))]
@@ -262,7 +269,8 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
                      f"{_fmt(_mean_std([r['peak_rss_mb'] for r in res]), '{:.0f}')} |")
     base = read_metrics(run_dir(runs[0][2]))
     if base:
-        lines += ["", f"Base model (round 0): preferred rate {base[0]['preferred_rate']:.3f}, FID (preferred) "
+        lines += ["", f"Base model (round 0): legible preferred rate {_rate(base[0]):.3f}, rejected "
+                      f"{base[0].get('rejected_rate', math.nan):.3f}, FID (preferred) "
                       f"{base[0]['fid_preferred']:.2f}, diversity {base[0]['diversity']:.3f}."]
     diag = []
     for method, res in by_method.items():
@@ -273,17 +281,17 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
     if diag:
         lines += ["", "Diagnostics:", *diag]
     if by_method:
-        best = max(by_method, key=lambda m: _mean_std([r["preferred_rate"] for r in by_method[m]])[0])
+        best = max(by_method, key=lambda m: _mean_std([r["legible_preferred_rate"] for r in by_method[m]])[0])
         fast = min(by_method, key=lambda m: _mean_std([r["train_s"] / max(1, r["labels_used"])
                                                        for r in by_method[m]])[0])
-        lines += ["", f"Most label-efficient at this budget (highest final preferred rate): **{best}**. "
+        lines += ["", f"Most label-efficient at this budget (highest final legible preferred rate): **{best}**. "
                       f"Fastest per label (training seconds per feedback unit, evaluation excluded): **{fast}**."]
         if base:
             bound = 1.5 * base[0]["fid_preferred"]
             ok = [m for m in by_method
                   if _mean_std([r["fid_preferred"] for r in by_method[m]])[0] <= bound]
             if ok:
-                kept = max(ok, key=lambda m: _mean_std([r["preferred_rate"] for r in by_method[m]])[0])
+                kept = max(ok, key=lambda m: _mean_std([r["legible_preferred_rate"] for r in by_method[m]])[0])
                 lines.append(f"Highest final rate among methods whose mean FID stays within 1.5× the base's "
                              f"({bound:.2f}): **{kept}**.")
             else:

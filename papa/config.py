@@ -75,6 +75,10 @@ class ClassifierTrainConfig:
     lr: float = 1.0                   # Adadelta, as the PyTorch MNIST example
     gamma: float = 0.7                # StepLR per epoch
     seed: int = 1
+    reject: bool = False              # add the "not a member of any class" output, trained on synthetic negatives
+                                      # (papa.negatives, drawn from this seed) beside style-augmented real images
+    negative_fraction: float = 0.5    # reject training: negatives per real image in each batch
+    init: str = ""                    # start from this 10-class classifier file (its head gains the reject row)
 
 
 @dataclass
@@ -99,6 +103,9 @@ class FeedbackConfig:
     preference: list[int] = field(default_factory=lambda: [1, 4, 7, 9])   # the user's liked classes
     full_exploitation: bool = True    # non-preferred samples labelled -1 (true) or 0 (false: ignored)
     labels_file: str = ""             # for source: file
+    reject: bool = True               # oracle: an image the oracle calls "not a member of any class" (its reject
+                                      # class) is disliked, like one of a class not preferred; false: the argmax-only
+                                      # user, who always picks one of the classes
     flip_prob: float = 0.0            # oracle: each label or pair choice is flipped with this probability (label
                                       # noise, as people make; seeded by train.seed and the round)
     skip_below: float = 0.0           # oracle: "unsure -> skip": an image the oracle gives less than this top-class
@@ -282,6 +289,7 @@ def validate(cfg: Config) -> Config:
         _require(c.epochs >= 1, f"{sec}.epochs", "must be >= 1")
         _require(c.batch_size >= 1, f"{sec}.batch_size", "must be >= 1")
         _require(c.lr > 0, f"{sec}.lr", "must be > 0")
+        _require(0 < c.negative_fraction <= 4, f"{sec}.negative_fraction", "must be in (0, 4]")
     s = cfg.sample
     _require(s.num >= 1, "sample.num", "must be >= 1")
     _require(s.batch_size >= 1, "sample.batch_size", "must be >= 1")
@@ -392,11 +400,12 @@ def _resolve_shipped(cfg: Config) -> Config:
     """Shipped checkpoint paths ('checkpoints/mnist/…') are relative to the checkout; from another working directory
     they resolve there. A path that exists from the working directory is kept as written (so the saved config, and its
     hash, do not change for runs started in the checkout)."""
-    ck = cfg.checkpoints
-    for f in dataclasses.fields(ck):
-        p = Path(getattr(ck, f.name))
-        if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
-            setattr(ck, f.name, str(REPO_ROOT / p))
+    places = [(cfg.checkpoints, f.name) for f in dataclasses.fields(cfg.checkpoints)]
+    places += [(cfg.oracle, "init"), (cfg.evaluator, "init")]
+    for sec, name in places:
+        p = Path(getattr(sec, name))
+        if str(p) not in ("", ".") and not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
+            setattr(sec, name, str(REPO_ROOT / p))
     return cfg
 
 

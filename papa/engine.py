@@ -238,11 +238,12 @@ class Engine:
         """The model that evaluations judge: the EMA of the policy when train.ema_decay > 0, else the policy."""
         return self.ema if self.ema is not None else self.policy.module
 
-    def evaluate(self, num: int) -> tuple[dict, torch.Tensor]:
-        """Evaluator metrics on `num` fixed-seed samples, and the samples."""
+    def evaluate(self, num: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Evaluator metrics on `num` fixed-seed samples, the samples, and the evaluator's decision on each."""
         self.policy.eval()
         imgs = self.sample_images(num, self.cfg.eval.seed, self.method.base_below, net=self.evaluated)
-        return self.evaluator.judge(imgs, self.evaluated, self.policy.reference_module), imgs
+        ev, pred = self.evaluator.judge_with_decisions(imgs, self.evaluated, self.policy.reference_module)
+        return ev, imgs, pred
 
     # ------------------------------------------------------------------ update
     def update(self, data: dict, r: int) -> dict:
@@ -301,9 +302,9 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def _record_eval(self, row: dict, num: int, tag: str) -> None:
         t0 = time.time()
-        ev, imgs = self.evaluate(num)
+        ev, imgs, pred = self.evaluate(num)
         row.update(ev)
-        self.records.eval_grid(tag, imgs)
+        self.records.eval_grid(tag, imgs, pred, self.cfg.feedback.preference)
         row["eval_seconds"] = round(time.time() - t0, 2)
 
     def _round0(self) -> dict:

@@ -22,6 +22,7 @@ import torch
 from papa import checkpoint
 from papa.cli import add_config_args, check_writable_dir, config_from_args, run_main
 from papa.config import ConfigError
+from papa.fidelity import fidelity_report
 from papa.metrics import class_stats, classify, frechet_distance  # noqa: F401 - also papa.evaluate's API
 
 
@@ -53,6 +54,15 @@ def manifest_files(ck) -> dict:
         info["size_bytes"] = Path(p).stat().st_size
         files[kind] = info
     return files
+
+
+def _fidelity(real_feats, feats, real_images, images) -> dict | None:
+    """Every sample against 1,000 fixed real test images (all classes), as each run's evaluations judge; None when
+    there are too few samples for the k-nearest-neighbour radii."""
+    try:
+        return {k: round(v, 4) for k, v in fidelity_report(real_feats, feats, real_images, images).items()}
+    except ValueError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "base_samples": {**class_stats(probs), "sampler": cfg.diffusion.sampler, "steps": cfg.diffusion.sample_steps,
                          "seed": args.seed, "sample_seconds": round(sample_seconds, 1)},
         "fid_base_vs_test": frechet_distance(feats, test_feats),
+        "fidelity_vs_test": _fidelity(test_feats[perm[:1000]], feats, xte[perm[:1000]], imgs),
         "fid_test_half_vs_half": frechet_distance(test_feats[perm[:half]], test_feats[perm[half:]]),
         "oracle_test_accuracy": accuracy(oracle, xte, yte),
         "evaluator_test_accuracy": accuracy(evaluator, xte, yte),

@@ -1,4 +1,5 @@
-"""How a run judges its model each evaluation: the evaluator's metrics on fixed-seed samples; the FID, improved
+"""How a run judges its model each evaluation: the evaluator's metrics on fixed-seed samples (with a reject-aware
+evaluator the headline is the legible preferred rate: accepted and in a preferred class, beside the rejected rate); the FID, improved
 precision / recall and density / coverage of the preferred-class samples against real test images of the preferred
 classes on evaluator features, with the drift of their ink and stroke width (papa.fidelity); and a KL-to-base probe.
 
@@ -55,10 +56,18 @@ class RunEvaluator:
         return float((coef[:, 1] ** 2 * d.square().flatten(1).mean(1) / (2 * coef[:, 2] ** 2)).mean())
 
     def judge(self, images: torch.Tensor, net: torch.nn.Module, base: torch.nn.Module) -> dict:
-        """Metrics of `images` sampled from `net`: class shares, preferred rate, diversity, FID, KL to `base`."""
+        """Metrics of `images` sampled from `net`: class shares, legible preferred and rejected rates, diversity,
+        FID, fidelity and drift, KL to `base`."""
+        return self.judge_with_decisions(images, net, base)[0]
+
+    def judge_with_decisions(self, images: torch.Tensor, net: torch.nn.Module,
+                             base: torch.nn.Module) -> tuple[dict, torch.Tensor]:
+        """`judge`, and the evaluator's decision per image ((N,) class index; `REJECT_CLASS` for "not a member of
+        any class" when the evaluator has a reject option)."""
         probs, feats = classify(self.net, images.to(self.device))
         out = class_stats(probs.cpu(), self.preference)
-        sel = torch.isin(probs.argmax(1).cpu(), torch.tensor(self.preference))
+        pred = probs.argmax(1).cpu()
+        sel = torch.isin(pred, torch.tensor(self.preference))  # legible and preferred: rejected samples excluded
         try:
             out["fid_preferred"] = frechet_distance(feats[sel].cpu(), self.test_feats.cpu())
         except ValueError:  # fewer than two preferred samples, or non-finite features: no distance to report
@@ -73,4 +82,4 @@ class RunEvaluator:
             out.update({k: math.nan for k in FIDELITY_KEYS})
         out["kl_to_base"] = self.kl_to_base(net, base)
         out["eval_num"] = len(images)
-        return out
+        return out, pred

@@ -5,7 +5,8 @@ answers as a tensor aligned with the ids, or None when it has no answer yet (a p
 then asks again every `feedback.poll_seconds`, and a run stopped while waiting waits again when resumed, because the
 resumed round draws the same images under the same ids.
 
-- `OracleFeedback`: the oracle classifier plays a user with a preference set. Labels: +1 for a preferred class, else
+- `OracleFeedback`: the oracle classifier plays a user with a preference set (by default a legible member of a
+  preferred class: the oracle's reject option says "not a member of any class"). Labels: +1 for a preferred class, else
   −1 (`full_exploitation`) or 0 (ignored); pairs: +1 when the first image is preferred and the second not, −1 the
   reverse, 0 a tie; rewards: the oracle's probability mass on the preferred classes, in [0, 1].
 - `FileFeedback`: labels from a JSON file `{"<id>": 1 | -1 | 0, …}` (image ids `r<round>_<index>` are the images the
@@ -22,6 +23,7 @@ from typing import Protocol
 import torch
 
 from papa.config import ConfigError
+from papa.models.classifier import REJECT_CLASS, has_reject
 from papa.rounds import Query, image_id, pair_id  # noqa: F401 - the ids' home is papa.rounds; re-exported here
 
 
@@ -33,15 +35,34 @@ class FeedbackSource(Protocol):
 
 
 class OracleFeedback:
-    """The simulated user. With `skip_below` > 0 it skips what it is unsure of (top-class probability below it), and
-    with `flip_prob` > 0 it flips each remaining decision with that probability, from a generator seeded by the run's
-    seed and the round: the same run gets the same noisy answers, resumed or not."""
+    """The simulated user. It likes an image when the oracle's decision is a preferred class. With a reject-aware
+    oracle and `reject` (the default), an image the oracle calls no member of any class is disliked, as a person
+    dislikes a malformed digit; `reject=False` is the argmax-only user, who always sees one of the classes. With
+    `skip_below` > 0 it skips what it is unsure of (top probability below it), and with `flip_prob` > 0 it flips each
+    remaining decision with that probability, from a generator seeded by the run's seed and the round: the same run
+    gets the same noisy answers, resumed or not."""
     kinds = ("label", "pair", "reward")
 
     def __init__(self, oracle: torch.nn.Module, preference: list[int], full_exploitation: bool = True,
-                 flip_prob: float = 0.0, skip_below: float = 0.0, seed: int = 0):
+                 flip_prob: float = 0.0, skip_below: float = 0.0, seed: int = 0, reject: bool = False):
         self.oracle, self.preference, self.full = oracle.eval(), torch.tensor(preference), full_exploitation
         self.flip_prob, self.skip_below, self.seed = flip_prob, skip_below, seed
+        if reject and not has_reject(oracle):
+            raise ConfigError("config key 'feedback.reject': true needs an oracle with a reject class, and "
+                              "checkpoints.oracle has 10 outputs; point it at a reject-aware file "
+                              "(checkpoints/<dataset>/oracle_reject.pt) or set feedback.reject=false")
+        self.reject = reject
+
+    def probs(self, images: torch.Tensor) -> torch.Tensor:
+        """The oracle's class probabilities; over the classes only when it does not use its reject option."""
+        logits = self.oracle(images).float()
+        if has_reject(self.oracle) and not self.reject:
+            logits = logits[:, :REJECT_CLASS]
+        return logits.softmax(1)
+
+    def likes(self, images: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the oracle's decision is a preferred class (never the reject class)."""
+        return torch.isin(self.probs(images).argmax(1), self.preference.to(images.device))
 
     def ask(self, query: Query) -> torch.Tensor:
         x = query.images
@@ -56,10 +77,10 @@ class OracleFeedback:
 
     @torch.no_grad()
     def unsure(self, images: torch.Tensor) -> torch.Tensor:
-        """(N,) bool: the oracle's top-class probability is below `skip_below`."""
+        """(N,) bool: the oracle's top probability is below `skip_below`."""
         if self.skip_below <= 0:
             return torch.zeros(len(images), dtype=torch.bool)
-        return (self.oracle(images).float().softmax(1).max(1).values < self.skip_below).cpu()
+        return (self.probs(images).max(1).values < self.skip_below).cpu()
 
     def noisy(self, y: torch.Tensor, unsure: torch.Tensor, round_idx: int) -> torch.Tensor:
         """Skip the unsure (0), then flip each remaining answer with probability flip_prob (seeded by the round)."""
@@ -72,20 +93,16 @@ class OracleFeedback:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, round_idx: int) -> torch.Tensor:
-        cls = self.oracle(images).argmax(1)
-        liked = torch.isin(cls, self.preference)
-        return torch.where(liked, 1.0, -1.0 if self.full else 0.0)
+        return torch.where(self.likes(images), 1.0, -1.0 if self.full else 0.0)
 
     @torch.no_grad()
     def pairwise(self, first: torch.Tensor, second: torch.Tensor, round_idx: int) -> torch.Tensor:
-        a = torch.isin(self.oracle(first).argmax(1), self.preference.to(first.device)).float()
-        b = torch.isin(self.oracle(second).argmax(1), self.preference.to(first.device)).float()
-        return a - b  # +1: first preferred, −1: second, 0: tie (both or neither preferred)
+        return self.likes(first).float() - self.likes(second).float()  # +1 first, −1 second, 0 tie (both or neither)
 
     @torch.no_grad()
     def reward(self, images: torch.Tensor) -> torch.Tensor:
-        p = self.oracle(images).float().softmax(1)
-        return p[:, self.preference.to(images.device)].sum(1)
+        """The probability mass on the preferred classes (the reject class counts against, when used)."""
+        return self.probs(images)[:, self.preference.to(images.device)].sum(1)
 
 
 class FileFeedback:
@@ -135,4 +152,5 @@ def build_feedback(cfg, oracle: torch.nn.Module | None):
     f = cfg.feedback
     if f.source == "file":
         return FileFeedback(f.labels_file, wait=f.wait)
-    return OracleFeedback(oracle, f.preference, f.full_exploitation, f.flip_prob, f.skip_below, cfg.train.seed)
+    return OracleFeedback(oracle, f.preference, f.full_exploitation, f.flip_prob, f.skip_below, cfg.train.seed,
+                          reject=f.reject)

@@ -56,14 +56,27 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
 
 
 def class_stats(probs: torch.Tensor, preferred: list[int] | None = None) -> dict:
+    """Class shares of the evaluator's decisions, and with `preferred` the user-facing rates.
+
+    With a reject-aware evaluator (11 outputs, the last "not a member of any class") the decision is the argmax over
+    all 11: `rejected_rate` is the share it calls no member of any class, and the headline `legible_preferred_rate`
+    the share it accepts *and* puts in a preferred class. `preferred_rate` stays the argmax over the 10 classes only
+    (what an argmax-only judge reports, blind to malformed samples), so the two can be read side by side. `class_fraction`
+    (of all samples), `min_liked_share` (the smallest liked class's share of all samples), `diversity` (normalised
+    entropy over the liked classes) and `preferred_fraction_within` are of the legible decisions."""
+    k = probs.shape[1]
+    reject = k == 11
     pred = probs.argmax(1)
-    hist = torch.bincount(pred, minlength=probs.shape[1]).float() / len(pred)
-    out = {"num": len(pred), "class_fraction": [round(float(h), 4) for h in hist],
+    hist = torch.bincount(pred, minlength=k).float() / len(pred)
+    out = {"num": len(pred), "class_fraction": [round(float(h), 4) for h in hist[:10]],
            "mean_confidence": float(probs.max(1).values.mean())}
+    if reject:
+        out["rejected_rate"] = float(hist[10])
     if preferred:
         pref = torch.tensor(preferred)
-        in_pref = torch.isin(pred, pref)
-        out["preferred_rate"] = float(in_pref.float().mean())
+        out["legible_preferred_rate"] = float(torch.isin(pred, pref).float().mean())
+        out["preferred_rate"] = float(torch.isin(probs[:, :10].argmax(1), pref).float().mean())
+        out["min_liked_share"] = round(float(hist[pref].min()), 4)
         sub = hist[pref] / hist[pref].sum().clamp_min(1e-12)
         ent = -(sub * sub.clamp_min(1e-12).log()).sum()
         out["diversity"] = abs(float(ent / math.log(len(preferred)))) if len(preferred) > 1 else 1.0

@@ -317,12 +317,22 @@ def thick(x: torch.Tensor, strength: float | torch.Tensor = 1.0) -> torch.Tensor
     return (x + s * (_cross_max(x) - x)).clamp(-1, 1)
 
 
-def thin(x: torch.Tensor, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
+def thin(x: torch.Tensor, strength: float | torch.Tensor = 1.0, min_ink: float | None = None) -> torch.Tensor:
     """Thin by up to one pixel: x + s·(erode(x) − x), erode = −max-pool(−x) over the 4-neighbour cross kernel.
-    Never adds ink anywhere. (`augment_style` caps s so that `THIN_MIN_INK` of the ink remains.)"""
+    Never adds ink anywhere. With `min_ink` (as `augment_style`, with `THIN_MIN_INK`), s is capped per image so that
+    at least that fraction of the image's ink remains: a full erosion erases most of a thin digit."""
     _check(x)
     s = _strength(x, strength)
-    return (x + s * (-_cross_max(-x) - x)).clamp(-1, 1)
+    ero = -_cross_max(-x)
+    if min_ink is not None:
+        s = torch.minimum(s, _thin_cap(_to_p(x), _to_p(ero), min_ink)[:, None, None, None])
+    return (x + s * (ero - x)).clamp(-1, 1)
+
+
+def _thin_cap(p: torch.Tensor, ero: torch.Tensor, min_ink: float) -> torch.Tensor:
+    """(N,) the largest erosion strength that keeps `min_ink` of each image's ink (p, ero: ink images in [0, 1])."""
+    ink0 = p.sum((1, 2, 3))
+    return (1 - min_ink) * ink0 / (ink0 - ero.sum((1, 2, 3))).clamp(min=1e-6)
 
 
 def affine(x: torch.Tensor, shear=0.0, angle_deg=0.0, scale=1.0, shift=(0.0, 0.0)) -> torch.Tensor:
@@ -396,10 +406,8 @@ def augment_style(x: torch.Tensor, gen: torch.Generator, p: float | Mapping[str,
     out = x.clamp(-1, 1)
     if do_thin.any() or do_thick.any():
         p0 = _to_p(out)
-        ink0 = p0.sum((1, 2, 3))
         ero = _to_p(-_cross_max(-out))
-        loss = (ink0 - ero.sum((1, 2, 3))).clamp(min=1e-6)
-        s_thin = torch.minimum(s_morph, (1 - THIN_MIN_INK) * ink0 / loss)   # keep ≥ THIN_MIN_INK of the ink
+        s_thin = torch.minimum(s_morph, _thin_cap(p0, ero, THIN_MIN_INK))   # keep ≥ THIN_MIN_INK of the ink
         dil = _to_p(_cross_max(out))
         s = torch.where(do_thin, s_thin, torch.where(do_thick, s_morph, torch.zeros_like(s_morph)))
         target = torch.where(do_thin[:, None, None, None], ero, dil)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from papa import checkpoint
 from papa.data import CLASS_NAMES
+from papa.models.classifier import REJECT_CLASS
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
@@ -68,16 +69,30 @@ class Records:
         if self.main:
             checkpoint.atomic_write_text(round_dir(self.run_dir, r) / "labels.json", json.dumps(labels, indent=1))
 
-    def eval_grid(self, tag: str, images: torch.Tensor) -> None:
-        if self.main:
-            save_grid(images[:64], self.run_dir / "rounds" / tag / "eval_grid.png", nrow=8)
+    def eval_grid(self, tag: str, images: torch.Tensor, decisions: torch.Tensor | None = None,
+                  preference: list[int] | None = None) -> None:
+        """The evaluation's first 64 samples; with the evaluator's decisions, also the samples it rejects as no
+        member of any class (`eval_rejected.png`) beside those it accepts in a preferred class (`eval_accepted.png`),
+        up to 64 each in sample order."""
+        if not self.main:
+            return
+        d = self.run_dir / "rounds" / tag
+        save_grid(images[:64], d / "eval_grid.png", nrow=8)
+        if decisions is None:
+            return
+        for name, keep in (("rejected", decisions == REJECT_CLASS),
+                           ("accepted", torch.isin(decisions, torch.tensor(preference or [])))):
+            if keep.any():
+                save_grid(images[keep.cpu()][:64], d / f"eval_{name}.png", nrow=8)
 
     def line(self, row: dict) -> None:
         """One line per round on the console and in log.txt."""
         parts = [f"round {row['round']:3d}", f"labels {row['labels_used']:4d}"]
-        if "preferred_rate" in row:
-            parts += [f"rate {row['preferred_rate']:.3f}", f"diversity {row['diversity']:.3f}",
-                      f"FID {row['fid_preferred']:.2f}"]
+        if "legible_preferred_rate" in row:
+            parts += [f"legible preferred {row['legible_preferred_rate']:.3f}"]
+            if "rejected_rate" in row:
+                parts += [f"rejected {row['rejected_rate']:.3f}"]
+            parts += [f"diversity {row['diversity']:.3f}", f"FID {row['fid_preferred']:.2f}"]
         if "loss" in row:
             parts += [f"loss {row['loss']:+.4f}"]
         if "round_seconds" in row:
@@ -93,20 +108,26 @@ class Records:
             self._curves(cfg, name, rows)
         first, last = (rows[0], rows[-1]) if rows else ({}, {})
         names = CLASS_NAMES[cfg.data.dataset]
-        fmt = lambda m, k: f"{m[k]:.3f}" if k in m else "n/a"
+        fmt = lambda m, k: f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "n/a"
+        cols = [("legible preferred rate", "legible_preferred_rate"), ("rejected", "rejected_rate"),
+                ("smallest liked class", "min_liked_share"), ("diversity", "diversity"),
+                ("FID (preferred)", "fid_preferred"), ("precision", "precision"), ("recall", "recall"),
+                ("coverage", "coverage"), ("ink drift", "ink_drift"), ("stroke drift", "stroke_drift"),
+                ("argmax preferred rate", "preferred_rate")]
         lines = [f"# {cfg.task_name}: {name}", "",
                  f"Preference: {[names[c] for c in cfg.feedback.preference]}; method {cfg.train.algo}; {rounds} rounds "
                  f"× {cfg.train.samples_per_round} samples; {elapsed:.0f} s of training.", "",
-                 "| | labels | preferred rate | diversity | FID (preferred) | precision | recall | coverage | ink drift "
-                 "| confidence |", "|---|---|---|---|---|---|---|---|---|---|"]
+                 "| | labels | " + " | ".join(c for c, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
         for tag, m in (("base", first), ("final", last)):
             if m:
-                lines.append(f"| {tag} | {m['labels_used']} | {fmt(m, 'preferred_rate')} | {fmt(m, 'diversity')} | "
-                             f"{fmt(m, 'fid_preferred')} | {fmt(m, 'precision')} | {fmt(m, 'recall')} | "
-                             f"{fmt(m, 'coverage')} | {fmt(m, 'ink_drift')} | {fmt(m, 'mean_confidence')} |")
+                lines.append(f"| {tag} | {m['labels_used']} | " + " | ".join(fmt(m, k) for _, k in cols) + " |")
         lines += ["", "Judged by the evaluator classifier (never the oracle that gave feedback) on "
-                  f"{cfg.eval.final_num} fixed-seed samples; FID, precision / recall, coverage and the ink drift compare "
-                  "the samples it puts in a preferred class with real test images of those classes. Curves: `curves.png`; per-round images and labels: "
+                  f"{cfg.eval.final_num} fixed-seed samples. The legible preferred rate is the share of all samples it "
+                  "accepts and puts in a preferred class; rejected: the share it calls no member of any class; the "
+                  "argmax preferred rate ignores that option. FID, precision / recall, coverage and the drifts compare "
+                  "the legible preferred samples with real test images of those classes. What it rejects and accepts "
+                  "at the end: `rounds/" + (f"{last['round']:03d}" if last else "NNN") + "/eval_rejected.png`, "
+                  "`eval_accepted.png`. Curves: `curves.png`; per-round images and labels: "
                   "`rounds/`; every metric: `metrics.jsonl` / `metrics.csv`; config: `config.yaml`."]
         checkpoint.atomic_write_text(self.run_dir / "summary.md", "\n".join(lines) + "\n")
 
@@ -116,9 +137,14 @@ class Records:
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
         lab = [m["labels_used"] for m in rows]
-        for ax, key, title in zip(axes, ("preferred_rate", "diversity", "fid_preferred"),
-                                  ("preferred-class rate (evaluator)", "diversity in preferred set",
-                                   "FID, preferred classes (evaluator features)")):
+        for key, label, style in (("legible_preferred_rate", "legible preferred", "-o"),
+                                  ("rejected_rate", "rejected", "-s"), ("preferred_rate", "argmax preferred", ":.")):
+            if any(key in m for m in rows):
+                axes[0].plot(lab, [m.get(key, math.nan) for m in rows], style, label=label)
+        axes[0].set_title("rates (evaluator)", fontsize=10)
+        axes[0].legend(fontsize=8)
+        for ax, key, title in zip(axes[1:], ("diversity", "fid_preferred"),
+                                  ("diversity in preferred set", "FID, preferred classes (evaluator features)")):
             ax.plot(lab, [m[key] for m in rows], marker="o")
             ax.set_title(title, fontsize=10)
         for key in ("precision", "recall", "coverage"):

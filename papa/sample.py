@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint.atomic_write_text(out / "stats.json", json.dumps(stats, indent=2))
     checkpoint.atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     frac = " ".join(f"{n}:{f:.2f}" for n, f in zip(range(10), stats["class_fraction"]))
-    print(f"{s.num} samples in {seconds:.1f}s -> {out}/grid.png | classes {frac} | "
-          f"mean confidence {stats['mean_confidence']:.3f}"
+    print(f"{s.num} samples in {seconds:.1f}s -> {out}/grid.png | classes {frac}"
+          + (f" | rejected (no member of any class) {stats['rejected_rate']:.3f}" if "rejected_rate" in stats else "")
+          + f" | mean confidence {stats['mean_confidence']:.3f}"
           + (f" | FID vs test {stats['fid_vs_test']:.2f}" if stats["fid_vs_test"] is not None else ""))
     return 0
 

@@ -47,7 +47,7 @@ def models(tmp_path):
     unet = build_unet(load_config(CONFIG, TINY).model)
     checkpoint.atomic_save({"state_dict": unet.state_dict()}, d / "base.pt")
     checkpoint.atomic_save({"state_dict": EvaluatorCNN().state_dict()}, d / "evaluator.pt")
-    checkpoint.atomic_save({"state_dict": OracleCNN().state_dict()}, d / "oracle.pt")
+    checkpoint.atomic_save({"state_dict": OracleCNN(num_classes=11).state_dict()}, d / "oracle.pt")
     sets = TINY + ["diffusion.sample_steps=2", f"checkpoints.base={d / 'base.pt'}",
                    f"checkpoints.evaluator={d / 'evaluator.pt'}", f"checkpoints.oracle={d / 'oracle.pt'}"]
     return d, [a for s in sets for a in ("--set", s)]

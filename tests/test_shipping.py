@@ -5,6 +5,9 @@ import json
 import numpy as np
 import pytest
 
+from papa.models.classifier import has_reject
+from papa.negatives import KIND_NAMES
+
 from papa import checkpoint
 from papa.models import load_classifier, load_unet
 from testutil import ROOT
@@ -86,7 +89,10 @@ def test_oracle_writes_both_classifiers_with_sidecars(tmp_path, small_data):
         side = json.loads(path.with_suffix(".json").read_text())
         assert side["sha256"] == checkpoint.sha256_file(path) and side["kind"] == kind
         assert 0.0 <= side["test_accuracy"] <= 1.0 and side["training_steps"] == 1  # 64 images, batch 64
-        load_classifier(kind, path)
+        # the shipped configs train the reject option: 12 of the 64 images held out to calibrate it, a report
+        assert side["reject_calibration"]["held_out_train_images"] == 12 and side["reject_calibration"]["bias_shift"] <= 0
+        assert set(side["reject_report"]["rejected_negatives"]) == set(KIND_NAMES)
+        assert has_reject(load_classifier(kind, path))
 
 
 def test_gpu_paper_script_pretrains_then_aligns_and_resumes(tmp_path):

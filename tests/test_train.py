@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
     cfg = load_config(ROOT / "configs" / "mnist.yaml", TINY_MODEL)
     torch.manual_seed(0)
     checkpoint.atomic_save({"state_dict": build_unet(cfg.model).state_dict()}, d / "base.pt")
-    checkpoint.atomic_save({"state_dict": OracleCNN().state_dict()}, d / "oracle.pt")
+    checkpoint.atomic_save({"state_dict": OracleCNN(num_classes=11).state_dict()}, d / "oracle.pt")
     checkpoint.atomic_save({"state_dict": EvaluatorCNN().state_dict()}, d / "evaluator.pt")
     return d
 

@@ -11,8 +11,8 @@ __all__ = ["UNet", "build_unet", "OracleCNN", "EvaluatorCNN", "load_unet", "load
 
 
 def _load_into(model: torch.nn.Module, path, what: str, weights: str = "auto",
-               dataset: str | None = None) -> torch.nn.Module:
-    sd = load_state_dict(path, weights, dataset)
+               dataset: str | None = None, sd: dict | None = None) -> torch.nn.Module:
+    sd = load_state_dict(path, weights, dataset) if sd is None else sd
     mismatch = _mismatch(model.state_dict(), sd)
     if mismatch:
         raise CheckpointError(f"{what} checkpoint '{path}' does not match the configured architecture ({mismatch}); "
@@ -45,5 +45,10 @@ def load_unet(model_cfg, path, weights: str = "auto", dataset: str | None = None
 
 
 def load_classifier(kind: str, path, dataset: str | None = None) -> torch.nn.Module:
-    """kind: 'oracle' (reference CNN; reference mnist_classifier.pt files load) or 'evaluator'."""
-    return _load_into(CLASSIFIERS[kind](), path, kind, dataset=dataset).eval()
+    """kind: 'oracle' (reference CNN; reference mnist_classifier.pt files load) or 'evaluator'. The number of
+    classes (10, or 11 with the reject class) is read from the file."""
+    cls = CLASSIFIERS[kind]
+    sd = load_state_dict(path, "auto", dataset)
+    bias = sd.get(f"{cls.head_key}.bias")
+    n = int(bias.shape[0]) if isinstance(bias, torch.Tensor) and bias.ndim == 1 and bias.shape[0] in (10, 11) else 10
+    return _load_into(cls(num_classes=n), path, kind, sd=sd).eval()

@@ -1,5 +1,9 @@
 """The two classifiers: the *oracle* that plays the user, and an independent *evaluator* that judges every metric.
 
+Either may have an 11th output, `REJECT_CLASS`: "not a member of any class" (trained by `python -m papa.oracle` on
+synthetic negatives from papa.negatives, with style augmentation so that thin, bold, slanted and shifted images stay
+accepted).
+
 The oracle is the PyTorch MNIST-example CNN of the reference (keys as in `shared/reference/oracle_classifier_state_dict.tsv`),
 so reference `mnist_classifier.pt` files load directly. The evaluator is a different architecture (batch-normalised
 VGG-style CNN) trained with a different seed and optimiser, so that alignment is never judged by the network that gave
@@ -14,7 +18,10 @@ import torch.nn.functional as F
 
 
 class OracleCNN(nn.Module):
-    """conv 1→32 k3, conv 32→64 k3, relu, maxpool 2, dropout .25, fc 9216→128, relu, dropout .5, fc 128→10."""
+    """conv 1→32 k3, conv 32→64 k3, relu, maxpool 2, dropout .25, fc 9216→128, relu, dropout .5, fc 128→10 (11 with
+    the reject class)."""
+
+    head_key = "fc2"
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -45,6 +52,7 @@ class EvaluatorCNN(nn.Module):
     """28→14→7→3 VGG-style blocks (32, 64, 128), global average pool, 128-d features, linear head."""
 
     feature_dim = 128
+    head_key = "head"
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -60,3 +68,11 @@ class EvaluatorCNN(nn.Module):
 
 
 CLASSIFIERS = {"oracle": OracleCNN, "evaluator": EvaluatorCNN}
+NUM_CLASSES = 10                 # the dataset's classes; a reject-aware classifier has one more output, REJECT_CLASS
+REJECT_CLASS = 10                # "not a member of any class" (papa.negatives builds its training images)
+
+
+def has_reject(net: nn.Module) -> bool:
+    """True for a classifier with the extra "not a member of any class" output."""
+    head = getattr(net, getattr(net, "head_key", ""), None)
+    return getattr(head, "out_features", None) == NUM_CLASSES + 1

@@ -1,0 +1,197 @@
+"""Run a dataset's default config on every preference set of configs/preference_sets.yaml, and report them.
+
+    .venv/bin/python scripts/preference_sets.py run    --dataset mnist [--sets round single] [--seeds 0 1 2]
+                                                       [--threads 2] [--out runs/preference_sets] [--set KEY=VALUE ...]
+    .venv/bin/python scripts/preference_sets.py report --dataset mnist [--out runs/preference_sets] [--tag NAME]
+
+`run` trains `python -m papa.train --config configs/<dataset>.yaml` once per set and seed, one after the other (time
+them on an otherwise idle machine), into `<out>/<tag>/<dataset>/<set>_s<seed>/`; the config is the dataset's default,
+changed only in `feedback.preference`, `train.seed` and any `--set` (a `--set` names a variant: give it its own
+`--tag`). A finished run is skipped, a stopped one resumed. Its wall time is kept in `wall.json` beside it.
+
+`report` writes `<out>/<tag>/<dataset>.md` (and `.json`): per set, the final evaluation over seeds (mean ± std and
+the worst seed) of the legible preferred rate, the rejected rate, the smallest liked class's share, precision,
+recall, FID and the wall time, beside the base model's (round 0) and the bounds each is held to, and
+`<out>/<tag>/<dataset>_grids.png`: for each set, the base's evaluation samples beside the aligned model's (seed 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SETS_FILE = ROOT / "configs" / "preference_sets.yaml"
+# the bounds every set is held to (docs/ALIGNMENT.md): on the final evaluation, against the base's round 0
+TARGET_RATE = {"mnist": 0.90, "fashion_mnist": 0.85}
+REJECT_MAX, PRECISION_MIN, FID_MAX = 1.5, 0.9, 1.5
+
+
+def load_sets(dataset: str) -> dict[str, tuple[list[int], str]]:
+    spec = yaml.safe_load(SETS_FILE.read_text())
+    if dataset not in spec:
+        sys.exit(f"error: {SETS_FILE} has no dataset {dataset!r}; it has {sorted(spec)}")
+    return {name: (pref, group) for group in ("tuned", "held_out") for name, pref in spec[dataset][group].items()}
+
+
+def run_dir(args, name: str, seed: int) -> Path:
+    return Path(args.out) / args.tag / args.dataset / f"{name}_s{seed}"
+
+
+def finished(d: Path) -> bool:
+    return (d / "summary.md").is_file() and (d / "wall.json").is_file()
+
+
+def cmd_run(args) -> int:
+    sets = load_sets(args.dataset)
+    names = args.sets or list(sets)
+    unknown = [n for n in names if n not in sets]
+    if unknown:
+        sys.exit(f"error: unknown set(s) {unknown}; {SETS_FILE} has {list(sets)}")
+    for seed in args.seeds:
+        for name in names:
+            d = run_dir(args, name, seed)
+            if finished(d):
+                print(f"done already: {d}")
+                continue
+            cmd = [sys.executable, "-m", "papa.train", "--config", f"configs/{args.dataset}.yaml",
+                   "--threads", str(args.threads),
+                   "--set", f"feedback.preference={json.dumps(sets[name][0])}", "--set", f"train.seed={seed}",
+                   "--set", f"train.output_dir={Path(args.out) / args.tag}", "--set", f"train.sample_path={d.name}"]
+            for o in args.overrides:
+                cmd += ["--set", o]
+            if (d / "config.yaml").is_file():
+                cmd += ["--resume", str(d)]
+            print("$", " ".join(cmd), flush=True)
+            t0 = time.perf_counter()
+            rc = subprocess.call(cmd, cwd=ROOT)
+            if rc != 0:
+                sys.exit(f"error: the run for set {name} seed {seed} failed with exit code {rc}")
+            prev = json.loads((d / "wall.json").read_text())["seconds"] if (d / "wall.json").is_file() else 0.0
+            (d / "wall.json").write_text(json.dumps({"seconds": round(prev + time.perf_counter() - t0, 1),
+                                                     "threads": args.threads}))
+    return 0
+
+
+def rows_of(d: Path) -> list[dict]:
+    return [r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "preferred_rate" in r]
+
+
+def _ms(v: list[float], fmt: str = "{:.3f}") -> str:
+    v = [x for x in v if isinstance(x, (int, float)) and math.isfinite(x)]
+    if not v:
+        return "n/a"
+    return fmt.format(v[0]) if len(v) == 1 else f"{fmt.format(statistics.mean(v))} ± {fmt.format(statistics.stdev(v))}"
+
+
+def cmd_report(args) -> int:
+    sets = load_sets(args.dataset)
+    base_dir = Path(args.out) / args.tag
+    table, grids = [], []
+    for name, (pref, group) in sets.items():
+        runs = sorted((base_dir / args.dataset).glob(f"{name}_s*"), key=lambda p: int(p.name.rsplit("_s", 1)[1]))
+        runs = [d for d in runs if finished(d)]
+        if not runs:
+            continue
+        first = [rows_of(d)[0] for d in runs]
+        last = [rows_of(d)[-1] for d in runs]
+        walls = [json.loads((d / "wall.json").read_text())["seconds"] for d in runs]
+        b = first[0]                          # the base's round 0 (the same for every seed: a fixed eval seed)
+        fair_half = 0.5 / len(pref)
+        ok = {
+            "rate": all(m["legible_preferred_rate"] >= TARGET_RATE[args.dataset] for m in last),
+            "liked": all(m["min_liked_share"] >= fair_half for m in last),
+            "rejected": all(m["rejected_rate"] <= REJECT_MAX * max(b["rejected_rate"], 1e-9) for m in last),
+            "precision": all(m["precision"] >= PRECISION_MIN * b["precision"] for m in last),
+            "fid": all(m["fid_preferred"] <= FID_MAX * b["fid_preferred"] for m in last),
+        }
+        table.append({"set": name, "preference": pref, "group": group, "seeds": [int(d.name.rsplit("_s", 1)[1])
+                      for d in runs], "base": {k: b.get(k) for k in ("legible_preferred_rate", "rejected_rate",
+                      "min_liked_share", "precision", "recall", "fid_preferred")},
+                      "final": [{k: m.get(k) for k in ("labels_used", "legible_preferred_rate", "rejected_rate",
+                                "min_liked_share", "precision", "recall", "fid_preferred", "ink_drift",
+                                "stroke_drift", "preferred_rate")} for m in last],
+                      "wall_seconds": walls, "meets": ok})
+        grids.append((name, pref, group, runs[0]))
+    if not table:
+        sys.exit(f"error: no finished runs under {base_dir / args.dataset}; run them first")
+    mark = lambda b: "yes" if b else "**no**"
+    lines = [f"# {args.dataset}: the default config on every preference set", "",
+             f"Runs: `scripts/preference_sets.py run --dataset {args.dataset}` (tag `{args.tag}`); this table: "
+             f"`scripts/preference_sets.py report --dataset {args.dataset} --tag {args.tag}`. Final evaluation "
+             "(500 fixed-seed samples, judged by the reject-aware evaluator) after 300 labels; mean ± std over seeds; "
+             "base = the shipped base model (round 0). Bounds: legible preferred rate ≥ "
+             f"{TARGET_RATE[args.dataset]}, smallest liked class ≥ half its fair share, rejected ≤ {REJECT_MAX}× the "
+             f"base's, precision ≥ {PRECISION_MIN}× the base's, FID ≤ {FID_MAX}× the base's; a bound holds when every "
+             "seed meets it.", "",
+             "| set | preference | seeds | legible preferred (base → final) | worst seed | rejected (base → final) "
+             "| smallest liked class | precision (base → final) | recall | FID (base → final) | wall (s) | meets "
+             "rate / liked / rejected / precision / FID |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        f, b = t["final"], t["base"]
+        col = lambda k: [m[k] for m in f]
+        name = t["set"] + (" (tuned on)" if t["group"] == "tuned" else "")
+        lines.append(
+            f"| {name} | {t['preference']} | {len(t['seeds'])} | {b['legible_preferred_rate']:.3f} → "
+            f"{_ms(col('legible_preferred_rate'))} | {min(col('legible_preferred_rate')):.3f} | "
+            f"{b['rejected_rate']:.3f} → {_ms(col('rejected_rate'))} | {_ms(col('min_liked_share'))} | "
+            f"{b['precision']:.3f} → {_ms(col('precision'))} | {_ms(col('recall'))} | {b['fid_preferred']:.2f} → "
+            f"{_ms(col('fid_preferred'), '{:.2f}')} | {_ms(t['wall_seconds'], '{:.0f}')} | "
+            + " / ".join(mark(t["meets"][k]) for k in ("rate", "liked", "rejected", "precision", "fid")) + " |")
+    out_md = base_dir / f"{args.dataset}.md"
+    out_md.write_text("\n".join(lines) + "\n")
+    (base_dir / f"{args.dataset}.json").write_text(json.dumps(table, indent=1))
+    _grids(grids, base_dir / f"{args.dataset}_grids.png", args.dataset)
+    print("\n".join(lines))
+    print(f"\nwrote {out_md}, {out_md.with_suffix('.json')} and {base_dir / (args.dataset + '_grids.png')}")
+    return 0
+
+
+def _grids(grids, path: Path, dataset: str) -> None:
+    """Per set: the base's evaluation samples (round 0) beside the aligned model's final ones, seed 0's run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(grids), 2, figsize=(6.4, 3.3 * len(grids)), squeeze=False)
+    for row, (name, pref, group, d) in zip(axes, grids):
+        last = rows_of(d)[-1]["round"]
+        for ax, tag, title in ((row[0], "000", "base"), (row[1], f"{last:03d}", f"after {rows_of(d)[-1]['labels_used']} labels")):
+            ax.imshow(mpimg.imread(d / "rounds" / tag / "eval_grid.png"), cmap="gray")
+            ax.set_title(f"{name} {pref}: {title}", fontsize=8)
+            ax.axis("off")
+    fig.suptitle(f"{dataset}: the first 64 evaluation samples, base and aligned (seed {grids[0][3].name.rsplit('_s', 1)[1]})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/preference_sets.py", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion_mnist"))
+        p.add_argument("--out", default="runs/preference_sets")
+        p.add_argument("--tag", default="default", help="a name for this variant of the config")
+        if name == "run":
+            p.add_argument("--sets", nargs="*", default=None, help="set names (default: all of the dataset's)")
+            p.add_argument("--seeds", nargs="*", type=int, default=[0])
+            p.add_argument("--threads", type=int, default=2)
+            p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
