@@ -40,6 +40,7 @@ from papa.models.classifier import CLASSIFIERS, NUM_CLASSES, REJECT_CLASS, has_r
 from papa.data import to_model_range
 from papa.negatives import DEFAULT_P, KIND_NAMES, THIN_MIN_INK, augment_style, make_negatives, negative_batch, thick, thin
 from papa.metrics import accuracy
+from papa.records import save_grid
 
 
 def _widen_head(model: torch.nn.Module, sd: dict) -> dict:
@@ -182,6 +183,19 @@ def reject_report(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dic
     return out
 
 
+@torch.no_grad()
+def reject_mistakes(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What `reject_report` counts against the classifier, as images: the real test images it rejects
+    (`rejected_real`), and for each kind the held-out negatives it accepts (`accepted_<kind>`)."""
+    out = {"rejected_real": x[predict(net, x) == REJECT_CLASS]}
+    gen = torch.Generator().manual_seed(REPORT_SEED)
+    pick = torch.randperm(len(x), generator=gen)[:REPORT_NEGATIVES]
+    for kind in KIND_NAMES:
+        neg = make_negatives(x[pick], kind, gen, y[pick])
+        out[f"accepted_{kind}"] = neg[predict(net, neg) != REJECT_CLASS]
+    return out
+
+
 def reject_lines(rep: dict) -> list[str]:
     """The report as the lines `papa.oracle` prints."""
     lines = [f"  test accuracy {rep['test_accuracy']:.4f}"]
@@ -208,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m papa.oracle", description=__doc__.splitlines()[0])
     add_config_args(ap)
     ap.add_argument("--which", choices=("oracle", "evaluator", "both"), default="both")
-    ap.add_argument("--eval-only", action="store_true", help="measure the saved classifiers' test accuracy only")
+    ap.add_argument("--eval-only", action="store_true", help="measure the saved classifiers only (accuracy; with a "
+                    "reject class, the reject report)")
+    ap.add_argument("--grids", metavar="DIR", default="", help="with --eval-only and a reject class: write DIR/<kind>_"
+                    "rejected_real.png (test images it rejects) and DIR/<kind>_accepted_<negative>.png (held-out "
+                    "negatives it accepts)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     cfg = config_from_args(args)
@@ -225,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
             net = load_classifier(kind, path)
             if has_reject(net):
                 print(f"{kind} ({path}):\n" + "\n".join(reject_lines(reject_report(net, xte, yte))))
+                if args.grids:
+                    for name, images in reject_mistakes(net, xte, yte).items():
+                        if len(images):
+                            save_grid(images[:100], Path(args.grids) / f"{kind}_{name}.png", nrow=10)
+                    print(f"  grids of its mistakes in {args.grids}/")
             else:
                 print(f"{kind}: test accuracy {accuracy(net, xte, yte):.4f} ({path})")
             continue
