@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -99,6 +100,9 @@ class Engine:
         self.dir = RunDir(run_dir, self.records.log)
         self.base_eval = BaseEvalCache(Path(cfg.train.output_dir) / cfg.task_name, base_eval_key, self.records.log)
         self.state = RunState()
+        # called as progress("update", steps done, steps in the round) after each optimiser step: how a front end (the
+        # browser app, papa.serve) shows the update advancing; None for papa.train, whose bar is tqdm's
+        self.progress: Callable[[str, int, int], None] | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, run_dir: Path, rank: int = 0, world: int = 1,
@@ -295,6 +299,8 @@ class Engine:
             losses.append(total)
             n_items += len(items)
             bar.set_postfix(loss=f"{total:.4f}")
+            if self.progress is not None:
+                self.progress("update", len(losses), len(batches))
         bar.close()
         return {"loss": sum(losses) / max(1, len(losses)), "optimizer_steps": len(losses), "unet_items": n_items,
                 **m.summarize(stats)}

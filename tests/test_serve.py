@@ -1,0 +1,247 @@
+"""The browser app's HTTP layer, in-process (Starlette's TestClient) over a served run of a tiny model: the token,
+per-click persistence, reload and restart, stale and double submits (409), bad requests (4xx with a message), no path
+outside the run, and an export that replays with papa.train to the same weights. Each run is seconds."""
+import json
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("starlette")
+pytest.importorskip("httpx")
+from starlette.testclient import TestClient  # noqa: E402
+
+from papa import checkpoint  # noqa: E402
+from papa.config import ConfigError, load_config  # noqa: E402
+from papa.models import EvaluatorCNN, OracleCNN, build_unet  # noqa: E402
+from papa.serve import Served, bind, prepare  # noqa: E402
+from testutil import ROOT  # noqa: E402
+
+TINY_MODEL = ["model.down_channels=[8,16,16,16]", "model.mid_channels=[16,16,16]", "model.time_emb_dim=16"]
+MNIST = str(ROOT / "configs" / "mnist.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    cfg = load_config(MNIST, TINY_MODEL)
+    torch.manual_seed(0)
+    checkpoint.atomic_save({"state_dict": build_unet(cfg.model).state_dict()}, d / "base.pt")
+    checkpoint.atomic_save({"state_dict": OracleCNN(num_classes=11).state_dict()}, d / "oracle.pt")
+    checkpoint.atomic_save({"state_dict": EvaluatorCNN().state_dict()}, d / "evaluator.pt")
+    return d
+
+
+def overrides(tiny, out, rounds=2, extra=()):
+    """papa.train's tiny test run (tests/test_train.py), 4 images a round."""
+    return TINY_MODEL + [
+        f"checkpoints.base={tiny / 'base.pt'}", f"checkpoints.oracle={tiny / 'oracle.pt'}",
+        f"checkpoints.evaluator={tiny / 'evaluator.pt'}", f"train.output_dir={out}", f"train.rounds={rounds}",
+        "train.samples_per_round=4", "train.batch_size=2", "papa.timesteps_per_sample=6", "train.timestep_chunk=5",
+        "train.lr=0.001", "diffusion.sample_steps=4", "eval.num=6", "eval.final_num=8", "eval.every=2",
+        "feedback.preference=[0,1,2,3,4]", "train.ema_decay=0", *extra]
+
+
+class Session:
+    """A served run in this process: the engine in a thread, a client holding the token."""
+
+    def __init__(self, cfg, run_dir, resume=False):
+        self.served = Served(cfg, run_dir).start(resume=resume)
+        self.token = self.served.token
+        self.client = TestClient(self.served.app(), headers={"X-Papa-Token": self.token})
+
+    def state(self):
+        r = self.client.get("/api/state")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait(self, pred, timeout=180):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            s = self.state()
+            if pred(s):
+                return s
+            if self.served.error is not None:
+                raise AssertionError(f"the engine stopped: {self.served.error!r}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out; last state {s['status']} round {s['round']} {s['progress']}")
+
+    def labelling(self, r):
+        return self.wait(lambda s: s["status"] == "labelling" and s["round"] == r)
+
+    def label(self, r, qid, v):
+        return self.client.post("/api/label", json={"round": r, "id": qid, "value": v})
+
+    def answer_round(self, r, rule=lambda i: (1, -1, 0)[i % 3]):
+        s = self.labelling(r)
+        for i, qid in enumerate(s["ids"]):
+            assert self.label(r, qid, rule(i)).status_code == 200
+        res = self.client.post("/api/submit", json={"round": r})
+        assert res.status_code == 200, res.text
+        return s
+
+    def close(self):
+        self.served.stop()
+        self.client.close()
+
+
+@pytest.fixture
+def served(tiny, tmp_path):
+    sessions = []
+
+    def make(rounds=2, extra=(), resume=None):
+        cfg, run_dir = prepare(MNIST if resume is None else None, [] if resume else overrides(tiny, tmp_path, rounds, extra),
+                               resume)
+        sessions.append(Session(cfg, run_dir, resume=resume is not None))
+        return sessions[-1]
+    yield make
+    for s in sessions:
+        s.close()
+
+
+def test_every_request_needs_the_token(served):
+    s = served()
+    bare = TestClient(s.served.app())
+    for path in ("/", "/api/state", "/static/app.js", "/api/labels.json", "/api/image/1/0.png"):
+        r = bare.get(path)
+        assert r.status_code == 401 and "token" in r.json()["error"], path
+        assert bare.get(path, headers={"X-Papa-Token": "x" * 24}).status_code == 403, path
+    assert bare.post("/api/submit", json={"round": 1}).status_code == 401
+    page = bare.get(f"/?token={s.token}")  # the printed URL: the page, and a cookie for its images and files
+    assert page.status_code == 200 and "papa" in page.text
+    assert bare.get("/api/state").status_code == 200 and bare.get("/static/app.js").status_code == 200
+    bare.close()
+
+
+def test_clicks_persist_reload_finds_them_and_a_round_submits_once(served):
+    s = served()
+    st = s.labelling(1)
+    assert len(st["ids"]) == 4 and st["ids"][0] == "r001_000" and st["kind"] == "label"
+    png = s.client.get("/api/image/1/0.png")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert s.label(1, "r001_000", 1).status_code == 200
+    assert s.label(1, "r001_001", -1).status_code == 200
+    assert s.label(1, "r001_001", None).json()["draft"] == {"r001_000": 1}  # undo clears
+    assert s.label(1, "r001_001", 0).status_code == 200
+    on_disk = json.loads((s.served.store.dir / "draft.json").read_text())
+    assert on_disk == {"round": 1, "labels": {"r001_000": 1, "r001_001": 0}}
+    other_tab = TestClient(s.served.app(), headers={"X-Papa-Token": s.token})
+    assert other_tab.get("/api/state").json()["draft"] == {"r001_000": 1, "r001_001": 0}
+    for qid in ("r001_002", "r001_003"):
+        s.label(1, qid, -1)
+    assert s.client.post("/api/submit", json={"round": 1}).status_code == 200
+    twice = other_tab.post("/api/submit", json={"round": 1})
+    assert twice.status_code == 409 and "already submitted" in twice.json()["error"]
+    assert other_tab.post("/api/label", json={"round": 1, "id": "r001_000", "value": -1}).status_code == 409
+    st = s.labelling(2)
+    assert st["history"][0] == {"round": 1, "like": 1, "dislike": 2, "skip": 1, "n": 4, "liked_fraction": 0.25}
+    assert st["budget"] == {"used": 4, "total": 8} and st["draft"] == {}
+    stale = other_tab.post("/api/submit", json={"round": 1})
+    assert stale.status_code == 409 and "not the open round" in stale.json()["error"]
+    assert s.client.get("/api/grid/1.png").status_code == 200
+    assert s.client.get("/api/checkpoint").status_code == 200
+    exported = s.client.get("/api/labels.json")
+    assert exported.json() == {"r001_000": 1, "r001_001": 0, "r001_002": -1, "r001_003": -1}
+    assert "attachment" in exported.headers["content-disposition"]
+    other_tab.close()
+
+
+def test_bad_requests_get_a_message_and_nothing_outside_the_run_is_served(served):
+    s = served()
+    s.labelling(1)
+    c = s.client
+    for body, words in [({"round": 1, "id": "r001_000", "value": 2}, "must be 1, -1, 0"),
+                        ({"round": 1, "id": "r001_000", "value": True}, "must be 1, -1, 0"),
+                        ({"round": 1, "id": "r009_000", "value": 1}, "not a query of round 1"),
+                        ({"round": "1", "id": "r001_000", "value": 1}, "must be an integer"),
+                        ({"round": 1, "id": 3, "value": 1}, "query id")]:
+        r = c.post("/api/label", json=body)
+        assert r.status_code == 400 and words in r.json()["error"], (body, r.text)
+    r = c.post("/api/label", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]
+    r = c.post("/api/submit", json={"round": 1})
+    assert r.status_code == 400 and "no answer yet" in r.json()["error"]
+    assert c.post("/api/submit", json={"round": 7}).status_code == 409
+    assert c.get("/api/submit").status_code == 405
+    for path in ("/api/image/1/99.png", "/api/image/1/..%2F..%2Fconfig.yaml", "/static/..%2F..%2Fserve.py",
+                 "/static/index.html", "/static/../../config.yaml", "/api/grid/..%2Fconfig.yaml",
+                 "/serve/labels.json", "/config.yaml", "/api/image/-1/0.png", "/api/image/1/0.png/../../../token"):
+        r = c.get(path)
+        assert r.status_code == 404 and "error" in r.json(), (path, r.status_code)
+
+
+def test_a_restarted_server_continues_at_the_same_round_with_its_clicks(served):
+    s = served(rounds=3)
+    s.answer_round(1)
+    s.labelling(2)
+    s.label(2, "r002_000", 1)
+    s.label(2, "r002_003", -1)
+    first = [s.client.get(f"/api/image/2/{i}.png").content for i in range(4)]
+    run_dir, token = s.served.run_dir, s.token
+    s.close()  # the server dies in the middle of round 2
+    again = served(resume=str(run_dir))
+    assert again.token == token  # an open tab's URL still works
+    st = again.labelling(2)
+    assert st["draft"] == {"r002_000": 1, "r002_003": -1}
+    assert [again.client.get(f"/api/image/2/{i}.png").content for i in range(4)] == first  # the same images
+    assert st["history"][0]["n"] == 4
+
+
+def test_exported_labels_replay_with_papa_train_to_the_same_model(served, tiny, tmp_path):
+    s = served(rounds=2)
+    s.answer_round(1, rule=lambda i: 1 if i < 2 else -1)
+    s.answer_round(2, rule=lambda i: (0, 1, -1, 1)[i])
+    s.wait(lambda st: st["status"] == "done")
+    labels = tmp_path / "exported.json"
+    labels.write_bytes(s.client.get("/api/labels.json").content)
+    from papa.train import main
+    replay_out = tmp_path / "replay"
+    ovs = overrides(tiny, replay_out, 2, ["feedback.source=file", f"feedback.labels_file={labels}",
+                                          "train.sample_path=replay"])
+    assert main(["--config", MNIST] + [a for o in ovs for a in ("--set", o)]) == 0
+    served_ck = checkpoint.load(s.served.run_dir / "checkpoints" / "round_002.pt")
+    replay_ck = checkpoint.load(replay_out / "mnist" / "replay" / "checkpoints" / "round_002.pt")
+    for k, v in served_ck["model"].items():
+        assert torch.equal(v, replay_ck["model"][k]), k
+    assert json.loads((s.served.run_dir / "rounds" / "002" / "labels.json").read_text()) == \
+        json.loads((replay_out / "mnist" / "replay" / "rounds" / "002" / "labels.json").read_text())
+
+
+def test_pairwise_methods_ask_for_pairs(served):
+    s = served(rounds=1, extra=["train.algo=diffusion_dpo", "train.samples_per_round=2", "train.batch_size=1"])
+    st = s.labelling(1)
+    assert st["kind"] == "pair" and st["ids"] == ["r001_p000", "r001_p001"] and st["images"] == 4
+    assert s.client.get("/api/image/1/3.png").status_code == 200
+    s.label(1, "r001_p000", 1)
+    s.label(1, "r001_p001", 0)
+    assert s.client.post("/api/submit", json={"round": 1}).status_code == 200
+    s.wait(lambda st: st["status"] == "done")
+    assert s.client.get("/api/labels.json").json() == {"r001_p000": 1, "r001_p001": 0}
+
+
+def test_preview_draws_from_the_current_model_while_waiting(served):
+    s = served()
+    s.labelling(1)
+    assert s.client.get("/api/preview.png").status_code == 404
+    assert s.client.post("/api/preview").status_code == 202
+    st = s.wait(lambda st: st["preview"] is not None)
+    assert st["preview"]["n"] == 16 and s.client.get("/api/preview.png").content[:4] == b"\x89PNG"
+
+
+def test_bad_input_fails_in_one_line_before_any_work(tiny, tmp_path):
+    ovs = overrides(tiny, tmp_path)
+    cfg, run_dir = prepare(MNIST, ovs, None)
+    assert run_dir.name.startswith("person_") and cfg.feedback.source == "file" and cfg.feedback.wait
+    assert not run_dir.exists()
+    with pytest.raises(ConfigError, match="a person cannot give"):
+        prepare(MNIST, ovs + ["train.algo=ddpo"], None)
+    with pytest.raises(ConfigError, match="no config.yaml there"):
+        prepare(None, [], str(tmp_path / "nowhere"))
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("task_name: mnist\n")
+    with pytest.raises(ConfigError, match="already holds a run; continue it with --resume"):
+        prepare(MNIST, ovs, None)
+    sock = bind("127.0.0.1", 0)
+    with pytest.raises(ConfigError, match="cannot listen"):
+        bind("127.0.0.1", sock.getsockname()[1])
+    sock.close()
