@@ -3,13 +3,16 @@ per-click persistence, reload and restart, stale and double submits (409), bad r
 outside the run, and an export that replays with papa.train to the same weights. Each run is seconds."""
 import json
 import time
+import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
-from starlette.testclient import TestClient  # noqa: E402
+with warnings.catch_warnings():  # Starlette 1.10 would rather have httpx2; httpx 0.28 works and is the pinned one
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from starlette.testclient import TestClient  # noqa: E402
 
 from papa import checkpoint  # noqa: E402
 from papa.config import ConfigError, load_config  # noqa: E402

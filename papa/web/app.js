@@ -90,46 +90,61 @@ function select(i) {
   paintCards();
 }
 
-async function setLabel(i, value, fromUndo = false) {
+// Label requests go to the server one after another (a quick "d" then "z" on one image must arrive in that order),
+// and the selection moves at once, so keys typed faster than the server answers land on the right images.
+let queue = Promise.resolve();
+let pending = 0;
+function enqueue(fn) {
+  pending += 1;
+  const run = () => fn().finally(() => { pending -= 1; });
+  queue = queue.then(run, run);
+  return queue;
+}
+
+function setLabel(i, value, fromUndo = false) {
   if (!S || S.status !== "labelling") return;
-  const id = S.ids[i];
+  const id = S.ids[i], round = S.round;
   const before = id in draft ? draft[id] : null;
   if (!fromUndo) undo.push([id, before]);
   if (value === null) delete draft[id]; else draft[id] = value;
-  paintCards();
-  const r = await api("/api/label", { method: "POST", body: JSON.stringify({ round: S.round, id, value }) });
-  if (r.status === 409) { toast((r.data && r.data.error) || "this round is closed"); return refresh(); }
-  if (!r.ok) {
-    if (before === null) delete draft[id]; else draft[id] = before;
-    paintCards();
-    return toast((r.data && r.data.error) || `could not save (HTTP ${r.status})`);
-  }
-  draft = r.data.draft;
-  paintCards();
   if (!fromUndo && value !== null) {  // move on to the next unanswered one
     const next = S.ids.findIndex((x, j) => j > i && !(x in draft));
-    if (next >= 0) select(next);
+    if (next >= 0) selected = next;
   }
+  paintCards();
+  return enqueue(async () => {
+    const r = await api("/api/label", { method: "POST", body: JSON.stringify({ round, id, value }) });
+    if (r.status === 409) { toast((r.data && r.data.error) || "this round is closed"); return refresh(); }
+    if (!r.ok) {
+      if (before === null) delete draft[id]; else draft[id] = before;
+      paintCards();
+      return toast((r.data && r.data.error) || `could not save (HTTP ${r.status})`);
+    }
+    if (pending <= 1 && S.round === round) { draft = r.data.draft; paintCards(); }
+  });
 }
 
-async function doUndo() {
+function doUndo() {
   const last = undo.pop();
   if (!last) return toast("nothing to undo in this round");
   const i = S.ids.indexOf(last[0]);
   select(i);
-  await setLabel(i, last[1], true);
+  return setLabel(i, last[1], true);
 }
 
-async function submit() {
+function submit() {
   if (!S || S.status !== "labelling" || submitting) return;
   const missing = S.ids.filter((id) => !(id in draft)).length;
   if (missing) return toast(`${missing} still without an answer (skip counts)`);
   submitting = true; paintCards();
-  const r = await api("/api/submit", { method: "POST", body: JSON.stringify({ round: S.round }) });
-  submitting = false;
-  if (r.status === 409) toast((r.data && r.data.error) || "already submitted");
-  else if (!r.ok) toast((r.data && r.data.error) || `could not submit (HTTP ${r.status})`);
-  refresh();
+  const round = S.round;
+  return enqueue(async () => {  // after the labels still on their way
+    const r = await api("/api/submit", { method: "POST", body: JSON.stringify({ round }) });
+    submitting = false;
+    if (r.status === 409) toast((r.data && r.data.error) || "already submitted");
+    else if (!r.ok) toast((r.data && r.data.error) || `could not submit (HTTP ${r.status})`);
+    return refresh();
+  });
 }
 
 function renderSide() {
@@ -178,7 +193,7 @@ function render() {
   $("round-no").textContent = S.round || "–";
   const labelling = S.status === "labelling";
   if (labelling && shownRound !== S.round) { draft = S.draft; buildGrid(); }
-  else if (labelling && !submitting) { draft = { ...S.draft }; }
+  else if (labelling && !submitting && pending === 0) { draft = { ...S.draft }; }
   $("grid").hidden = !labelling;
   document.querySelector(".actions").hidden = !labelling;
   $("instructions").textContent = labelling
@@ -251,4 +266,6 @@ $("thumbs").addEventListener("click", (ev) => {
   $("zoom").hidden = false;
 });
 $("zoom").addEventListener("click", () => { $("zoom").hidden = true; });
+// for scripts driving the page (tests/test_serve_browser.py): resolves once every click so far is saved
+window.papa = { settled: () => queue };
 poll();
