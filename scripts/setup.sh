@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import torch, torchvision, yaml, tqdm, matplotlib, pytest_benchmark" 2>/dev/null; then
+if ! python -c "import torch, torchvision, yaml, tqdm, matplotlib, pytest_benchmark, starlette, uvicorn, httpx, playwright" 2>/dev/null; then
   echo "[setup] installing requirements (torch is taken from the local disk where available)"
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements.txt
@@ -21,6 +21,21 @@ if [ "$(cat build/.ext_stamp 2>/dev/null)" != "$stamp" ] || ! python -c "import 
   echo "[setup] building papa and its extension (pip install --no-build-isolation -e .)"
   MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation --no-deps -e .
   mkdir -p build && echo "$stamp" > build/.ext_stamp
+fi
+# the browser tests (tests/test_serve_browser.py) drive Debian's chromium: Playwright's own browser download does not
+# work on these machines. Installed only when missing and only where apt can (root, or sudo without a password);
+# anywhere else the browser tests skip and say why.
+if [ -z "${PAPA_CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ]; then
+  SUDO=""
+  [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && SUDO="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; }; then
+    echo "[setup] installing Debian's chromium for the browser tests (apt-get)"
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; }; then
+      echo "[setup] warning: apt-get could not install chromium; the browser tests will skip"
+    fi
+  else
+    echo "[setup] no chromium and no apt-get to install it with: the browser tests will skip"
+  fi
 fi
 python -m papa.data fetch mnist >/dev/null
 python -m papa.data fetch fashion_mnist >/dev/null

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
 with warnings.catch_warnings():  # Starlette 1.10 would rather have httpx2; httpx 0.28 works and is the pinned one
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*httpx2")
     from starlette.testclient import TestClient  # noqa: E402
 
 from papa import checkpoint  # noqa: E402
@@ -36,13 +36,14 @@ def tiny(tmp_path_factory):
 
 
 def overrides(tiny, out, rounds=2, extra=()):
-    """papa.train's tiny test run (tests/test_train.py), 4 images a round."""
+    """papa.train's tiny test run (tests/test_train.py), 4 images a round; one preferred class, so the evaluator
+    starts fast (it embeds the preferred classes' test images once per run)."""
     return TINY_MODEL + [
         f"checkpoints.base={tiny / 'base.pt'}", f"checkpoints.oracle={tiny / 'oracle.pt'}",
         f"checkpoints.evaluator={tiny / 'evaluator.pt'}", f"train.output_dir={out}", f"train.rounds={rounds}",
         "train.samples_per_round=4", "train.batch_size=2", "papa.timesteps_per_sample=6", "train.timestep_chunk=5",
         "train.lr=0.001", "diffusion.sample_steps=4", "eval.num=6", "eval.final_num=8", "eval.every=2",
-        "feedback.preference=[0,1,2,3,4]", "train.ema_decay=0", *extra]
+        "feedback.preference=[1]", "train.ema_decay=0", *extra]
 
 
 class Session:
@@ -102,8 +103,18 @@ def served(tiny, tmp_path):
         s.close()
 
 
-def test_every_request_needs_the_token(served):
-    s = served()
+@pytest.fixture(scope="module")
+def waiting(tiny, tmp_path_factory):
+    """A served run waiting for round 1's answers, shared by the tests that never submit."""
+    cfg, run_dir = prepare(MNIST, overrides(tiny, tmp_path_factory.mktemp("waiting")), None)
+    s = Session(cfg, run_dir)
+    s.labelling(1)
+    yield s
+    s.close()
+
+
+def test_every_request_needs_the_token(waiting):
+    s = waiting
     bare = TestClient(s.served.app())
     for path in ("/", "/api/state", "/static/app.js", "/api/labels.json", "/api/image/1/0.png"):
         r = bare.get(path)
@@ -149,8 +160,8 @@ def test_clicks_persist_reload_finds_them_and_a_round_submits_once(served):
     other_tab.close()
 
 
-def test_bad_requests_get_a_message_and_nothing_outside_the_run_is_served(served):
-    s = served()
+def test_bad_requests_get_a_message_and_nothing_outside_the_run_is_served(waiting):
+    s = waiting
     s.labelling(1)
     c = s.client
     for body, words in [({"round": 1, "id": "r001_000", "value": 2}, "must be 1, -1, 0"),
@@ -222,8 +233,8 @@ def test_pairwise_methods_ask_for_pairs(served):
     assert s.client.get("/api/labels.json").json() == {"r001_p000": 1, "r001_p001": 0}
 
 
-def test_preview_draws_from_the_current_model_while_waiting(served):
-    s = served()
+def test_preview_draws_from_the_current_model_while_waiting(waiting):
+    s = waiting
     s.labelling(1)
     assert s.client.get("/api/preview.png").status_code == 404
     assert s.client.post("/api/preview").status_code == 202
