@@ -122,7 +122,8 @@ class ServedEngine(Engine):
         return out
 
     def _record_eval(self, row: dict, num: int, tag: str) -> None:
-        t0 = self._phase("evaluate", f"evaluating the model on {num} samples (every {self.cfg.eval.every} rounds)")
+        what = "the base model, before round 1" if tag == "000" else f"the model (every {self.cfg.eval.every} rounds)"
+        t0 = self._phase("evaluate", f"evaluating {what} on {num} samples")
         super()._record_eval(row, num, tag)
         self._mark("evaluate_s", t0)
 

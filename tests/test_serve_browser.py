@@ -33,6 +33,7 @@ MNIST = str(ROOT / "configs" / "mnist.yaml")
 
 try:
     from playwright.sync_api import expect, sync_playwright
+    expect.set_options(timeout=180_000)  # a round's update and sampling, on a loaded CPU
 except ImportError:  # pragma: no cover - depends on the machine
     sync_playwright = None
 pytestmark = [
@@ -233,12 +234,13 @@ def test_a_scripted_person_aligns_the_default_model_in_15_rounds(browser, tmp_pa
     server = Server(["--config", MNIST, "--set", "train.rounds=15", "--set", f"train.output_dir={tmp_path}"], port)
     run_dir = next((tmp_path / "mnist").glob("person_*"))
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(900_000)
+    WAIT = 1_800_000  # ms: a round with an evaluation of the default model on a 2-core CPU
+    page.set_default_timeout(WAIT)
     page.goto(server.url)
     body = page.locator("body")
     for r in range(1, 16):
-        expect(body).to_have_attribute("data-round", str(r))
-        expect(body).to_have_attribute("data-status", "labelling")
+        expect(body).to_have_attribute("data-round", str(r), timeout=WAIT)
+        expect(body).to_have_attribute("data-status", "labelling", timeout=WAIT)
         for i in range(10):
             png = page.request.get(f"{server.base}/api/image/{r}/{i}.png").body()
             x = torch.tensor(list(Image.open(io.BytesIO(png)).getdata()), dtype=torch.float32).view(1, 1, 28, 28)
@@ -251,7 +253,7 @@ def test_a_scripted_person_aligns_the_default_model_in_15_rounds(browser, tmp_pa
         if shots and r == 3:
             page.wait_for_timeout(1500)
             page.screenshot(path=str(Path(shots) / "serve_update.png"))
-    expect(body).to_have_attribute("data-status", "done")
+    expect(body).to_have_attribute("data-status", "done", timeout=WAIT)
     if shots:
         page.screenshot(path=str(Path(shots) / "serve_history.png"))
     server.stop()
