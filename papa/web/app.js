@@ -195,6 +195,7 @@ function render() {
   if (labelling && shownRound !== S.round) { draft = S.draft; buildGrid(); }
   else if (labelling && !submitting && pending === 0) { draft = { ...S.draft }; }
   $("grid").hidden = !labelling;
+  $("answered").hidden = !labelling;
   document.querySelector(".actions").hidden = !labelling;
   $("instructions").textContent = labelling
     ? (isPairs() ? "For each pair, which one do you like better? A, B, or tie." : "Like the images you want more of, dislike the ones you want less of, skip when unsure.")
