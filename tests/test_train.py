@@ -345,3 +345,14 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     cfg.write_text(yaml.safe_dump(spec))
     r = run()
     assert r.returncode == 2 and "compare method 'ddpo'" in r.stderr and "budget 8" in r.stderr
+
+
+def test_a_reject_user_with_a_ten_class_oracle_is_one_line_before_any_work(tiny, tmp_path):
+    ten = tmp_path / "oracle10.pt"
+    checkpoint.atomic_save({"state_dict": OracleCNN().state_dict()}, ten)
+    r = cli(args_for(overrides(tiny, tmp_path, extra=[f"checkpoints.oracle={ten}"])))
+    assert r.returncode == 2 and "feedback.reject" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "mnist").exists()
+    r = cli(args_for(overrides(tiny, tmp_path, rounds=1, extra=[f"checkpoints.oracle={ten}", "feedback.reject=false",
+                                                                 "feedback.flip_prob=0", "feedback.skip_below=0"])))
+    assert r.returncode == 0, r.stderr[-2000:]   # the argmax-only user runs on a 10-class oracle
