@@ -126,6 +126,7 @@ def test_keyboard_reload_restart_double_submit_token_traversal_export(browser, t
         page.keyboard.press("2")
         page.keyboard.press("d")
         expect(card(page, 1)).to_have_attribute("data-value", "-1")
+        page.evaluate("() => window.papa.settled()")  # every click saved (the page shows them before the server answers)
         page.reload()  # mid-round: the clicks are on the server
         expect(card(page, 0)).to_have_attribute("data-value", "1")
         expect(card(page, 1)).to_have_attribute("data-value", "-1")
@@ -147,6 +148,7 @@ def test_keyboard_reload_restart_double_submit_token_traversal_export(browser, t
         page.keyboard.press("l")
         page.keyboard.press("l")
         expect(card(page, 1)).to_have_attribute("data-value", "1")
+        page.evaluate("() => window.papa.settled()")  # both clicks are on the server before it dies
         server.kill()
         server = Server(["--resume", str(run_dir)], port)
         page.reload()
