@@ -25,7 +25,11 @@ def tiny(tmp_path_factory):
     cfg = load_config(ROOT / "configs" / "mnist.yaml", TINY_MODEL)
     torch.manual_seed(0)
     checkpoint.atomic_save({"state_dict": build_unet(cfg.model).state_dict()}, d / "base.pt")
-    checkpoint.atomic_save({"state_dict": OracleCNN(num_classes=11).state_dict()}, d / "oracle.pt")
+    # an 11-output oracle whose class rows are the 10-class random one's (the reject row zero): under the argmax-only
+    # user it answers as the 10-class oracle did
+    sd = OracleCNN().state_dict()
+    sd["fc2.weight"], sd["fc2.bias"] = torch.cat([sd["fc2.weight"], torch.zeros(1, 128)]), torch.cat([sd["fc2.bias"], torch.zeros(1)])
+    checkpoint.atomic_save({"state_dict": sd}, d / "oracle.pt")
     checkpoint.atomic_save({"state_dict": EvaluatorCNN().state_dict()}, d / "evaluator.pt")
     return d
 
@@ -36,7 +40,10 @@ def overrides(tiny, out, rounds=3, extra=()):
         f"checkpoints.evaluator={tiny / 'evaluator.pt'}", f"train.output_dir={out}", f"train.rounds={rounds}",
         "train.samples_per_round=4", "train.batch_size=2", "papa.timesteps_per_sample=6", "train.timestep_chunk=5",
         "train.lr=0.001", "diffusion.sample_steps=4", "eval.num=6", "eval.final_num=8", "eval.every=2",
-        "feedback.preference=[0,1,2,3,4]", "train.sample_path=run", *extra]
+        "feedback.preference=[0,1,2,3,4]", "train.sample_path=run",
+        # the engine's mechanics under the argmax-only user: a random tiny oracle is unsure of everything (the
+        # realistic user would skip it all) and its reject class takes an unknown share of the likes
+        "feedback.reject=false", "feedback.skip_below=0", "feedback.flip_prob=0", *extra]
 
 
 def args_for(ovs, *more):
@@ -350,7 +357,7 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
 def test_a_reject_user_with_a_ten_class_oracle_is_one_line_before_any_work(tiny, tmp_path):
     ten = tmp_path / "oracle10.pt"
     checkpoint.atomic_save({"state_dict": OracleCNN().state_dict()}, ten)
-    r = cli(args_for(overrides(tiny, tmp_path, extra=[f"checkpoints.oracle={ten}"])))
+    r = cli(args_for(overrides(tiny, tmp_path, extra=[f"checkpoints.oracle={ten}", "feedback.reject=true"])))
     assert r.returncode == 2 and "feedback.reject" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "mnist").exists()
     r = cli(args_for(overrides(tiny, tmp_path, rounds=1, extra=[f"checkpoints.oracle={ten}", "feedback.reject=false",
