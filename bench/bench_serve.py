@@ -24,6 +24,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 MNIST = str(ROOT / "configs" / "mnist.yaml")
+POLL_S = 0.25  # as the page polls while the model works (papa/web/app.js): faster polling steals the engine's CPU
 PARTS = ("update_s", "evaluate_s", "checkpoint_s", "sampling_s", "encode_s")
 TINY = ["model.down_channels=[8,16,16,16]", "model.mid_channels=[16,16,16]", "model.time_emb_dim=16",
         "train.samples_per_round=4", "train.batch_size=2", "papa.timesteps_per_sample=6", "train.timestep_chunk=5",
@@ -60,7 +61,7 @@ class Person:
                 return s
             if s["progress"]["phase"] == "error":
                 raise AssertionError(s["progress"]["message"])
-            time.sleep(0.01)
+            time.sleep(POLL_S)
         raise AssertionError(f"round {r} did not open in {timeout} s")
 
     def answer(self, s: dict) -> None:

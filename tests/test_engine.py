@@ -21,7 +21,8 @@ from papa.evaluation import FIDELITY_KEYS, RunEvaluator
 from papa.models import EvaluatorCNN, build_unet
 from papa.policy import FullPolicy, Policy
 from papa.schedule import NoiseSchedule
-from test_train import ROOT, TINY_MODEL, args_for, metrics, overrides, run_dir, tiny  # noqa: F401 - tiny: fixture
+from test_train import ROOT, TINY_MODEL, args_for, overrides, run_dir, tiny  # noqa: F401 - tiny: fixture
+from testutil import metrics
 
 SMALL = TINY_MODEL + ["train.rounds=2", "train.samples_per_round=4", "train.batch_size=2", "train.lr=0.001",
                       "diffusion.sample_steps=4", "eval.num=6", "eval.final_num=8", "eval.every=1",

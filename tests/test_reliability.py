@@ -13,7 +13,8 @@ import torch
 from papa import checkpoint
 from papa.config import ConfigError, load_config
 from papa.feedback import FileFeedback
-from test_train import ROOT, args_for, cli, metrics, overrides, run_dir, tiny  # noqa: F401 - tiny is a fixture
+from test_train import ROOT, args_for, cli, overrides, run_dir, tiny  # noqa: F401 - tiny is a fixture
+from testutil import metrics
 
 MNIST = str(ROOT / "configs" / "mnist.yaml")
 

@@ -18,7 +18,7 @@ from papa import checkpoint  # noqa: E402
 from papa.config import ConfigError, load_config  # noqa: E402
 from papa.models import EvaluatorCNN, OracleCNN, build_unet  # noqa: E402
 from papa.serve import Served, bind, prepare  # noqa: E402
-from testutil import ROOT  # noqa: E402
+from testutil import ROOT, assert_same_metrics, metrics  # noqa: E402
 
 TINY_MODEL = ["model.down_channels=[8,16,16,16]", "model.mid_channels=[16,16,16]", "model.time_emb_dim=16"]
 MNIST = str(ROOT / "configs" / "mnist.yaml")
@@ -259,3 +259,49 @@ def test_bad_input_fails_in_one_line_before_any_work(tiny, tmp_path):
     with pytest.raises(ConfigError, match="cannot listen"):
         bind("127.0.0.1", sock.getsockname()[1])
     sock.close()
+
+
+def test_under_torchrun_rank0_serves_and_both_ranks_train_as_one(tiny, tmp_path):
+    """`torchrun --nproc_per_node=2 -m papa.serve`: rank 0 serves the page and broadcasts the person's answers, both
+    ranks train; the exported labels replayed by papa.train on one process give the same metrics (summed gradients
+    in another order: equal up to float rounding, as tests/test_train.py's two-rank test)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import httpx
+    served_out, replay_out = tmp_path / "served", tmp_path / "replay"
+    ovs = overrides(tiny, served_out, 2)
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "papa.serve", "--config", MNIST, "--port", "0", "--exit-when-done",
+                             *[a for o in ovs for a in ("--set", o)]],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    output = lambda: (tmp_path / "serve.log").read_text()[-2000:]
+    try:
+        t0 = time.time()
+        while not (m := re.search(r"open (http://127\.0\.0\.1:\d+)/\?token=(\w+)", output())):
+            assert time.time() - t0 < 120 and proc.poll() is None, output()
+            time.sleep(0.2)
+        url, token = m.groups()
+        http = httpx.Client(base_url=url, headers={"X-Papa-Token": token}, timeout=60)
+        for r, rule in ((1, lambda i: 1 if i < 2 else -1), (2, lambda i: (0, 1, -1, 1)[i])):
+            t0 = time.time()
+            while (s := http.get("/api/state").json())["status"] != "labelling" or s["round"] != r:
+                assert time.time() - t0 < 300 and proc.poll() is None, s["progress"]
+                time.sleep(0.1)
+            for i, qid in enumerate(s["ids"]):
+                assert http.post("/api/label", json={"round": r, "id": qid, "value": rule(i)}).status_code == 200
+            assert http.post("/api/submit", json={"round": r}).status_code == 200
+        assert proc.wait(timeout=300) == 0, output()  # --exit-when-done: it goes once the last round is in
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    served_dir = next((served_out / "mnist").glob("person_*"))
+    labels = served_dir / "serve" / "labels.json"  # what the export serves
+    from papa.train import main
+    replay = overrides(tiny, replay_out, 2, ["feedback.source=file", f"feedback.labels_file={labels}",
+                                             "train.sample_path=replay"])
+    assert main(["--config", MNIST] + [a for o in replay for a in ("--set", o)]) == 0
+    assert_same_metrics(metrics(served_dir), metrics(replay_out / "mnist" / "replay"), tol=1e-3)

@@ -260,6 +260,6 @@ def test_a_scripted_person_aligns_the_default_model_in_15_rounds(browser, tmp_pa
         page.screenshot(path=str(Path(shots) / "serve_history.png"))
     server.stop()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    print(f"preferred rate by round: {[(row['round'], row.get('preferred_rate')) for row in rows]}")
-    assert rows[-1]["round"] == 15 and rows[-1]["preferred_rate"] >= 0.8
+    print(f"legible preferred rate by round: {[(row['round'], row.get('legible_preferred_rate')) for row in rows]}")
+    assert rows[-1]["round"] == 15 and rows[-1]["legible_preferred_rate"] >= 0.8
     shutil.rmtree(tmp_path, ignore_errors=True)

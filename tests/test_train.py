@@ -14,7 +14,7 @@ import torch
 from papa import checkpoint
 from papa.config import load_config
 from papa.models import EvaluatorCNN, OracleCNN, build_unet
-from testutil import ROOT
+from testutil import ROOT, assert_same_metrics, metrics
 
 TINY_MODEL = ["model.down_channels=[8,16,16,16]", "model.mid_channels=[16,16,16]", "model.time_emb_dim=16"]
 
@@ -56,24 +56,6 @@ def args_for(ovs, *more):
 def cli(args, **kw):
     return subprocess.run([sys.executable, "-m", "papa.train", *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
-
-
-def metrics(run_dir):
-    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    volatile = ("elapsed", "round_seconds", "eval_seconds", "peak_rss_mb", "peak_cuda_mb", "eval_cached")
-    return [{k: v for k, v in r.items() if k not in volatile} for r in rows]
-
-
-def assert_same_metrics(a, b, tol=0.0):
-    assert len(a) == len(b)
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            va, vb = ra[k], rb[k]
-            if isinstance(va, float):
-                assert va == pytest.approx(vb, rel=tol, abs=tol, nan_ok=True), (ra["round"], k)
-            else:
-                assert va == vb, (ra["round"], k)
 
 
 def run_dir(out):

@@ -2,8 +2,11 @@
 there). Importing it sets TRITON_INTERPRET when there is no GPU, before any kernel module is imported."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+import pytest
 
 import torch
 
@@ -48,3 +51,21 @@ def reference_layout(name: str) -> list[tuple[str, tuple[int, ...]]]:
         key, shape = line.split("\t")
         rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
     return rows
+
+
+def metrics(run_dir):
+    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    volatile = ("elapsed", "round_seconds", "eval_seconds", "peak_rss_mb", "peak_cuda_mb", "eval_cached")
+    return [{k: v for k, v in r.items() if k not in volatile} for r in rows]
+
+
+def assert_same_metrics(a, b, tol=0.0):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            va, vb = ra[k], rb[k]
+            if isinstance(va, float):
+                assert va == pytest.approx(vb, rel=tol, abs=tol, nan_ok=True), (ra["round"], k)
+            else:
+                assert va == vb, (ra["round"], k)
