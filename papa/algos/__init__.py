@@ -8,6 +8,7 @@ everything else (feedback kind, queries per unit, diagnostics, settings) from th
 | papa (ePAPA: papa.epapa_k > 0) | a label per image (+1 / −1 / 0) | ELBO-weighted signed likelihood + QPDE, no reward model |
 | d3po | a choice per pair from shared noise | per-step log-prob ratios to the frozen base, DPO loss |
 | diffusion_dpo | a choice per pair | trajectory-free DPO on the noising loss |
+| diffusion_kto | a label per image (+1 / −1 / 0) | trajectory-free KTO utility on the noising loss, no pairs |
 | ddpo | a reward query per image (oracle's preferred mass) | PPO on recorded trajectories |
 | sdpo | three reward queries per trajectory, pairs from shared noise | stepwise clipped difference regression |
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 import importlib
 
 # the shipped methods, imported on first use (each module registers its class)
-BUILTIN = ("papa.algos.papa", "papa.algos.d3po", "papa.algos.diffusion_dpo", "papa.algos.ddpo", "papa.algos.sdpo")
+BUILTIN = ("papa.algos.papa", "papa.algos.d3po", "papa.algos.diffusion_dpo", "papa.algos.diffusion_kto",
+           "papa.algos.ddpo", "papa.algos.sdpo")
 
 
 class _Registry(dict):
