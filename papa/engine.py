@@ -207,9 +207,11 @@ class Engine:
         ids = [(pair_id if m.feedback == "pair" else image_id)(r + 1, i) for i in range(n)]
         return Query(r + 1, m.feedback, ids, shown)
 
-    def ask(self, q: Query, images: torch.Tensor) -> torch.Tensor:
+    def ask(self, q: Query, images: torch.Tensor, while_waiting=None) -> torch.Tensor:
         """Save the round's `images` (rank 0), then ask the feedback source until it answers; every rank gets the
-        answers, or the source's error. Each poll is one collective, so a long wait never times out the others."""
+        answers, or the source's error. Each poll is one collective, so a long wait never times out the others.
+        `while_waiting` (every rank) runs once, after the first "not yet", or after the answers where they came at
+        once: work that needs no answer, done while a person is looking at the images."""
         dist.on_main(lambda: self.records.round_images(q.round, images), self.world, self.rank)
         moved = Query(q.round, q.kind, q.ids, q.images.to(self.device))
         waiting_since = None
@@ -217,22 +219,28 @@ class Engine:
             answers = dist.on_main(lambda: self.feedback.ask(moved), self.world, self.rank)
             if answers is not None:
                 break
+            if while_waiting is not None:
+                while_waiting()
+                while_waiting = None
             if waiting_since is None:
                 waiting_since = time.time()
                 self.log(f"round {q.round}: waiting for {len(q.ids)} {q.kind} answers ({q.ids[0]} …) on the images "
                          f"in {self.run_dir / 'rounds' / f'{q.round:03d}'}")
             time.sleep(self.cfg.feedback.poll_seconds)
+        if while_waiting is not None:
+            while_waiting()
         answers = answers.cpu()
         if answers.shape[:1] != (len(q.ids),):
             raise RuntimeError(f"feedback source {type(self.feedback).__name__} gave {tuple(answers.shape)} answers "
                                f"for {len(q.ids)} queries")
         return answers
 
-    def collect(self, r: int) -> RoundData:
-        """Round r: draw, ask, and let the method build its training tensors."""
+    def collect(self, r: int, while_waiting=None) -> RoundData:
+        """Round r: draw, ask (running `while_waiting` while the answers are awaited), and let the method build its
+        training tensors."""
         samples = self.draw(r)
         q = self.query(r, samples)
-        answers = self.ask(q, samples.images)
+        answers = self.ask(q, samples.images, while_waiting)
         tensors, stats = self.method.build(samples, answers, q)
         return RoundData(samples.images, self.method.record(q, answers), len(q.ids), tensors, stats)
 
@@ -250,19 +258,26 @@ class Engine:
         return ev, imgs, pred
 
     # ------------------------------------------------------------------ update
-    def update(self, data: dict, r: int) -> dict:
+    def update(self, data: dict, r: int, part: dict | None = None) -> dict:
         """The method's update: units shuffled into optimiser steps; each step's work list sharded over ranks and
-        pushed through the UNet in chunks whose gradients accumulate; one all-reduce per optimiser step."""
+        pushed through the UNet in chunks whose gradients accumulate; one all-reduce per optimiser step. A round's
+        update may come in two parts (the replayed units before the answers, `Method.replayed`): the first is called
+        with an empty `part` dict, which it fills, the second with that dict, and returns the round's totals."""
         t, m = self.cfg.train, self.method
-        gen = torch.Generator().manual_seed(t.seed * 7919 + r)
+        first = part is not None and not part
+        gen = torch.Generator().manual_seed(t.seed * 7919 + r + (1_000_003 if first else 0))
         for g in self.opt.param_groups:  # a function of the round only, so a resumed run sets the same value
             g["lr"] = round_lr(t.lr, t.lr_decay, r, t.rounds)
         self.policy.train()
-        losses, n_items, stats = [], 0, {}
+        part = {} if part is None else part
+        if not part:
+            part.update(losses=[], n_items=0, stats={})
+        losses, stats = part["losses"], part["stats"]
         data = m.prepare(data, self.state.history)
         n = m.num_units(data)
         batches = [b for _ in range(t.epochs_per_round) for b in torch.randperm(n, generator=gen).split(t.batch_size)]
-        bar = tqdm(batches, desc=f"round {r + 1} update", disable=not self.main, leave=False, dynamic_ncols=True)
+        bar = tqdm(batches, desc=f"round {r + 1} {'replay' if first else 'update'}", disable=not self.main,
+                   leave=False, dynamic_ncols=True)
         for units in bar:
             ctx, items = m.step_items(data, units, gen)
             if len(items) == 0:
@@ -297,13 +312,15 @@ class Engine:
             if not all(torch.isfinite(p).all() for p in params):  # e.g. a huge lr: finite grads,
                 raise NonFiniteLoss(f"non-finite weights after an optimiser step in round {r + 1}")  # inf weights
             losses.append(total)
-            n_items += len(items)
+            part["n_items"] += len(items)
             bar.set_postfix(loss=f"{total:.4f}")
-            if self.progress is not None:
-                self.progress("update", len(losses), len(batches))
+            if self.progress is not None and not first:
+                self.progress("update", len(losses) - part.get("early_steps", 0), len(batches))
         bar.close()
-        return {"loss": sum(losses) / max(1, len(losses)), "optimizer_steps": len(losses), "unet_items": n_items,
-                **m.summarize(stats)}
+        if first:
+            part["early_steps"] = len(losses)
+        return {"loss": sum(losses) / max(1, len(losses)), "optimizer_steps": len(losses),
+                "unet_items": part["n_items"], **m.summarize(stats)}
 
     # ------------------------------------------------------------------ the loop
     def _record_eval(self, row: dict, num: int, tag: str) -> None:
@@ -361,11 +378,13 @@ class Engine:
             t0 = time.time()
             # 1-2. draw from the current policy, save, ask (rank 0; all ranks agree), build the training tensors
             self.policy.eval()
-            data = self.collect(r)
+            early, part = (m.replayed(s.history, r) if m.keeps_history else None), {}
+            data = self.collect(r, None if early is None else lambda: self.update(early, r, part))
             self.records.round_labels(r + 1, data.labels)
             s.history.append(data.tensors if m.keeps_history else {})
-            # 3. update on this round's feedback, or on it plus earlier rounds' (the method's training set)
-            upd = self.update(m.training_set(data.tensors, s.history, r), r)
+            # 3. update on this round's feedback, or on it plus earlier rounds' (the method's training set), or on
+            # it after the replayed units' steps, taken while the answers were awaited
+            upd = self.update(m.training_set(data.tensors, s.history, r), r, part if early is not None else None)
             # 4. evaluate (first and last on final_num samples), 5. record, 6. checkpoint
             used = (s.metrics[-1]["labels_used"] if s.metrics else 0) + data.queries
             row = {"round": r + 1, "labels_used": used, **data.stats, **upd}

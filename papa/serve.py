@@ -115,9 +115,11 @@ class ServedEngine(Engine):
             p = self.store.progress
             p.phase, p.done, p.total = phase, done, total
 
-    def update(self, data: dict, r: int) -> dict:
+    def update(self, data: dict, r: int, part: dict | None = None) -> dict:
+        if part is not None and not part:  # the replayed units' steps, while the person looks at the images
+            return super().update(data, r, part)
         t0 = self._phase("update", f"round {r + 1}: updating the model on your answers")
-        out = super().update(data, r)
+        out = super().update(data, r, part)
         self._mark("update_s", t0)
         return out
 

@@ -175,3 +175,34 @@ def test_a_source_that_answers_later_makes_the_run_wait_also_after_a_kill(tiny, 
             p.kill()
     assert [r["round"] for r in metrics(rd)] == [0, 1, 2]
     assert json.loads((rd / "rounds" / "001" / "labels.json").read_text())["r001_001"] == 1
+
+
+class Slow(Brightness):
+    """Brightness, answering on the second ask of each round (as a person: "not yet" first); it notes the policy's
+    weights at every ask, so a test sees what the engine trained while it waited."""
+
+    def __init__(self):
+        self.module, self.weights, self.asked = None, [], set()
+
+    def ask(self, q):
+        self.weights.append((q.round, torch.cat([p.detach().flatten() for p in self.module.parameters()]).clone()))
+        if q.round not in self.asked:
+            self.asked.add(q.round)
+            return None
+        return super().ask(q)
+
+
+@pytest.mark.parametrize("order", ["mixed", "first"])
+def test_replay_first_trains_the_replayed_units_while_the_answers_are_awaited(tmp_path, order):
+    """papa.replay_order: first: round r's replayed units (drawn as with mixed) are trained on between the first
+    "not yet" and the answers, then round r's own units; the same number of optimiser steps as mixed."""
+    cfg = load_config(ROOT / "configs" / "mnist.yaml", SMALL + [
+        "train.rounds=3", "papa.timesteps_per_sample=4", "papa.replay=true", "papa.replay_size=2",
+        f"papa.replay_order={order}", "feedback.poll_seconds=0.01", f"train.output_dir={tmp_path}"])
+    engine = in_memory_engine(cfg, tmp_path / "run")
+    engine.feedback = source = Slow()
+    source.module = engine.policy.module
+    engine.run()
+    moved = {r: not torch.equal(a, b) for (r, a), (_, b) in zip(source.weights[::2], source.weights[1::2])}
+    assert moved == {1: False, 2: order == "first", 3: order == "first"}  # round 1 has nothing to replay
+    assert [row["optimizer_steps"] for row in metrics(tmp_path / "run")[1:]] == [2, 3, 3]  # 4, 4 + 2, 4 + 2 units

@@ -215,7 +215,10 @@ def test_replay_trains_on_earlier_feedback_and_resumes(tiny, tmp_path):
     assert len(set(drawn)) == 5 and all(v < 20 for v in drawn)            # distinct units of rounds 1-2 (0-based 0-1)
     assert torch.equal(got["x"][4:, 0], torch.tensor([v // 10 for v in drawn], dtype=torch.float))  # x, y paired
     assert torch.equal(m.training_set(history[-1], history, 2)["y"], got["y"])  # seeded by (seed, round)
-    m.s.replay_size = 0
+    m.s.replay_order = "first"  # the same draw, trained on before round r's answers; then round r's units alone
+    assert torch.equal(m.replayed(history[:-1], 2)["y"], got["y"][4:]) and m.replayed([], 0) is None
+    assert m.training_set(history[-1], history, 2) is history[-1]
+    m.s.replay_order, m.s.replay_size = "mixed", 0
     assert len(m.training_set(history[-1], history, 2)["y"]) == 12              # 0: everything so far
     m.s.replay = False
     assert m.training_set(history[-1], history, 2) is history[-1]
@@ -229,6 +232,15 @@ def test_replay_trains_on_earlier_feedback_and_resumes(tiny, tmp_path):
     (run_dir(cut) / "checkpoints" / "round_003.pt").unlink()
     assert main(["--resume", str(run_dir(cut))]) == 0
     assert_same_metrics(metrics(run_dir(sub)), metrics(run_dir(cut)))
+    first, cut = tmp_path / "first", tmp_path / "first_cut"  # replay_order first: resumed mid-run, the same metrics
+    for out in (first, cut):
+        assert main(args_for(overrides(tiny, out, rounds=3, extra=["papa.replay=true", "papa.replay_size=3",
+                                                                   "papa.replay_order=first"]))) == 0
+    (run_dir(cut) / "checkpoints" / "round_003.pt").unlink()
+    assert main(["--resume", str(run_dir(cut))]) == 0
+    assert_same_metrics(metrics(run_dir(first)), metrics(run_dir(cut)))
+    assert [r["optimizer_steps"] for r in metrics(run_dir(first))[1:]] == [2, 4, 4]
+    assert metrics(run_dir(first))[2]["loss"] != metrics(run_dir(sub))[2]["loss"]
 
 
 def test_liked_balance_keeps_the_feedback_and_resumes(tiny, tmp_path):

@@ -101,6 +101,11 @@ class Method:
         (`history`, which holds tensors where `keeps_history`); default: this round's."""
         return data
 
+    def replayed(self, history: list[dict], r: int) -> dict | None:
+        """Units from earlier rounds (`history`: rounds 1 … r) that round r's update trains on before its own
+        feedback is in, while the person answers (the engine runs them first, then `training_set`'s); None: none."""
+        return None
+
     def prepare(self, data: dict, history: list[dict]) -> dict:
         """The round's training set as the update uses it (e.g. with per-unit weights from all rounds' feedback so far);
         default: as it is."""

@@ -194,6 +194,8 @@ class PAPASettings:
     replay: bool = False              # train on all feedback so far (paper figure) or this round's only (code)
     replay_size: int = 0              # with replay: this round's units plus this many drawn (seeded, without
                                       # replacement) from earlier rounds' feedback; 0: all of them
+    replay_order: str = "mixed"       # mixed: replayed and new units shuffled together | first: the replayed units'
+                                      # steps run while the answers are awaited (a person's wait halves), then the new
     # experimental: the reference's choices kept switchable, and options measured and not adopted
     weighting: str = "elbo"           # elbo: lambda_t as the reference | uniform: the same total spread evenly over t
     t0_weight: str = "reference"      # lambda_0: reference (alpha_bar_{-1} wraps to alpha_bar_{T-1}) | skip | clamp
@@ -211,6 +213,7 @@ class PAPASettings:
         require(self.liked_balance >= 0, "liked_balance", "must be >= 0 (0: off)")
         require(self.replay_size >= 0, "replay_size", "must be >= 0 (0: replay all earlier feedback)")
         require(self.replay or self.replay_size == 0, "replay_size", "applies with papa.replay: true; set it to 0")
+        require(self.replay_order in ("mixed", "first"), "replay_order", "must be mixed or first")
         require(self.weighting in ("elbo", "uniform"), "weighting", "must be elbo or uniform")
         require(self.t0_weight in ("reference", "skip", "clamp"), "t0_weight", "must be reference, skip or clamp")
         require(self.qpde_placement in ("last", "random", "every"), "qpde_placement", "must be last, random or every")
@@ -247,17 +250,28 @@ class PAPA(Method):
         return self.s.replay or self.s.liked_balance > 0
 
     def training_set(self, data: dict, history: list[dict], r: int) -> dict:
-        """Round r's training units: its own feedback; with replay, all earlier feedback too, or (replay_size N > 0)
-        N units drawn without replacement from it, seeded by (seed, round) so a resumed run draws the same."""
+        """Round r's training units: its own feedback; with replay (`replay_order: mixed`), the replayed units too,
+        shuffled in with them (`replay_order: first` trains on those before the answers come: `replayed`)."""
         s = self.s
-        if not s.replay or len(history) == 1:
+        if not s.replay or len(history) == 1 or s.replay_order == "first":
             return data
         if s.replay_size == 0:
             return self.merge(history)
-        earlier = self.merge(history[:-1])
+        return self.merge([data, self._replay_draw(history[:-1], r)])
+
+    def replayed(self, history: list[dict], r: int) -> dict | None:
+        if not self.s.replay or self.s.replay_order != "first" or not history:
+            return None
+        return self._replay_draw(history, r)
+
+    def _replay_draw(self, earlier: list[dict], r: int) -> dict:
+        """All earlier feedback, or (replay_size N > 0) N units drawn without replacement from it, seeded by (seed,
+        round) so a resumed run draws the same."""
+        merged = self.merge(earlier)
+        if self.s.replay_size == 0:
+            return merged
         gen = torch.Generator().manual_seed(self.t.seed * 104_729 + r)
-        pick = torch.randperm(self.num_units(earlier), generator=gen)[:s.replay_size]
-        return self.merge([data, self.select(earlier, pick)])
+        return self.select(merged, torch.randperm(self.num_units(merged), generator=gen)[:self.s.replay_size])
 
     def prepare(self, data: dict, history: list[dict]) -> dict:
         if self.s.liked_balance <= 0:
