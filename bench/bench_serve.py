@@ -1,8 +1,9 @@
-"""The browser app's wait: a person submits a round, and the next round's images are on their screen. Measured through
-the real HTTP server (uvicorn on 127.0.0.1, an httpx client standing in for the page): submit → the state says the
-next round is open → every image of it fetched. Reported in its parts, from the engine's own clocks
-(papa.serve.ServedEngine): the update, the evaluation (every eval.every rounds), the checkpoint, sampling the next
-round, encoding its PNGs, and the transfer; "other" is what is left (polling, bookkeeping).
+"""The browser app's wait: a person submits a round, and the next round's images are on their screen. Measured on the real
+server (`python -m papa.serve` in its own process, an httpx client standing in for the page and polling as it does):
+submit → the state says the next round is open → every image of it fetched. Reported in its parts, from the engine's
+own clocks (papa.serve.ServedEngine, read back through /api/state): the update, the evaluation (every eval.every
+rounds), the checkpoint, sampling the next round, encoding its PNGs, and the transfer; "other" is what is left
+(polling, bookkeeping).
 
     pytest bench/bench_serve.py -s                      tiny model, 2 rounds: checks the measurement (seconds)
     PAPA_BENCH_LONG=1 pytest bench/bench_serve.py -s    the default MNIST config, 5 rounds (the 5th evaluates)
@@ -12,13 +13,21 @@ absolute time: it is reported, not gated (bench/README.md: absolute times drift 
 The round-0 evaluation is made cheap here (eval.final_num=50): it comes before the first round and is no wait between
 rounds. Threads: PAPA_BENCH_THREADS (default 1).
 """
+import os
+import re
+import socket
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchutil import LONG, ROOT, bench_threads
+from papa.algos import METHODS
+from papa.config import load_config
 
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
@@ -48,7 +57,9 @@ class Person:
     """An httpx client on a served run: waits for a round, answers it, submits, and fetches the next round."""
 
     def __init__(self, base: str, token: str):
-        self.http = httpx.Client(base_url=base, headers={"X-Papa-Token": token}, timeout=600)
+        # TCP_NODELAY, as browsers set it: without it every request waits ~40 ms for a delayed ACK (measured)
+        nodelay = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self.http = httpx.Client(base_url=base, headers={"X-Papa-Token": token}, timeout=600, transport=nodelay)
 
     def state(self) -> dict:
         return self.http.get("/api/state").raise_for_status().json()
@@ -81,17 +92,29 @@ class Person:
         return {"total_s": t2 - t0, "transfer_s": t2 - t1}
 
 
+def start_server(ovs: list[str], log: Path) -> tuple[subprocess.Popen, str, str]:
+    """`python -m papa.serve` as a person starts it (the engine in the process's main thread: in a second thread
+    torch's CPU kernels run 1.4-2.3x slower here, measured on this machine), on a free port; (process, URL, token)."""
+    proc = subprocess.Popen([sys.executable, "-m", "papa.serve", "--config", MNIST, "--port", "0", "--exit-when-done",
+                             "--threads", str(bench_threads()), *[a for o in ovs for a in ("--set", o)]],
+                            cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    t0 = time.time()
+    while not (m := re.search(r"open (http://127\.0\.0\.1:\d+)/\?token=([\w-]+)", log.read_text())):
+        if proc.poll() is not None or time.time() - t0 > 600:
+            proc.kill()
+            raise AssertionError(f"papa.serve did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    return proc, *m.groups()
+
+
 def test_submit_to_next_round_shown(benchmark, tmp_path):
-    from papa.serve import Served, bind, prepare, serve_in_thread
-    torch.set_num_threads(bench_threads())
     rounds = 5 if LONG else 2
     ovs = ([] if LONG else TINY + tiny_checkpoints(tmp_path)) + [
         f"train.output_dir={tmp_path / 'runs'}", f"train.rounds={rounds + 1}", "eval.final_num=50"]
-    cfg, run_dir = prepare(MNIST, ovs, None)
-    served = Served(cfg, run_dir).start()
-    sock = bind("127.0.0.1", 0)
-    server, _ = serve_in_thread(served.app(), sock)
-    person = Person(f"http://127.0.0.1:{sock.getsockname()[1]}", served.token)
+    cfg = load_config(MNIST, ovs)
+    proc, url, token = start_server(ovs, tmp_path / "serve.log")
+    person = Person(url, token)
     rows, r = [], [0]
     try:
         def setup():
@@ -100,19 +123,20 @@ def test_submit_to_next_round_shown(benchmark, tmp_path):
 
         def one():
             row = person.submit_until_shown(r[0])
-            row.update({k: served.store.timings[-1].get(k, 0.0) for k in PARTS})
+            parts = person.state()["timings"]  # the server's clocks for this submit → next round
+            assert parts and parts.get("shown_round") == r[0] + 1, parts
+            row.update({k: parts.get(k, 0.0) for k in PARTS})
             row["other_s"] = row["total_s"] - row["transfer_s"] - sum(row[k] for k in PARTS)
             row["round"] = r[0]
             rows.append(row)
 
         benchmark.pedantic(one, setup=setup, rounds=rounds, iterations=1)
     finally:
-        served.stop()
-        server.should_exit = True
-        torch.set_num_threads(1)
+        proc.kill()
+        proc.wait()
+    kind = "images" if METHODS[cfg.train.algo].feedback == "label" else "pairs"
     print(f"\nsubmit → next round shown ({'default MNIST config' if LONG else 'tiny model'}, "
-          f"{cfg.train.samples_per_round} {'images' if served.engine.method.feedback == 'label' else 'pairs'} a round, "
-          f"{bench_threads()} thread(s)):")
+          f"{cfg.train.samples_per_round} {kind} a round, {bench_threads()} thread(s)):")
     for row in rows:
         print(f"  round {row['round']}→{row['round'] + 1}: {row['total_s']:.2f} s = " +
               " + ".join(f"{k[:-2]} {row[k]:.3f}" for k in (*PARTS, "transfer_s", "other_s")))

@@ -281,7 +281,7 @@ def test_under_torchrun_rank0_serves_and_both_ranks_train_as_one(tiny, tmp_path)
     output = lambda: (tmp_path / "serve.log").read_text()[-2000:]
     try:
         t0 = time.time()
-        while not (m := re.search(r"open (http://127\.0\.0\.1:\d+)/\?token=(\w+)", output())):
+        while not (m := re.search(r"open (http://127\.0\.0\.1:\d+)/\?token=([\w-]+)", output())):
             assert time.time() - t0 < 120 and proc.poll() is None, output()
             time.sleep(0.2)
         url, token = m.groups()
