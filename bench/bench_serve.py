@@ -11,7 +11,8 @@ rounds), the checkpoint, sampling the next round, encoding its PNGs, and the tra
 The target (median ≤ 10 s, goal ≤ 5 s, default config on the 2-core CPU, rounds without an evaluation) is an
 absolute time: it is reported, not gated (bench/README.md: absolute times drift 20-30 % and 2-7× with a second job).
 The round-0 evaluation is made cheap here (eval.final_num=50): it comes before the first round and is no wait between
-rounds. Threads: PAPA_BENCH_THREADS (default 1).
+rounds. Threads: PAPA_BENCH_THREADS (default 1). PAPA_BENCH_SET="key=value …": overrides for a variant (e.g.
+papa.replay_order=first).
 """
 import os
 import re
@@ -111,7 +112,8 @@ def start_server(ovs: list[str], log: Path) -> tuple[subprocess.Popen, str, str]
 def test_submit_to_next_round_shown(benchmark, tmp_path):
     rounds = 5 if LONG else 2
     ovs = ([] if LONG else TINY + tiny_checkpoints(tmp_path)) + [
-        f"train.output_dir={tmp_path / 'runs'}", f"train.rounds={rounds + 1}", "eval.final_num=50"]
+        f"train.output_dir={tmp_path / 'runs'}", f"train.rounds={rounds + 1}", "eval.final_num=50",
+        *os.environ.get("PAPA_BENCH_SET", "").split()]
     cfg = load_config(MNIST, ovs)
     proc, url, token = start_server(ovs, tmp_path / "serve.log")
     person = Person(url, token)

@@ -6,20 +6,23 @@ exported labels replayed with papa.train to the same weights.
 
 Skipped, saying why, without Playwright or without Chromium (`bash scripts/setup.sh` installs both where apt works;
 PAPA_CHROMIUM names another binary). PAPA_SERVE_LONG=1 adds the long variant: a scripted person aligns the default
-MNIST model in 15 rounds of 10 images by a rule of its own and must reach a preferred rate >= 0.8 by the evaluator
-(hours on a 2-core CPU; not in CI). PAPA_SERVE_SCREENSHOTS=DIR saves the long variant's screenshots there.
+MNIST model in 15 rounds of 10 images by a rule of its own and must reach a legible preferred rate >= 0.8 by the
+evaluator (about 8 minutes on the 2-core CPU; not in CI). PAPA_SERVE_SCREENSHOTS=DIR saves its screenshots there,
+PAPA_SERVE_OUT=DIR its result (rates by round, the person's likes, the wait before each round) as scripted_person.json.
 """
 import json
 import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,33 +236,49 @@ def test_a_scripted_person_aligns_the_default_model_in_15_rounds(browser, tmp_pa
     eyes = OracleFeedback(oracle, cfg.feedback.preference, reject=True)
     shots = os.environ.get("PAPA_SERVE_SCREENSHOTS")
     port = free_port()
-    server = Server(["--config", MNIST, "--set", "train.rounds=15", "--set", f"train.output_dir={tmp_path}"], port)
+    server = Server(["--config", MNIST, "--set", "train.rounds=15", "--set", f"train.output_dir={tmp_path}",
+                     "--threads", os.environ.get("PAPA_SERVE_THREADS", "2")], port)  # both cores, as a person's run
     run_dir = next((tmp_path / "mnist").glob("person_*"))
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     WAIT = 1_800_000  # ms: a round with an evaluation of the default model on a 2-core CPU
     page.set_default_timeout(WAIT)
     page.goto(server.url)
     body = page.locator("body")
+    waits, liked_per_round, submitted = [], [], None
     for r in range(1, 16):
         expect(body).to_have_attribute("data-round", str(r), timeout=WAIT)
         expect(body).to_have_attribute("data-status", "labelling", timeout=WAIT)
+        if submitted is not None:  # submit → this round on the page, as the person waited for it
+            waits.append(round(time.time() - submitted, 2))
+        likes = 0
         for i in range(10):
             png = page.request.get(f"{server.base}/api/image/{r}/{i}.png").body()
-            x = torch.tensor(list(Image.open(io.BytesIO(png)).getdata()), dtype=torch.float32).view(1, 1, 28, 28)
+            x = torch.from_numpy(np.array(Image.open(io.BytesIO(png)), dtype=np.float32)).view(1, 1, 28, 28)
             liked = bool(eyes.likes(x / 127.5 - 1)[0])
+            likes += liked
             page.keyboard.press(str((i + 1) % 10))
             page.keyboard.press("l" if liked else "d")
+        liked_per_round.append(likes)
         if shots and r == 3:
             page.screenshot(path=str(Path(shots) / "serve_round.png"))
         page.keyboard.press("Enter")
+        submitted = time.time()
         if shots and r == 3:
-            page.wait_for_timeout(1500)
+            page.wait_for_timeout(3000)  # mid-update
             page.screenshot(path=str(Path(shots) / "serve_update.png"))
     expect(body).to_have_attribute("data-status", "done", timeout=WAIT)
     if shots:
         page.screenshot(path=str(Path(shots) / "serve_history.png"))
     server.stop()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    print(f"legible preferred rate by round: {[(row['round'], row.get('legible_preferred_rate')) for row in rows]}")
+    rates = {row["round"]: row["legible_preferred_rate"] for row in rows if "legible_preferred_rate" in row}
+    result = {"legible_preferred_rate": rates, "rejected_rate": {row["round"]: row["rejected_rate"] for row in rows
+                                                                   if "rejected_rate" in row},
+              "liked_by_the_person": liked_per_round, "wait_s": waits,
+              "median_wait_s": statistics.median(w for i, w in enumerate(waits, 2) if i - 1 not in rates)}
+    print(f"scripted person: {json.dumps(result)}")
+    if os.environ.get("PAPA_SERVE_OUT"):
+        Path(os.environ["PAPA_SERVE_OUT"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["PAPA_SERVE_OUT"]) / "scripted_person.json").write_text(json.dumps(result, indent=1))
     assert rows[-1]["round"] == 15 and rows[-1]["legible_preferred_rate"] >= 0.8
     shutil.rmtree(tmp_path, ignore_errors=True)
