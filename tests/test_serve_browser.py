@@ -218,8 +218,8 @@ def _make_tiny(d: Path) -> None:
     checkpoint.atomic_save({"state_dict": EvaluatorCNN().state_dict()}, d / "evaluator.pt")
 
 
-@pytest.mark.skipif(not LONG, reason="the long variant (15 rounds of the default MNIST model, hours on a 2-core CPU) "
-                                     "runs with PAPA_SERVE_LONG=1")
+@pytest.mark.skipif(not LONG, reason="the long variant (15 rounds of the default MNIST model, about 8 minutes on "
+                                     "a 2-core CPU) runs with PAPA_SERVE_LONG=1")
 def test_a_scripted_person_aligns_the_default_model_in_15_rounds(browser, tmp_path):
     """The person's rule: like a digit their own eyes (the shipped oracle, a different network from the evaluator)
     read as a legible 1, 4, 7 or 9; dislike the rest. The script sees only the page and its PNGs, and answers with

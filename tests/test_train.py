@@ -223,24 +223,20 @@ def test_replay_trains_on_earlier_feedback_and_resumes(tiny, tmp_path):
     m.s.replay = False
     assert m.training_set(history[-1], history, 2) is history[-1]
 
-    full, sub, cut = tmp_path / "full", tmp_path / "sub", tmp_path / "cut"
+    full = tmp_path / "full"
     assert main(args_for(overrides(tiny, full, rounds=3, extra=["papa.replay=true", "papa.replay_size=0"]))) == 0
-    assert main(args_for(overrides(tiny, sub, rounds=3, extra=["papa.replay=true", "papa.replay_size=3"]))) == 0
     assert [r["optimizer_steps"] for r in metrics(run_dir(full))[1:]] == [2, 4, 6]   # 4, 8, 12 units, batch 2
-    assert [r["optimizer_steps"] for r in metrics(run_dir(sub))[1:]] == [2, 4, 4]    # 4, 4 + 3, 4 + 3
-    assert main(args_for(overrides(tiny, cut, rounds=3, extra=["papa.replay=true", "papa.replay_size=3"]))) == 0
-    (run_dir(cut) / "checkpoints" / "round_003.pt").unlink()
-    assert main(["--resume", str(run_dir(cut))]) == 0
-    assert_same_metrics(metrics(run_dir(sub)), metrics(run_dir(cut)))
-    first, cut = tmp_path / "first", tmp_path / "first_cut"  # replay_order first: resumed mid-run, the same metrics
-    for out in (first, cut):
+    whole = {}
+    for order in ("mixed", "first"):  # each run cut after round 2 and resumed: the same metrics as the whole run
+        out = tmp_path / order
         assert main(args_for(overrides(tiny, out, rounds=3, extra=["papa.replay=true", "papa.replay_size=3",
-                                                                   "papa.replay_order=first"]))) == 0
-    (run_dir(cut) / "checkpoints" / "round_003.pt").unlink()
-    assert main(["--resume", str(run_dir(cut))]) == 0
-    assert_same_metrics(metrics(run_dir(first)), metrics(run_dir(cut)))
-    assert [r["optimizer_steps"] for r in metrics(run_dir(first))[1:]] == [2, 4, 4]
-    assert metrics(run_dir(first))[2]["loss"] != metrics(run_dir(sub))[2]["loss"]
+                                                                   f"papa.replay_order={order}"]))) == 0
+        whole[order] = metrics(run_dir(out))
+        assert [r["optimizer_steps"] for r in whole[order][1:]] == [2, 4, 4]    # 4, 4 + 3, 4 + 3
+        (run_dir(out) / "checkpoints" / "round_003.pt").unlink()
+        assert main(["--resume", str(run_dir(out))]) == 0
+        assert_same_metrics(whole[order], metrics(run_dir(out)))
+    assert whole["first"][2]["loss"] != whole["mixed"][2]["loss"]  # the same units, in another order
 
 
 def test_liked_balance_keeps_the_feedback_and_resumes(tiny, tmp_path):
