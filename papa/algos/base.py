@@ -134,6 +134,18 @@ class Method:
         return {k: v[units] for k, v in data.items()}
 
 
+class ImageLabels:
+    """Mixin for methods that learn from one label per image (+1 / −1 / 0): the round's images and labels as the
+    training tensors, a unit per image."""
+
+    def build(self, samples: Samples, y: torch.Tensor, query: Query) -> tuple[dict, dict]:
+        return {"x": samples.images.cpu(), "y": y}, {"round_positive": int((y > 0).sum()),
+                                                     "round_negative": int((y < 0).sum())}
+
+    def num_units(self, data: dict) -> int:
+        return len(data["x"])
+
+
 def ratio(stats: dict, num: str, den: str) -> float:
     d = stats.get(den, 0.0)
     return stats.get(num, 0.0) / d if d else float("nan")

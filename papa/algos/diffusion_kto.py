@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from papa.algos import register
-from papa.algos.base import Items, Method, ratio
+from papa.algos.base import ImageLabels, Items, Method, ratio
 
 
 def denoising_error(eps_hat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -81,20 +81,13 @@ class DiffusionKTOSettings:
 
 
 @register
-class DiffusionKTO(Method):
+class DiffusionKTO(ImageLabels, Method):
     """Diffusion-KTO: one label per image (+1 / −1 / 0); the utility loss above over (image, t, ε) items."""
     name = "diffusion_kto"
     draws, feedback = "images", "label"
     Settings = DiffusionKTOSettings
     diagnostics = ("implicit_accuracy", "reference_point")
     stat_keys = ("acc_num", "acc_den", "z_num")
-
-    def build(self, samples, y, query):
-        return {"x": samples.images.cpu(), "y": y}, {"round_positive": int((y > 0).sum()),
-                                                     "round_negative": int((y < 0).sum())}
-
-    def num_units(self, data: dict) -> int:
-        return len(data["x"])
 
     def step_items(self, data: dict, units: torch.Tensor, gen: torch.Generator):
         y = data["y"][units].float()

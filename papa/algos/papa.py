@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from papa.algos import register
-from papa.algos.base import Method
+from papa.algos.base import ImageLabels, Method
 from papa.schedule import NoiseSchedule
 
 
@@ -220,7 +220,7 @@ class PAPASettings:
 
 
 @register
-class PAPA(Method):
+class PAPA(ImageLabels, Method):
     """PAPA / ePAPA: one label per image (+1 / −1 / 0); the loss above over (sample, t) items."""
     name = "papa"
     draws, feedback = "images", "label"
@@ -237,13 +237,6 @@ class PAPA(Method):
     @classmethod
     def run_tag(cls, settings) -> str:
         return f"_k{settings.epapa_k}" if settings.epapa_k else ""
-
-    def build(self, samples, y, query):
-        return {"x": samples.images.cpu(), "y": y}, {"round_positive": int((y > 0).sum()),
-                                                     "round_negative": int((y < 0).sum())}
-
-    def num_units(self, data: dict) -> int:
-        return len(data["x"])
 
     @property
     def keeps_history(self) -> bool:
