@@ -42,7 +42,8 @@ def diagnostic_keys() -> tuple[str, ...]:
     """Every method's declared diagnostics, and the round reward of the reward methods."""
     from papa.algos import METHODS
     keys = [k for cls in METHODS.values() for k in cls.diagnostics]
-    return tuple(dict.fromkeys(keys + ["round_reward"]))
+    # the selectors' (papa.select): the preference model's foresight of the answers, and the pool's sampling cost
+    return tuple(dict.fromkeys(keys + ["round_reward", "pref_acc", "pref_brier", "pool_seconds"]))
 HEADLINE = [("legible_preferred_rate", "legible preferred rate", "{:.3f}"), ("rejected_rate", "rejected", "{:.3f}"),
             ("precision", "precision", "{:.3f}"), ("diversity", "diversity", "{:.3f}"),
             ("fid_preferred", "FID (preferred)", "{:.2f}"), ("kl_to_base", "KL to base", "{:.3f}")]
@@ -65,7 +66,7 @@ def load_compare(path: str | Path) -> dict:
     if not isinstance(spec, dict):
         raise ConfigError(f"compare config '{path}' must be a YAML mapping (base_config: …, seeds: …), got a "
                           f"{type(spec).__name__}")
-    known = {"base_config", "output_dir", "seeds", "budget", "common", "methods"}
+    known = {"base_config", "output_dir", "seeds", "budget", "common", "methods", "target"}
     for k in spec:
         if k not in known:
             raise ConfigError(f"unknown compare config key '{k}' in {path}; valid keys: {', '.join(sorted(known))}")
@@ -77,6 +78,9 @@ def load_compare(path: str | Path) -> dict:
     if not isinstance(spec["methods"], dict) or not spec["methods"]:
         raise ConfigError("compare config key 'methods' must map method names to overrides")
     spec.setdefault("output_dir", "runs/compare")
+    spec.setdefault("target", 0.9)
+    if isinstance(spec["target"], bool) or not isinstance(spec["target"], (int, float)) or not 0 < spec["target"] <= 1:
+        raise ConfigError(f"compare config key 'target' must be a rate in (0, 1], got {spec['target']!r}")
     spec.setdefault("common", {})
     return spec
 
@@ -227,7 +231,18 @@ def _rate(row: dict) -> float:
     return row.get("legible_preferred_rate", row["preferred_rate"])
 
 
-def summarize_run(rows: list[dict]) -> dict:
+def labels_to(curve: list[tuple[int, float]], target: float) -> float:
+    """The feedback used when the rate curve first reaches `target`, linearly interpolated between the two evaluations
+    around the crossing; nan when it never does."""
+    if curve and curve[0][1] >= target:
+        return float(curve[0][0])
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if y1 >= target:
+            return x0 + (x1 - x0) * (target - y0) / (y1 - y0)
+    return math.nan
+
+
+def summarize_run(rows: list[dict], target: float = 0.9) -> dict:
     evals = [r for r in rows if "preferred_rate" in r]
     final = evals[-1]
     out = {k: final.get(k, math.nan) for k, _, _ in HEADLINE}
@@ -238,6 +253,7 @@ def summarize_run(rows: list[dict]) -> dict:
     out["peak_rss_mb"] = max((r.get("peak_rss_mb", 0.0) for r in rows), default=math.nan)
     out["curve"] = [(r["labels_used"], _rate(r)) for r in evals]
     out["fid_curve"] = [(r["labels_used"], r["fid_preferred"]) for r in evals]
+    out["labels_to_target"] = labels_to(out["curve"], target)
     for k in diagnostic_keys():
         vals = [r[k] for r in rows if k in r and not (isinstance(r[k], float) and math.isnan(r[k]))]
         if vals:
@@ -251,17 +267,19 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
     for method, seed, cfg, _ in runs:
         rows = read_metrics(run_dir(cfg))
         if rows and finished(cfg):
-            by_method.setdefault(method, []).append(summarize_run(rows))
+            by_method.setdefault(method, []).append(summarize_run(rows, spec["target"]))
     out_dir = Path(spec["output_dir"]) / task
     lines = [f"# Comparison: {task}, preference {runs[0][2].feedback.preference}", "",
              f"Command: `{command}`; {time.strftime('%Y-%m-%d')}; device: {device_name()}.",
              f"Every method: the same base model, evaluator and evaluation seed, a budget of {spec['budget']} "
              f"feedback units (labels, pair choices, or reward queries), seeds {spec['seeds']}. Final evaluation on "
              f"{runs[0][2].eval.final_num} fixed-seed samples judged by the evaluator; mean ± std over seeds.", "",
-             "| method | runs | " + " | ".join(h for _, h, _ in HEADLINE) + " | feedback used | training s | "
-             "wall s | s per label | peak RSS MB |", "|---" * (len(HEADLINE) + 7) + "|"]
+             "| method | runs | " + " | ".join(h for _, h, _ in HEADLINE) + f" | feedback to {spec['target']:.2f} | "
+             "feedback used | training s | wall s | s per label | peak RSS MB |", "|---" * (len(HEADLINE) + 8) + "|"]
     for method, res in by_method.items():
         cells = [_fmt(_mean_std([r[k] for r in res]), f) for k, _, f in HEADLINE]
+        reached = [r["labels_to_target"] for r in res if not math.isnan(r["labels_to_target"])]
+        cells.append(f"{_fmt(_mean_std(reached), '{:.0f}')} ({len(reached)}/{len(res)} reached)")
         per_label = _mean_std([r["train_s"] / max(1, r["labels_used"]) for r in res])
         lines.append(f"| {method} | {len(res)} | " + " | ".join(cells) +
                      f" | {res[0]['labels_used']} | {_fmt(_mean_std([r['train_s'] for r in res]), '{:.0f}')} | "
@@ -301,7 +319,8 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
         lines += ["", f"Not finished (excluded): {', '.join(missing)}."]
     lines += ["", "KL to base: the mean per-step KL(p_θ ‖ p_base) of the sampling chain on a fixed probe of noised test "
                   "images (nats per pixel); wall time includes evaluation, training time excludes it; peak RSS is each "
-                  "run's process (CPU).", ""]
+                  "run's process (CPU). Feedback to the target: interpolated between evaluations, averaged over the "
+                  "seeds that reached it.", ""]
     from papa.checkpoint import atomic_write_bytes, atomic_write_text
     md = out_dir / "compare.md"
     atomic_write_text(md, "\n".join(lines))
@@ -330,10 +349,10 @@ def plot(by_method: dict, task: str, budget: int) -> bytes:
         a.set_xlabel("feedback used (labels, pair choices or reward queries)")
         a.set_xlim(0, budget)
         a.grid(alpha=0.3)
-    ax.set_ylabel("preferred-class rate (evaluator)")
+    ax.set_ylabel("legible preferred rate (evaluator)")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
-    ax.set_title(f"{task}: preferred-class rate, mean ± std over seeds", fontsize=10)
+    ax.set_title(f"{task}: legible preferred rate, mean ± std over seeds", fontsize=10)
     ax2.set_ylabel("FID of preferred-class samples (evaluator features)")
     ax2.set_yscale("log")
     ax2.set_title("quality: FID against real test images of the preferred classes", fontsize=10)

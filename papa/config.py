@@ -141,6 +141,20 @@ class TrainConfig:
 
 
 @dataclass
+class SelectConfig:
+    """Active querying (papa.select): each round a pool of candidates, of which a selector picks the
+    train.samples_per_round that the feedback source is asked about (and the label budget counts)."""
+    selector: str = "none"            # none: every drawn sample is asked about | random | exploit | uncertainty |
+                                      # diversity | uncertainty_diversity | thompson
+    pool_size: int = 64               # candidates drawn per round (>= train.samples_per_round)
+    pool_sample_steps: int = 0        # sampling steps for the pool; 0: diffusion.sample_steps
+    ensemble: int = 5                 # preference-model members (bootstrap resamples of the labels)
+    l2: float = 0.1                   # their L2 penalty on standardised features
+    feature_t: int = 200              # the noise step at which the frozen base UNet's bottleneck is read
+    diversity_weight: float = 1.0     # uncertainty_diversity: weight of the distance term (each term in [0, 1])
+
+
+@dataclass
 class EvalConfig:
     every: int = 5                    # evaluate every N rounds (the first and the last always)
     num: int = 200                    # samples for intermediate evaluations
@@ -162,6 +176,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # each registered method's settings section, by name (`papa:`, `d3po:`, … at the top level of the YAML)
     methods: dict = field(default_factory=lambda: _default_methods())
@@ -329,6 +344,22 @@ def validate(cfg: Config) -> Config:
     _require(not f.wait or f.source == "file", "feedback.wait", "applies to feedback.source: file; set it to false")
     for name, settings in cfg.methods.items():  # every section is checked, the active method's and the others'
         settings.check(cfg, require=lambda cond, key, msg, name=name: _require(cond, f"{name}.{key}", msg))
+    sc = cfg.select
+    from papa.select import SELECTORS
+    _require(sc.selector in ("none", *SELECTORS), "select.selector",
+             f"must be none or one of {sorted(SELECTORS)}, got {sc.selector!r}")
+    if sc.selector != "none":
+        _require(method.draws == "images", "select.selector",
+                 f"needs a method that draws images (papa, diffusion_kto); train.algo={t.algo} draws {method.draws}; "
+                 "set select.selector: none")
+        _require(sc.pool_size >= t.samples_per_round, "select.pool_size",
+                 f"must be >= train.samples_per_round ({t.samples_per_round}), got {sc.pool_size}")
+    _require(0 <= sc.pool_sample_steps <= d.num_timesteps, "select.pool_sample_steps",
+             f"must be in [0, diffusion.num_timesteps={d.num_timesteps}] (0: diffusion.sample_steps)")
+    _require(sc.ensemble >= 1, "select.ensemble", "must be >= 1")
+    _require(sc.l2 > 0, "select.l2", "must be > 0")
+    _require(0 <= sc.feature_t < d.num_timesteps, "select.feature_t", f"must be in [0, {d.num_timesteps})")
+    _require(sc.diversity_weight >= 0, "select.diversity_weight", "must be >= 0")
     e = cfg.eval
     for k in ("every", "num", "final_num", "batch_size"):
         _require(getattr(e, k) >= 1, f"eval.{k}", "must be >= 1")

@@ -16,6 +16,7 @@ from a config and the shipped files.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class RunState:
     history: list = field(default_factory=list)      # per round: the method's training tensors (keeps_history)
     metrics: list = field(default_factory=list)      # rows written to metrics.jsonl
     elapsed: float = 0.0                             # seconds of training so far (across resumes)
+    asked: dict = field(default_factory=dict)        # select: features "f" and answers "y" of every image asked about
 
 
 def default_sample_path(cfg: Config) -> str:
@@ -133,6 +135,7 @@ class Engine:
             "model": self.policy.state_dict(), "opt": self.opt.state_dict(), "round": s.round,
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "history": s.history, "metrics": s.metrics, "elapsed": s.elapsed, "dataset": self.cfg.data.dataset,
+            **({"asked": s.asked} if s.asked else {}),
             "config_hash": config_hash(self.cfg), "torch_rng": torch.get_rng_state()})
 
     def _load_round(self, path: Path, n: int, force: bool) -> dict:
@@ -164,16 +167,18 @@ class Engine:
         st = self.dir.newest_usable(lambda path, n: self._load_round(path, n, force))
         if st is None:
             return False
-        self.state = RunState(st["round"], st["history"], st["metrics"], st["elapsed"])
+        self.state = RunState(st["round"], st["history"], st["metrics"], st["elapsed"], st.get("asked", {}))
         torch.set_rng_state(st["torch_rng"])
         return True
 
     # ------------------------------------------------------------------ the round
-    def sample_images(self, n: int, seed: int, k: int = 0, net: torch.nn.Module | None = None) -> torch.Tensor:
-        """n images from the policy (or `net`), the reference below step k (ePAPA), sharded over ranks, on every rank."""
+    def sample_images(self, n: int, seed: int, k: int = 0, net: torch.nn.Module | None = None,
+                      steps: int = 0) -> torch.Tensor:
+        """n images from the policy (or `net`), the reference below step k (ePAPA), sharded over ranks, on every rank;
+        `steps` sampling steps (0: diffusion.sample_steps)."""
         d, idx = self.cfg.diffusion, dist.shard(n, self.rank, self.world)
         net = self.policy.module if net is None else net
-        local = sample(net, self.sched, len(idx), steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
+        local = sample(net, self.sched, len(idx), steps=steps or d.sample_steps, sampler=d.sampler, eta=d.eta,
                        seed=seed, first_index=idx.start, batch_size=self.cfg.eval.batch_size,
                        base_model=self.policy.reference_module if k else None, epapa_k=k, device=self.device,
                        progress=self.main and n > 50, cuda_graph=self.device.type == "cuda")
@@ -192,13 +197,41 @@ class Engine:
         return local
 
     def draw(self, r: int) -> Samples:
-        """Round r's samples, as the method declares: P images, 2P images, P or 2P recorded trajectories."""
+        """Round r's samples, as the method declares: P images, 2P images, P or 2P recorded trajectories; with a
+        selector, the P images it picks from a pool."""
         m, P, seed = self.method, self.cfg.train.samples_per_round, round_seed(self.cfg.train.seed, r)
+        if self.cfg.select.selector != "none":
+            return self.draw_pool(r, P, seed)
         if m.draws in ("images", "image_pairs"):
             return Samples(self.sample_images(P * (2 if m.draws == "image_pairs" else 1), seed, m.base_below))
         traj = self.sample_trajectories(P * (2 if m.draws == "trajectory_pairs" else 1), seed,
                                         paired=m.draws == "trajectory_pairs")
         return Samples(traj.images, traj)
+
+    def draw_pool(self, r: int, k: int, seed: int) -> Samples:
+        """Round r's pool of select.pool_size images (candidate i is image i of a round without a pool), their
+        features from the frozen base UNet, and the k the selector picks from the answers so far (papa.select).
+        Every rank samples its shard, then all select the same (deterministic) k. The pool, dimmed where not
+        chosen, goes to rounds/NNN/pool.png and the choice to pool.json."""
+        from papa.select import choose, unet_features
+        sc, a = self.cfg.select, self.state.asked
+        t0 = time.time()
+        pool = self.sample_images(sc.pool_size, seed, self.method.base_below, steps=sc.pool_sample_steps)
+        t1 = time.time()
+        feats = unet_features(self.policy.reference_module, self.sched, pool.to(self.device), sc.feature_t,
+                              seed=self.cfg.train.seed)
+        labelled = a.get("f", torch.zeros(0, feats.shape[1]))
+        idx, rec = choose(sc, feats, labelled, a.get("y", torch.zeros(0)), k, seed)
+        rec.update(pool_seconds=round(t1 - t0, 2), select_seconds=round(time.time() - t1, 2))
+        self._asking = (feats[idx], rec)
+        if self.main:
+            from papa.records import round_dir, save_grid
+            shown = torch.full((len(pool),), False)
+            shown[idx] = True
+            save_grid(torch.where(shown[:, None, None, None], pool, (pool + 1) * 0.3 - 1), 
+                      round_dir(self.run_dir, r + 1) / "pool.png", nrow=16)
+            checkpoint.atomic_write_text(round_dir(self.run_dir, r + 1) / "pool.json", json.dumps(rec, indent=1))
+        return Samples(pool[idx])
 
     def query(self, r: int, samples: Samples) -> Query:
         """Round r's question: the images the method shows, an id for each query (image ids, or pair ids)."""
@@ -242,7 +275,21 @@ class Engine:
         q = self.query(r, samples)
         answers = self.ask(q, samples.images, while_waiting)
         tensors, stats = self.method.build(samples, answers, q)
+        if self.cfg.select.selector != "none":
+            stats.update(self._remember_asked(answers))
         return RoundData(samples.images, self.method.record(q, answers), len(q.ids), tensors, stats)
+
+    def _remember_asked(self, answers: torch.Tensor) -> dict:
+        """Keep the asked images' features and answers for the next rounds' preference model; the round's selection
+        facts: how well the model foresaw these answers, the pool's cost."""
+        from papa.select import prediction_stats
+        feats, rec = self._asking
+        y = answers.float().reshape(-1)
+        a = self.state.asked
+        a["f"] = torch.cat([a["f"], feats]) if a else feats
+        a["y"] = torch.cat([a["y"], y]) if "y" in a else y
+        return {**prediction_stats(rec.get("p_like"), y), "pool_seconds": rec["pool_seconds"],
+                "select_seconds": rec["select_seconds"], "select_fallback": int(rec["fallback"] is not None)}
 
     # ------------------------------------------------------------------ evaluation
     @property

@@ -55,7 +55,8 @@ def reference_layout(name: str) -> list[tuple[str, tuple[int, ...]]]:
 
 def metrics(run_dir):
     rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    volatile = ("elapsed", "round_seconds", "eval_seconds", "peak_rss_mb", "peak_cuda_mb", "eval_cached")
+    volatile = ("elapsed", "round_seconds", "eval_seconds", "peak_rss_mb", "peak_cuda_mb", "eval_cached",
+                "pool_seconds", "select_seconds")
     return [{k: v for k, v in r.items() if k not in volatile} for r in rows]
 
 

@@ -120,8 +120,7 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(8, 16)
         self.conv_out = nn.Conv2d(16, im_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) in [-1, 1] noised; t: (B,) integer timesteps (or a scalar). Returns ε̂ like x."""
+    def _encode(self, x: torch.Tensor, t: torch.Tensor):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -133,6 +132,16 @@ class UNet(nn.Module):
             out = down(out, t_emb)
         for mid in self.mids:
             out = mid(out, t_emb)
+        return out, skips, t_emb
+
+    def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The bottleneck (the middle blocks' output, (B, mid_channels[-1], h, w)) of noised x at step t: what
+        papa.select's preference model reads."""
+        return self._encode(x, t)[0]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) in [-1, 1] noised; t: (B,) integer timesteps (or a scalar). Returns ε̂ like x."""
+        out, skips, t_emb = self._encode(x, t)
         for up in self.ups:
             out = up(out, skips.pop(), t_emb)
         return self.conv_out(nn.functional.silu(self.norm_out(out)))
