@@ -159,6 +159,8 @@ class EvalConfig:
     every: int = 5                    # evaluate every N rounds (the first and the last always)
     num: int = 200                    # samples for intermediate evaluations
     final_num: int = 500              # samples for the first and final evaluations
+    real_max: int = 0                 # real preferred-class test images the FID and fidelity metrics compare with
+                                      # (a fixed, seeded subset); 0: all of them
     seed: int = 12345
     batch_size: int = 250
 
@@ -363,6 +365,7 @@ def validate(cfg: Config) -> Config:
     e = cfg.eval
     for k in ("every", "num", "final_num", "batch_size"):
         _require(getattr(e, k) >= 1, f"eval.{k}", "must be >= 1")
+    _require(e.real_max == 0 or e.real_max >= 10, "eval.real_max", "must be 0 (all) or >= 10")
     return cfg
 
 

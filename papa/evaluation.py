@@ -30,6 +30,11 @@ class RunEvaluator:
                  device: torch.device = torch.device("cpu")):
         self.net, self.preference, self.device = net.to(device).eval(), list(cfg.feedback.preference), device
         keep = np.isin(test_y.astype(np.int64), self.preference)
+        if cfg.eval.real_max and keep.sum() > cfg.eval.real_max:  # a fixed, seeded subset of them
+            where = np.flatnonzero(keep)
+            sub = torch.randperm(len(where), generator=torch.Generator().manual_seed(cfg.eval.seed + 1))
+            keep = np.zeros_like(keep)
+            keep[where[np.sort(sub[:cfg.eval.real_max].numpy())]] = True
         _, self.test_feats = classify(self.net, to_model_range(torch.from_numpy(test_x[keep])).to(device))
         # the fidelity metrics' real set: a fixed subset of the preferred-class test images (k-NN radii are O(N²);
         # 1,000 real points against 200-500 samples keep the sets of a similar size), its radii computed once

@@ -25,7 +25,7 @@ from test_train import ROOT, TINY_MODEL, args_for, overrides, run_dir, tiny  # n
 from testutil import metrics
 
 SMALL = TINY_MODEL + ["train.rounds=2", "train.samples_per_round=4", "train.batch_size=2", "train.lr=0.001",
-                      "diffusion.sample_steps=4", "eval.num=6", "eval.final_num=8", "eval.every=1",
+                      "diffusion.sample_steps=4", "eval.num=6", "eval.final_num=8", "eval.every=1", "eval.real_max=200",
                       "feedback.preference=[0,1,2,3,4]", "train.sample_path=run"]
 
 
@@ -206,3 +206,20 @@ def test_replay_first_trains_the_replayed_units_while_the_answers_are_awaited(tm
     moved = {r: not torch.equal(a, b) for (r, a), (_, b) in zip(source.weights[::2], source.weights[1::2])}
     assert moved == {1: False, 2: order == "first", 3: order == "first"}  # round 1 has nothing to replay
     assert [row["optimizer_steps"] for row in metrics(tmp_path / "run")[1:]] == [2, 3, 3]  # 4, 4 + 2, 4 + 2 units
+
+
+def test_eval_real_max_takes_a_fixed_subset_of_the_preferred_test_images():
+    g = np.random.default_rng(0)
+    test_x, test_y = g.integers(0, 256, (300, 28, 28), dtype=np.uint8), (np.arange(300) % 10).astype(np.uint8)
+    sched = lambda cfg: NoiseSchedule.from_config(cfg.diffusion)
+    build = lambda extra: (lambda cfg: RunEvaluator(EvaluatorCNN(), test_x, test_y, cfg, sched(cfg)))(
+        load_config(ROOT / "configs" / "mnist.yaml", SMALL + extra))
+    torch.manual_seed(0)
+    every = build(["eval.real_max=0"])          # preference [0..4]: 150 of the 300
+    assert len(every.test_feats) == 150
+    torch.manual_seed(0)
+    a = build(["eval.real_max=40"])
+    torch.manual_seed(0)
+    b = build(["eval.real_max=40"])
+    assert len(a.test_feats) == 40 and torch.equal(a.test_feats, b.test_feats)   # seeded: the same 40 each time
+    assert len(a.fid_real_feats) == 40

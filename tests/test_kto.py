@@ -233,7 +233,7 @@ def test_a_tiny_run_trains_on_likes_dislikes_and_skips(tmp_path):
         f"checkpoints.base={tmp_path / 'base.pt'}", f"checkpoints.oracle={tmp_path / 'oracle.pt'}",
         f"checkpoints.evaluator={tmp_path / 'evaluator.pt'}", f"train.output_dir={out}", "train.rounds=2",
         "train.samples_per_round=4", "train.batch_size=2", "train.timestep_chunk=5", "train.lr=0.001",
-        "diffusion.sample_steps=4", "eval.num=6", "eval.final_num=8", "eval.every=2", "train.sample_path=run",
+        "diffusion.sample_steps=4", "eval.num=6", "eval.final_num=8", "eval.every=2", "eval.real_max=200", "train.sample_path=run",
         "train.algo=diffusion_kto", "diffusion_kto.timesteps_per_sample=3", "diffusion_kto.beta=100",
         "feedback.source=file", f"feedback.labels_file={labels}", "feedback.reject=false",
         "feedback.preference=[1]"]  # one class: fewer real test images for the evaluator to featurise

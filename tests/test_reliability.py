@@ -166,10 +166,19 @@ def test_records_without_checkpoints_refuse_to_resume(tiny, tmp_path):
     assert len(metrics(rd)) == 3
 
 
+@pytest.fixture(scope="module")
+def finished_run(tiny, tmp_path_factory):
+    """One finished 2-round run that the damage cases share: each damages its newest checkpoint, and the resume that
+    falls back to round 1 rewrites round 2, which leaves the run finished again for the next case."""
+    out = tmp_path_factory.mktemp("finished")
+    assert cli(args_for(overrides(tiny, out, rounds=2))).returncode == 0
+    return run_dir(out)
+
+
 @pytest.mark.parametrize("damage", ["list", "no_history", "optimiser_groups", "nan_weights", "wrong_round"])
-def test_wrong_structure_newest_checkpoint_falls_back(tiny, tmp_path, damage):
-    assert cli(args_for(overrides(tiny, tmp_path, rounds=2))).returncode == 0
-    rd = run_dir(tmp_path)
+def test_wrong_structure_newest_checkpoint_falls_back(finished_run, damage):
+    rd = finished_run
+    (rd / "log.txt").write_text("")
     before = metrics(rd)
     newest = rd / "checkpoints" / "round_002.pt"
     st = checkpoint.load(newest)

@@ -42,7 +42,7 @@ def overrides(tiny, out, rounds=2, extra=()):
         f"checkpoints.base={tiny / 'base.pt'}", f"checkpoints.oracle={tiny / 'oracle.pt'}",
         f"checkpoints.evaluator={tiny / 'evaluator.pt'}", f"train.output_dir={out}", f"train.rounds={rounds}",
         "train.samples_per_round=4", "train.batch_size=2", "papa.timesteps_per_sample=6", "train.timestep_chunk=5",
-        "train.lr=0.001", "diffusion.sample_steps=4", "eval.num=6", "eval.final_num=8", "eval.every=2",
+        "train.lr=0.001", "diffusion.sample_steps=4", "eval.num=6", "eval.final_num=8", "eval.every=2", "eval.real_max=200",
         "feedback.preference=[1]", "train.ema_decay=0", *extra]
 
 

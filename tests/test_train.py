@@ -40,6 +40,7 @@ def overrides(tiny, out, rounds=3, extra=()):
         f"checkpoints.evaluator={tiny / 'evaluator.pt'}", f"train.output_dir={out}", f"train.rounds={rounds}",
         "train.samples_per_round=4", "train.batch_size=2", "papa.timesteps_per_sample=6", "train.timestep_chunk=5",
         "train.lr=0.001", "diffusion.sample_steps=4", "eval.num=6", "eval.final_num=8", "eval.every=2",
+        "eval.real_max=200",  # 200 real test images for the FID and fidelity statistics (all: seconds per run)
         "feedback.preference=[0,1,2,3,4]", "train.sample_path=run",
         # the engine's mechanics under the argmax-only user: a random tiny oracle is unsure of everything (the
         # realistic user would skip it all) and its reject class takes an unknown share of the likes
