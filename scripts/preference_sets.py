@@ -13,6 +13,15 @@ changed only in `feedback.preference`, `train.seed` and any `--set` (a `--set` n
 the worst seed) of the legible preferred rate, the rejected rate, the smallest liked class's share, precision,
 recall, FID and the wall time, beside the base model's (round 0) and the bounds each is held to, and
 `<out>/<tag>/<dataset>_grids.png`: for each set, the base's evaluation samples beside the aligned model's (seed 0).
+
+    .venv/bin/python scripts/preference_sets.py curves --dataset mnist --tags default40 pool_random pool_exploit
+                                                       [--labels 150] [--name selectors]
+
+`curves` sets variants (tags) side by side, up to `--labels` labels: per set, the legible preferred rate against
+the labels used (mean and band of ± 1 std over seeds, one line per tag) in `<out>/<name>_<dataset>.png`, and in
+`<out>/<name>_<dataset>.md` the rate at every evaluation, the labels until it first reaches the dataset's target
+(interpolated between evaluations), the rejected rate, precision and FID at the last evaluation within the labels,
+the preference model's accuracy on the answers it had not seen (active querying) and the seconds per round.
 """
 from __future__ import annotations
 
@@ -175,11 +184,81 @@ def _grids(grids, path: Path, dataset: str) -> None:
     plt.close(fig)
 
 
+def cmd_curves(args) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from papa.compare import labels_to
+    sets = load_sets(args.dataset)
+    target = TARGET_RATE[args.dataset]
+    found = {}
+    for name in sets:
+        for tag in args.tags:
+            runs = [d for d in sorted((Path(args.out) / tag / args.dataset).glob(f"{name}_s*")) if finished(d)]
+            if runs:
+                found.setdefault(name, {})[tag] = runs
+    if not found:
+        sys.exit(f"error: no finished runs of tags {args.tags} under {args.out}")
+    fig, axes = plt.subplots(1, len(found), figsize=(4.6 * len(found), 3.8), squeeze=False)
+    lines = [f"# {args.dataset}: variants side by side, up to {args.labels} labels", "",
+             f"`scripts/preference_sets.py curves --dataset {args.dataset} --tags {' '.join(args.tags)} --labels "
+             f"{args.labels}`; each run's evaluations (judged by the reject-aware evaluator, 200 fixed-seed samples "
+             "between the first and last evaluation, 500 at them); mean ± std over seeds. Labels to "
+             f"{target}: interpolated between evaluations, over the seeds that reach it.", "",
+             "| set | variant | seeds | legible preferred rate at labels | labels to target | rejected | precision "
+             "| FID | preference-model accuracy | s per round |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for ax, (name, by_tag) in zip(axes[0], found.items()):
+        for tag, runs in by_tag.items():
+            curves, last, acc, secs = [], [], [], []
+            for d in runs:
+                rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+                rows = [r for r in rows if r["labels_used"] <= args.labels]
+                ev = [r for r in rows if "legible_preferred_rate" in r]
+                curves.append([(r["labels_used"], r["legible_preferred_rate"]) for r in ev])
+                last.append(ev[-1])
+                acc += [r["pref_acc"] for r in rows if "pref_acc" in r]
+                secs += [r["round_seconds"] - r.get("eval_seconds", 0.0) for r in rows if r["round"] > 0]
+            xs = [x for x, _ in curves[0]]
+            curves = [c for c in curves if [x for x, _ in c] == xs]
+            ys = [[c[i][1] for c in curves] for i in range(len(xs))]
+            mean = [statistics.mean(v) for v in ys]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in ys]
+            line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{tag} (n={len(curves)})")
+            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.15)
+            reach = [labels_to(c, target) for c in curves]
+            hit = [v for v in reach if math.isfinite(v)]
+            at = ", ".join(f"{x}: {m:.3f}" for x, m in zip(xs, mean) if x > 0)
+            lines.append(f"| {name} {sets[name][0]} | {tag} | {len(curves)} | {at} | "
+                         f"{_ms(hit, '{:.0f}')} ({len(hit)}/{len(reach)}) | "
+                         f"{_ms([r['rejected_rate'] for r in last])} | {_ms([r['precision'] for r in last])} | "
+                         f"{_ms([r['fid_preferred'] for r in last], '{:.2f}')} | "
+                         f"{_ms([statistics.mean(acc)]) if acc else 'n/a'} | "
+                         f"{_ms([statistics.mean(secs)], '{:.1f}')} |")
+        ax.axhline(target, color="gray", lw=0.8, ls="--")
+        ax.set_title(f"{args.dataset} {name} {sets[name][0]}", fontsize=9)
+        ax.set_xlabel("labels used")
+        ax.set_xlim(0, args.labels)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("legible preferred rate (evaluator)")
+    fig.tight_layout()
+    out = Path(args.out) / f"{args.name}_{args.dataset}"
+    fig.savefig(out.with_suffix(".png"), dpi=100)
+    plt.close(fig)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/preference_sets.py", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "report"):
+    for name in ("run", "report", "curves"):
         p = sub.add_parser(name)
         p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion_mnist"))
         p.add_argument("--out", default="runs/preference_sets")
@@ -189,8 +268,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--seeds", nargs="*", type=int, default=[0])
             p.add_argument("--threads", type=int, default=2)
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        if name == "curves":
+            p.add_argument("--tags", nargs="+", required=True, help="the variants to set side by side")
+            p.add_argument("--labels", type=int, default=150, help="the label budget the curves stop at")
+            p.add_argument("--name", default="selectors", help="the output files' name")
     args = ap.parse_args(argv)
-    return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+    return {"run": cmd_run, "report": cmd_report, "curves": cmd_curves}[args.cmd](args)
 
 
 if __name__ == "__main__":
