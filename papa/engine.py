@@ -102,6 +102,7 @@ class Engine:
         self.dir = RunDir(run_dir, self.records.log)
         self.base_eval = BaseEvalCache(Path(cfg.train.output_dir) / cfg.task_name, base_eval_key, self.records.log)
         self.state = RunState()
+        self._asking: tuple | None = None  # select: the features and record of the round's chosen candidates
         # called as progress("update", steps done, steps in the round) after each optimiser step: how a front end (the
         # browser app, papa.serve) shows the update advancing; None for papa.train, whose bar is tqdm's
         self.progress: Callable[[str, int, int], None] | None = None
@@ -228,7 +229,7 @@ class Engine:
             from papa.records import round_dir, save_grid
             shown = torch.full((len(pool),), False)
             shown[idx] = True
-            save_grid(torch.where(shown[:, None, None, None], pool, (pool + 1) * 0.3 - 1), 
+            save_grid(torch.where(shown[:, None, None, None], pool, (pool + 1) * 0.3 - 1),
                       round_dir(self.run_dir, r + 1) / "pool.png", nrow=16)
             checkpoint.atomic_write_text(round_dir(self.run_dir, r + 1) / "pool.json", json.dumps(rec, indent=1))
         return Samples(pool[idx])

@@ -146,3 +146,16 @@ def test_compare_counts_the_labels_to_the_target():
     curve = [(0, 0.4), (50, 0.8), (100, 0.95), (150, 0.85)]
     assert labels_to(curve, 0.9) == pytest.approx(50 + 50 * 0.1 / 0.15)   # by hand: between 50 and 100 labels
     assert labels_to(curve, 0.3) == 0.0 and math.isnan(labels_to(curve, 0.99))
+
+
+def test_the_selector_comparison_config_plans_every_selector_on_one_budget(tmp_path):
+    from papa.compare import load_compare, plan
+    from testutil import ROOT
+    spec = load_compare(ROOT / "configs" / "compare_selectors_mnist.yaml")
+    runs = plan(spec)
+    chosen = {m: c.select.selector for m, s, c, _ in runs if s == 0}
+    assert chosen == {"no_pool": "none", **{name: name for name in SELECTORS}} and spec["target"] == 0.9
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "configs" / "compare_selectors_mnist.yaml").read_text().replace("target: 0.9", "target: 2"))
+    with pytest.raises(ConfigError, match="'target'"):
+        load_compare(bad)
