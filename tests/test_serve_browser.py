@@ -57,8 +57,12 @@ class Server:
     """`python -m papa.serve` as a process; `url` is the line it prints."""
 
     def __init__(self, args, port):
-        self.proc = subprocess.Popen([sys.executable, "-m", "papa.serve", *args, "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # Ctrl-C reaches the server as a person's would, also when this suite runs in the background (a shell starts
+        # background jobs with SIGINT ignored, and a Python child keeps it ignored: stop() would wait for nothing)
+        self.proc = subprocess.Popen([sys.executable, "-m", "papa.serve", *args, "--port", str(port)], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines, self.url = [], None
         ready = threading.Event()
 
