@@ -305,3 +305,25 @@ def test_under_torchrun_rank0_serves_and_both_ranks_train_as_one(tiny, tmp_path)
                                              "train.sample_path=replay"])
     assert main(["--config", MNIST] + [a for o in replay for a in ("--set", o)]) == 0
     assert_same_metrics(metrics(served_dir), metrics(replay_out / "mnist" / "replay"), tol=1e-3)
+
+
+def test_a_person_is_asked_about_the_selectors_picks_and_their_labels_replay(served, tiny, tmp_path):
+    """With a pool, the page shows the k the selector picked (and the budget counts only them); the exported labels
+    replay with papa.train, whose selector picks the same images from the same answers, to the same model."""
+    pool = ["select.selector=exploit", "select.pool_size=8", "select.ensemble=2"]
+    s = served(rounds=2, extra=pool)
+    st = s.answer_round(1, rule=lambda i: 1 if i < 2 else -1)
+    assert len(st["ids"]) == 4 and st["images"] == 4
+    s.answer_round(2, rule=lambda i: (1, -1, 1, 0)[i])
+    s.wait(lambda st: st["status"] == "done")
+    assert json.loads((s.served.run_dir / "rounds" / "002" / "pool.json").read_text())["fallback"] is None
+    labels = tmp_path / "exported.json"
+    labels.write_bytes(s.client.get("/api/labels.json").content)
+    from papa.train import main
+    replay_out = tmp_path / "replay"
+    ovs = overrides(tiny, replay_out, 2, [*pool, "feedback.source=file", f"feedback.labels_file={labels}",
+                                          "train.sample_path=replay"])
+    assert main(["--config", MNIST] + [a for o in ovs for a in ("--set", o)]) == 0
+    served_ck = checkpoint.load(s.served.run_dir / "checkpoints" / "round_002.pt")
+    replay_ck = checkpoint.load(replay_out / "mnist" / "replay" / "checkpoints" / "round_002.pt")
+    assert all(torch.equal(v, replay_ck["model"][k]) for k, v in served_ck["model"].items())
