@@ -224,7 +224,8 @@ def cmd_curves(args) -> int:
             ys = [[c[i][1] for c in curves] for i in range(len(xs))]
             mean = [statistics.mean(v) for v in ys]
             std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in ys]
-            line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{tag} (n={len(curves)})")
+            line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{tag} (n={len(curves)})",
+                            color=f"C{args.tags.index(tag)}")  # one colour per variant in every panel
             ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=line.get_color(), alpha=0.15)
             reach = [labels_to(c, target) for c in curves]
