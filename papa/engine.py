@@ -287,8 +287,9 @@ class Engine:
         feats, rec = self._asking
         y = answers.float().reshape(-1)
         a = self.state.asked
-        a["f"] = torch.cat([a["f"], feats]) if a else feats
-        a["y"] = torch.cat([a["y"], y]) if "y" in a else y
+        if not a:
+            a.update(f=feats[:0], y=y[:0])
+        a.update(f=torch.cat([a["f"], feats]), y=torch.cat([a["y"], y]))
         return {**prediction_stats(rec.get("p_like"), y), "pool_seconds": rec["pool_seconds"],
                 "select_seconds": rec["select_seconds"], "select_fallback": int(rec["fallback"] is not None)}
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from papa.sampling import draw_noise, sample_generators
+
 SELECTORS: dict[str, type["Selector"]] = {}
 
 
@@ -50,8 +52,8 @@ def unet_features(unet: torch.nn.Module, sched, images: torch.Tensor, t: int, se
     out = []
     for b0 in range(0, len(images), batch_size):
         x0 = images[b0:b0 + batch_size]
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + b0 + i) for i in range(len(x0))]
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0.device)
+        gens = sample_generators(seed, range(b0, b0 + len(x0)))  # the samplers' per-index seeding
+        noise = draw_noise(gens, 1, tuple(x0.shape[1:]))[:, 0].to(x0.device)
         xt = sched.add_noise(x0, noise, torch.full((len(x0),), t, device=x0.device))
         out.append(F.adaptive_avg_pool2d(unet.features(xt, t), pool).flatten(1).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
@@ -174,8 +176,8 @@ def _greedy(feats: torch.Tensor, labelled: torch.Tensor, k: int, score: torch.Te
             first: int) -> list[int]:
     """Greedy picks maximising score + weight · (distance to the nearest chosen or labelled image), both scaled to
     [0, 1] over the pool; score None: pure k-center (the first pick `first` when nothing is labelled yet)."""
-    z = (feats - feats.mean(0)) / feats.std(0, unbiased=False).clamp_min(1e-6)
-    zl = (labelled - feats.mean(0)) / feats.std(0, unbiased=False).clamp_min(1e-6)
+    mean, std = feats.mean(0), feats.std(0, unbiased=False).clamp_min(1e-6)
+    z, zl = (feats - mean) / std, (labelled - mean) / std
     d = torch.cdist(z, zl).min(1).values if len(zl) else torch.full((len(z),), math.inf)
     s = torch.zeros(len(z)) if score is None else score / score.max().clamp_min(1e-12)
     chosen: list[int] = []
@@ -233,7 +235,7 @@ def choose(settings, feats: torch.Tensor, labelled: torch.Tensor, y: torch.Tenso
     """The k candidates of a pool (features `feats`) that round seed `seed` asks about, given the labelled features
     and answers so far, and a record: the selector, whether it fell back to random, p(like) of the chosen."""
     gen = torch.Generator().manual_seed(seed * 7 + 3)
-    model = PreferenceModel.fit(labelled, y, settings.ensemble, settings.l2, seed) if len(y) else None
+    model = PreferenceModel.fit(labelled, y, settings.ensemble, settings.l2, seed)
     probs = model.probs(feats) if model is not None else None
     sel = SELECTORS[settings.selector](settings)
     fallback = sel.needs_model and probs is None
