@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,14 @@ class SelectConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """A low-rank adapter (LoRA, papa.adapters) on the frozen base UNet instead of training every weight."""
+    rank: int = 0                     # 0: train every weight of a copy of the base (full fine-tuning)
+    alpha: float = 2.0                # LoRA scale α (the update is (α / rank) · B A)
+    targets: str = r".*resnet_conv_(first|second)\.\d+\.2"   # regex of the layers that get an adapter (whole name)
+
+
+@dataclass
 class EvalConfig:
     every: int = 5                    # evaluate every N rounds (the first and the last always)
     num: int = 200                    # samples for intermediate evaluations
@@ -179,6 +188,7 @@ class Config:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # each registered method's settings section, by name (`papa:`, `d3po:`, … at the top level of the YAML)
     methods: dict = field(default_factory=lambda: _default_methods())
@@ -362,6 +372,19 @@ def validate(cfg: Config) -> Config:
     _require(sc.l2 > 0, "select.l2", "must be > 0")
     _require(0 <= sc.feature_t < d.num_timesteps, "select.feature_t", f"must be in [0, {d.num_timesteps})")
     _require(sc.diversity_weight >= 0, "select.diversity_weight", "must be >= 0")
+    ac = cfg.adapter
+    _require(ac.rank >= 0, "adapter.rank", "must be >= 0 (0: full fine-tuning)")
+    _require(ac.alpha > 0, "adapter.alpha", "must be > 0")
+    try:
+        re.compile(ac.targets)
+    except re.error as err:
+        _require(False, "adapter.targets", f"is not a valid regular expression ({err}); e.g. '.*resnet_conv_first.*'")
+    if ac.rank > 0:
+        from papa.adapters import adaptable_layers
+        from papa.models.unet import build_unet
+        _require(bool(adaptable_layers(build_unet(cfg.model), ac.targets)), "adapter.targets",
+                 f"{ac.targets!r} matches no Conv2d or Linear layer of the UNet by its whole name "
+                 "(e.g. 'downs.0.resnet_conv_first.0.2'); see papa/adapters.py")
     e = cfg.eval
     for k in ("every", "num", "final_num", "batch_size"):
         _require(getattr(e, k) >= 1, f"eval.{k}", "must be >= 1")
@@ -462,5 +485,9 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def config_hash(cfg: Any) -> str:
+    """A run's settings as 16 hex digits. The adapter section counts only when an adapter is on (rank > 0), so runs
+    made before the section existed resume as they were."""
     data = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    if isinstance(data.get("adapter"), dict) and not data["adapter"].get("rank"):
+        data = {k: v for k, v in data.items() if k != "adapter"}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

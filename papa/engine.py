@@ -115,7 +115,12 @@ class Engine:
         from papa.data import load_dataset
         from papa.models import load_classifier, load_unet
         ck, ds = cfg.checkpoints, cfg.data.dataset  # every checkpoint must say it was made for this dataset, if it says
-        policy = FullPolicy(load_unet(cfg.model, ck.base, dataset=ds).to(device))
+        base = load_unet(cfg.model, ck.base, dataset=ds).to(device)
+        if cfg.adapter.rank > 0:
+            from papa.adapters import AdapterPolicy
+            policy = AdapterPolicy(base, cfg.adapter, seed=cfg.train.seed)
+        else:
+            policy = FullPolicy(base)
         evaluator = load_classifier("evaluator", ck.evaluator, ds).to(device)
         oracle = load_classifier("oracle", ck.oracle, ds).to(device) if cfg.feedback.source == "oracle" else None
         feedback = build_feedback(cfg, oracle)
@@ -134,7 +139,7 @@ class Engine:
         s = self.state
         return self.dir.save(s.round, {
             "model": self.policy.state_dict(), "opt": self.opt.state_dict(), "round": s.round,
-            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            **({"ema": self.policy.module_state(self.ema)} if self.ema is not None else {}),
             "history": s.history, "metrics": s.metrics, "elapsed": s.elapsed, "dataset": self.cfg.data.dataset,
             **({"asked": s.asked} if s.asked else {}),
             "config_hash": config_hash(self.cfg), "torch_rng": torch.get_rng_state()})
@@ -160,7 +165,7 @@ class Engine:
         self.policy.load_state_dict(st["model"])
         self.opt.load_state_dict(st["opt"])
         if self.ema is not None:
-            self.ema.load_state_dict(st["ema"])
+            self.policy.load_module_state(self.ema, st["ema"])
         return st
 
     def try_resume(self, force: bool = False) -> bool:

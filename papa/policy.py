@@ -30,10 +30,17 @@ class Policy:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def state_dict(self) -> dict:
-        return self.module.state_dict()
+        return self.module_state(self.module)
 
     def load_state_dict(self, sd: dict) -> None:
-        self.module.load_state_dict(sd)
+        self.load_module_state(self.module, sd)
+
+    def module_state(self, module: torch.nn.Module) -> dict:
+        """What a checkpoint keeps of `module` (the policy's network or a copy of it, such as its EMA)."""
+        return module.state_dict()
+
+    def load_module_state(self, module: torch.nn.Module, sd: dict) -> None:
+        module.load_state_dict(sd)
 
     def train(self, mode: bool = True) -> "Policy":
         self.module.train(mode)

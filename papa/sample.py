@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     out = check_writable_dir(args.out or f"samples/{cfg.task_name}", "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ds = cfg.data.dataset  # a checkpoint that says it was made for another dataset is refused
-    model = load_unet(cfg.model, ckpt, args.weights, dataset=ds).to(device)
+    model = load_unet(cfg.model, ckpt, args.weights, dataset=ds, adapter=cfg.adapter,
+                      base=cfg.checkpoints.base).to(device)
     base = load_unet(cfg.model, cfg.checkpoints.base, dataset=ds).to(device) if s.epapa_k > 0 else None
     evaluator = load_classifier("evaluator", cfg.checkpoints.evaluator, ds)
     test_set, fid_note = fid_reference(cfg, s.num)

@@ -37,11 +37,27 @@ def _mismatch(want: dict, got: dict) -> str:
     return "; ".join(parts)
 
 
-def load_unet(model_cfg, path, weights: str = "auto", dataset: str | None = None) -> UNet:
+def load_unet(model_cfg, path, weights: str = "auto", dataset: str | None = None, adapter=None,
+              base: str | None = None) -> UNet:
     """Build the configured UNet and load weights (papa or reference checkpoint; from a trainer round checkpoint the
     EMA where it has one, unless `weights` says 'policy'). With `dataset`, a checkpoint that says it was made for
-    another dataset is refused. Returns it in eval mode."""
-    return _load_into(build_unet(model_cfg), path, "UNet", weights, dataset).eval()
+    another dataset is refused. A round checkpoint of an adapter run (adapter.rank > 0) holds the adapter alone: with
+    the run's `adapter` settings and its `base` checkpoint, the adapter is loaded onto the base and merged into its
+    weights. Returns it in eval mode."""
+    sd = load_state_dict(path, weights, dataset)
+    from papa.adapters import is_adapter_state
+    if not is_adapter_state(sd):
+        return _load_into(build_unet(model_cfg), path, "UNet", weights, dataset, sd=sd).eval()
+    if adapter is None or adapter.rank == 0 or base is None:
+        raise CheckpointError(f"'{path}' holds a low-rank adapter, not a whole UNet; pass the config of the run that "
+                              "trained it (--config <run>/config.yaml), whose adapter section says its shape")
+    from papa.adapters import load_adapter_state, wrap
+    model = wrap(load_unet(model_cfg, base, dataset=dataset), adapter)
+    try:
+        load_adapter_state(model, sd)
+    except ValueError as e:
+        raise CheckpointError(f"'{path}': {e}") from None
+    return model.merge_and_unload().eval()
 
 
 def load_classifier(kind: str, path, dataset: str | None = None) -> torch.nn.Module:
