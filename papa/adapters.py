@@ -27,24 +27,29 @@ def lora_config(acfg):
                       init_lora_weights=True)
 
 
-def wrap(base: torch.nn.Module, acfg, seed: int = 0) -> torch.nn.Module:
-    """The base UNet with a fresh adapter on the layers whose names match `acfg.targets` (a regex, matched whole);
-    every base weight frozen. B = 0 and A uniform in ±1/√fan_in (peft's default, Kaiming-uniform with a = √5), drawn
-    from a generator seeded by `seed` so that the adapter does not depend on the global generator's state."""
+def wrap(base: torch.nn.Module, acfg, seed: int = 0, name: str = ADAPTER) -> torch.nn.Module:
+    """The base UNet with a fresh adapter `name` on the layers whose names match `acfg.targets` (a regex, matched
+    whole); every base weight frozen. See `init_adapter` for its initialisation."""
     from peft import get_peft_model
     if not adaptable_layers(base, acfg.targets):
         raise ValueError(f"adapter.targets {acfg.targets!r} matches no Conv2d or Linear layer of the UNet (whole "
                          f"names, e.g. {adaptable_layers(base, '.*')[:2]})")
-    model = get_peft_model(base, lora_config(acfg), adapter_name=ADAPTER)
+    model = get_peft_model(base, lora_config(acfg), adapter_name=name)
+    init_adapter(model, name, seed)
+    return model
+
+
+def init_adapter(model: torch.nn.Module, name: str, seed: int) -> None:
+    """B = 0 and A uniform in ±1/√fan_in (peft's default, Kaiming-uniform with a = √5), drawn from a generator seeded by
+    `seed`, so that an adapter does not depend on the global generator's state."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name:
+        for key, p in model.named_parameters():
+            if f".lora_A.{name}." in key:
                 bound = 1.0 / math.sqrt(p[0].numel())
                 p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
-            elif "lora_B" in name:
+            elif f".lora_B.{name}." in key:
                 p.zero_()
-    return model
 
 
 def adaptable_layers(net: torch.nn.Module, targets: str) -> list[str]:
@@ -54,15 +59,15 @@ def adaptable_layers(net: torch.nn.Module, targets: str) -> list[str]:
             pat.fullmatch(n)]
 
 
-def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights alone, under peft's stable names (no adapter name inside the keys)."""
+def adapter_state(model: torch.nn.Module, name: str = ADAPTER) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s weights alone, under peft's stable names (no adapter name inside the keys)."""
     from peft import get_peft_model_state_dict
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
 
 
-def load_adapter_state(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Load an adapter's weights; every key the adapter has must be there with its shape, and no other."""
-    want = adapter_state(model)
+def load_adapter_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], name: str = ADAPTER) -> None:
+    """Load adapter `name`'s weights; every key the adapter has must be there with its shape, and no other."""
+    want = adapter_state(model, name)
     missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing or extra:
         raise ValueError(f"the adapter weights do not fit this adapter: {len(missing)} missing (first: "
@@ -73,7 +78,7 @@ def load_adapter_state(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> N
         raise ValueError(f"adapter weight {bad[0]} has shape {tuple(sd[bad[0]].shape)}, this adapter's is "
                          f"{tuple(want[bad[0]].shape)}; was it made with another adapter.rank?")
     from peft import set_peft_model_state_dict
-    res = set_peft_model_state_dict(model, sd, adapter_name=ADAPTER)
+    res = set_peft_model_state_dict(model, sd, adapter_name=name)
     unexpected = getattr(res, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"peft could not place adapter weight(s) {unexpected[:3]}")
@@ -128,3 +133,59 @@ def is_adapter_state(sd: dict) -> bool:
     """A state dict that holds an adapter's weights only (what an adapter run's checkpoint stores)."""
     return bool(sd) and all("lora_" in k for k in sd)
 
+
+
+BASE = "__base__"                       # in a mixed batch: this image is sampled from the base, no adapter
+
+
+class UserAdapters:
+    """Many users' adapters on one base UNet held once: one named adapter per user, each a few percent of the base.
+    `forward(x, t, users)` runs a batch that mixes users in one pass (peft's per-sample `adapter_names`; BASE for an
+    image from the base); `for_users(users)` is a module that does the same for a sampler."""
+
+    def __init__(self, base: torch.nn.Module, acfg, users: list[str], seed: int = 0):
+        if not users or len(set(users)) != len(users) or BASE in users:
+            raise ValueError(f"users must be distinct names, none of them {BASE!r}; got {users}")
+        self.users, self.acfg = list(users), acfg
+        self.model = wrap(base, acfg, seed, name=users[0]).eval()
+        for i, u in enumerate(users[1:], 1):
+            self.model.add_adapter(u, lora_config(acfg))
+            init_adapter(self.model, u, seed + i)
+        self.model.requires_grad_(False)
+
+    def numbers_per_user(self) -> int:
+        return sum(v.numel() for v in adapter_state(self.model, self.users[0]).values())
+
+    def state(self, user: str) -> dict[str, torch.Tensor]:
+        return adapter_state(self.model, self._known(user))
+
+    def load(self, user: str, sd: dict[str, torch.Tensor]) -> None:
+        load_adapter_state(self.model, sd, self._known(user))
+
+    def _known(self, user: str) -> str:
+        if user not in self.users:
+            raise KeyError(f"no adapter for user {user!r}; the users are {self.users}")
+        return user
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, t: torch.Tensor, users: list[str]) -> torch.Tensor:
+        if len(users) != len(x):
+            raise ValueError(f"{len(users)} user names for a batch of {len(x)}")
+        for u in users:
+            if u != BASE:
+                self._known(u)
+        return self.model(x, t, adapter_names=list(users))
+
+    def for_users(self, users: list[str]) -> torch.nn.Module:
+        return _MixedBatch(self, users)
+
+
+class _MixedBatch(torch.nn.Module):
+    """A sampler's view of UserAdapters for one batch: image i is user users[i]'s (the batch must be the whole list)."""
+
+    def __init__(self, adapters: UserAdapters, users: list[str]):
+        super().__init__()
+        self._adapters, self.users = [adapters], list(users)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._adapters[0].forward(x, t, self.users)

@@ -120,3 +120,37 @@ def test_adapter_settings_are_checked_before_any_work(bad, key):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs" / "mnist.yaml", bad)
     assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_batch_that_mixes_users_equals_sampling_each_user_alone():
+    from papa.adapters import BASE, UserAdapters
+    from papa.sampling import sample
+    from papa.schedule import NoiseSchedule
+    cfg = load_config(ROOT / "configs" / "mnist.yaml", TINY_MODEL)
+    users = UserAdapters(unet(), AdapterConfig(rank=2), ["ann", "bo", "cy"], seed=0)
+    for i, u in enumerate(users.users):                       # three different trained-looking adapters
+        perturb_named(users.model, u, seed=10 + i)
+    assert users.numbers_per_user() > 0 and users.state("ann").keys() == users.state("bo").keys()
+    sched = NoiseSchedule.from_config(cfg.diffusion)
+    who = ["ann", "bo", BASE, "cy", "ann"]
+    kw = dict(steps=8, seed=3, batch_size=len(who), progress=False)
+    mixed = sample(users.for_users(who), sched, len(who), **kw)
+    alone = torch.cat([sample(users.for_users([u]), sched, 1, first_index=i, **kw) for i, u in enumerate(who)])
+    assert torch.allclose(mixed, alone, atol=1e-4), (mixed - alone).abs().max()
+    base = sample(unet(), sched, len(who), **kw)
+    assert torch.allclose(mixed[2], base[2], atol=1e-4) and not torch.allclose(mixed[0], base[0], atol=1e-2)
+    # a user's adapter saved and loaded into another user's slot makes the two sample alike
+    users.load("bo", users.state("ann"))
+    same = sample(users.for_users(["ann", "bo"]), sched, 2, **{**kw, "batch_size": 2})
+    both = sample(users.for_users(["ann", "ann"]), sched, 2, **{**kw, "batch_size": 2})
+    assert torch.allclose(same, both, atol=1e-4)
+    with pytest.raises(KeyError, match="no adapter for user 'dee'"):
+        users.forward(torch.zeros(1, 1, 28, 28), torch.tensor([1]), ["dee"])
+
+
+def perturb_named(model, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if f".lora_B.{name}." in key:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
