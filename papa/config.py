@@ -164,6 +164,13 @@ class AdapterConfig:
 
 
 @dataclass
+class UsersConfig:
+    """Many users (papa/population.py): run every user of a population file, each with their own adapter."""
+    population: str = ""              # a population file (configs/users_<dataset>.yaml); empty: one user, this config
+    include_new: bool = False         # also run the users marked `new` (newcomers)
+
+
+@dataclass
 class EvalConfig:
     every: int = 5                    # evaluate every N rounds (the first and the last always)
     num: int = 200                    # samples for intermediate evaluations
@@ -189,6 +196,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    users: UsersConfig = field(default_factory=UsersConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # each registered method's settings section, by name (`papa:`, `d3po:`, … at the top level of the YAML)
     methods: dict = field(default_factory=lambda: _default_methods())
@@ -385,6 +393,9 @@ def validate(cfg: Config) -> Config:
         _require(bool(adaptable_layers(build_unet(cfg.model), ac.targets)), "adapter.targets",
                  f"{ac.targets!r} matches no Conv2d or Linear layer of the UNet by its whole name "
                  "(e.g. 'downs.0.resnet_conv_first.0.2'); see papa/adapters.py")
+    if cfg.users.population:
+        from papa.population import check
+        check(cfg)
     e = cfg.eval
     for k in ("every", "num", "final_num", "batch_size"):
         _require(getattr(e, k) >= 1, f"eval.{k}", "must be >= 1")
@@ -412,26 +423,47 @@ def parse_override(text: str) -> tuple[list[str], Any]:
                           f"e.g. --set '{key}=\"{raw}\"'") from None
 
 
+def _read_yaml(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping; `extends: other.yaml` (a path relative to this file) is read first and this file's
+    sections are merged over it, key by key."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass an existing YAML such as configs/mnist.yaml")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not a text file (not UTF-8); pass a YAML config such as "
+                          "configs/mnist.yaml") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})") from None
+    if data is None:
+        raise ConfigError(f"config file '{path}' is empty; start from a shipped config such as configs/mnist.yaml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections at the top level")
+    if "extends" not in data:
+        return data
+    parent = data.pop("extends")
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"config file '{path}': 'extends' must name another config file, got {parent!r}")
+    base_path = (p.parent / parent).resolve()
+    if base_path in seen or base_path == p.resolve():
+        raise ConfigError(f"config file '{path}': 'extends: {parent}' makes a cycle")
+    return _merge(_read_yaml(base_path, seen + (p.resolve(),)), data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config, apply `a.b=value` overrides, build the dataclasses and validate."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{path}' not found; pass an existing YAML such as configs/mnist.yaml")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file '{path}' is not a text file (not UTF-8); pass a YAML config such as "
-                              "configs/mnist.yaml") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-        except OSError as e:
-            raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})") from None
-        if data is None:
-            raise ConfigError(f"config file '{path}' is empty; start from a shipped config such as configs/mnist.yaml")
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections at the top level")
+    """Load a YAML config (and the one it `extends`), apply `a.b=value` overrides, build the dataclasses and
+    validate."""
+    data: dict = _read_yaml(path) if path is not None else {}
     for ov in overrides:
         keys, value = parse_override(ov)
         node = data
@@ -440,7 +472,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{ov}': '{k}' is not a section")
         node[keys[-1]] = value
-    return _resolve_shipped(validate(_build_config(data)))
+    return validate(_resolve_shipped(_build_config(data)))
 
 
 # The checkout that holds the shipped configs/ and checkpoints/ (papa is installed editable from it).
@@ -458,7 +490,7 @@ def _resolve_shipped(cfg: Config) -> Config:
     they resolve there. A path that exists from the working directory is kept as written (so the saved config, and its
     hash, do not change for runs started in the checkout)."""
     places = [(cfg.checkpoints, f.name) for f in dataclasses.fields(cfg.checkpoints)]
-    places += [(cfg.oracle, "init"), (cfg.evaluator, "init")]
+    places += [(cfg.oracle, "init"), (cfg.evaluator, "init"), (cfg.users, "population")]
     for sec, name in places:
         p = Path(getattr(sec, name))
         if str(p) not in ("", ".") and not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
@@ -485,9 +517,11 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def config_hash(cfg: Any) -> str:
-    """A run's settings as 16 hex digits. The adapter section counts only when an adapter is on (rank > 0), so runs
-    made before the section existed resume as they were."""
+    """A run's settings as 16 hex digits. The adapter and users sections count only when in use (adapter.rank > 0, a
+    users.population), so runs made before those sections existed resume as they were."""
     data = cfg if isinstance(cfg, dict) else to_dict(cfg)
     if isinstance(data.get("adapter"), dict) and not data["adapter"].get("rank"):
         data = {k: v for k, v in data.items() if k != "adapter"}
+    if isinstance(data.get("users"), dict) and not data["users"].get("population"):
+        data = {k: v for k, v in data.items() if k != "users"}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -109,7 +109,7 @@ class Engine:
 
     @classmethod
     def from_config(cls, cfg: Config, run_dir: Path, rank: int = 0, world: int = 1,
-                    device=torch.device("cpu")) -> "Engine":
+                    device=torch.device("cpu"), feedback: FeedbackSource | None = None) -> "Engine":
         """The engine of a config: the shipped base model as a fully trained policy, the configured feedback source,
         the evaluator with the dataset's test images. Every file is loaded (and checked) before anything is written."""
         from papa.data import load_dataset
@@ -122,8 +122,9 @@ class Engine:
         else:
             policy = FullPolicy(base)
         evaluator = load_classifier("evaluator", ck.evaluator, ds).to(device)
-        oracle = load_classifier("oracle", ck.oracle, ds).to(device) if cfg.feedback.source == "oracle" else None
-        feedback = build_feedback(cfg, oracle)
+        if feedback is None:  # a caller may bring its own (papa.population: each user of a population)
+            oracle = load_classifier("oracle", ck.oracle, ds).to(device) if cfg.feedback.source == "oracle" else None
+            feedback = build_feedback(cfg, oracle)
         xte, yte = load_dataset(ds, "test", root=cfg.data.root or None)
         run_eval = RunEvaluator(evaluator, xte, yte, cfg, NoiseSchedule.from_config(cfg.diffusion), device)
         key = {"files": [checkpoint.sha256_file(p) for p in (ck.base, ck.evaluator)],  # by content, not size/time

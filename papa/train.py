@@ -111,8 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(not torch.cuda.is_available(), warn_only=True)
     ok = False
     try:
-        engine = Engine.from_config(cfg, run_dir, rank, world, device)
         t0 = time.time()
+        if cfg.users.population:  # every user of a population, each their own adapter (papa/population.py)
+            from papa.population import run_population
+            run_population(cfg, run_dir, rank, world, device, resume=bool(args.resume))
+            if rank == 0:
+                print(f"done in {time.time() - t0:.0f} s -> {run_dir}/population.md")
+            ok = True
+            return 0
+        engine = Engine.from_config(cfg, run_dir, rank, world, device)
         engine.run(resume=bool(args.resume), force=args.force, overwrite=args.overwrite)
         if rank == 0:
             print(f"done in {time.time() - t0:.0f} s -> {run_dir}/summary.md")

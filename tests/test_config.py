@@ -72,3 +72,17 @@ def test_cli_bad_config_exits_2_and_writes_nothing(tmp_path):
     assert r.returncode == 2
     assert "sample.bogus" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_extends_merges_over_the_named_config_and_refuses_cycles(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\ntrain:\n  rounds: 7\n")
+    (tmp_path / "b.yaml").write_text(f"extends: {ROOT / 'configs' / 'mnist.yaml'}\ntrain:\n  lr: 0.002\n  rounds: 3\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    shipped = load_config(ROOT / "configs" / "mnist.yaml")
+    assert (cfg.train.rounds, cfg.train.lr) == (7, 0.002)                       # the nearer file wins, key by key
+    assert cfg.feedback.preference == shipped.feedback.preference and cfg.train.ema_decay == shipped.train.ema_decay
+    (tmp_path / "c.yaml").write_text("extends: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("extends: c.yaml\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_config(tmp_path / "c.yaml")
+    assert load_config(ROOT / "configs" / "mnist_users.yaml").users.population.endswith("users_mnist.yaml")

@@ -1,0 +1,151 @@
+"""Online rounds for every user of a population, each aligning their own adapter on the one shared base model.
+
+    torchrun -m papa.train --config configs/mnist_users.yaml            (users sharded over the ranks)
+    python -m papa.train --config configs/mnist.yaml --set users.population=configs/users_mnist.yaml --set adapter.rank=2
+
+With `users.population` set, papa.train runs the dataset's config once per user of the population file (papa/users.py;
+the `new` users too when `users.include_new`), one after another on each rank (rank r takes users r, r + world, …).
+Each user's run is an ordinary papa run with an adapter (`adapter.rank` > 0), the user's classes as
+`feedback.preference`, the user as the feedback source (`papa.users.SimulatedUser`: their classes, fine-grained
+taste, label noise and skips) and its own directory `<run dir>/users/<id>/` (config.yaml, metrics, checkpoints with
+the adapter alone, curves); a stopped population resumes user by user. Every user's run is computed alone (world size
+1 inside it), so the sharding does not change any user's numbers. When all ranks are done, rank 0 writes
+`population.md` and `population.json` (per user: the legible preferred rate for their classes, rejected rate,
+precision, FID, labels, adapter size, peak memory; the median and spread) and `population.png` (every user's curve).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from pathlib import Path
+
+from papa import checkpoint, dist
+from papa.config import Config, ConfigError, dump_yaml
+
+
+def users_of(cfg: Config):
+    from papa.users import load_population
+    pop = load_population(cfg.users.population)
+    return pop, [u for u in pop.users if cfg.users.include_new or not u.new]
+
+
+def user_config(cfg: Config, spec) -> Config:
+    """The user's run config: the population's, with their classes, noise and skips, and no population of its own."""
+    c = copy.deepcopy(cfg)
+    c.feedback.preference = list(spec.like)
+    c.feedback.flip_prob, c.feedback.skip_below = spec.flip_prob, spec.skip_below
+    c.users.population = ""
+    return c
+
+
+def run_population(cfg: Config, run_dir: Path, rank: int, world: int, device, resume: bool) -> int:
+    from papa.engine import Engine
+    from papa.models import load_classifier
+    from papa.users import SimulatedUser
+    pop, users = users_of(cfg)
+    started = [u.id for u in users if checkpoint.round_files(run_dir / "users" / u.id / "checkpoints")]
+    if started and not resume:
+        raise ConfigError(f"{run_dir} already holds a population run ({len(started)} users started, e.g. "
+                          f"{started[0]!r}); continue it with --resume {run_dir}, or set another train.sample_path")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    oracle = load_classifier("oracle", cfg.checkpoints.oracle, cfg.data.dataset).to(device)
+    for i in range(rank, len(users), world):
+        spec = users[i]
+        ucfg = user_config(cfg, spec)
+        udir = run_dir / "users" / spec.id
+        done = checkpoint.round_files(udir / "checkpoints")
+        if done and done[-1][0] >= ucfg.train.rounds:
+            print(f"[rank {rank}] {spec.id}: done already")
+            continue
+        print(f"[rank {rank}] user {i + 1}/{len(users)}: {spec.describe()}", flush=True)
+        feedback = SimulatedUser(oracle, spec, seed=ucfg.train.seed)
+        engine = Engine.from_config(ucfg, udir, 0, 1, device, feedback=feedback)
+        engine.run(resume=bool(done))
+    dist.barrier(world)
+    if rank == 0:
+        write_summary(cfg, run_dir, pop, users)
+    return 0
+
+
+def _final(rows: list[dict]) -> dict:
+    ev = [r for r in rows if "legible_preferred_rate" in r]
+    return ev[-1] if ev else {}
+
+
+def write_summary(cfg: Config, run_dir: Path, pop, users) -> dict:
+    out, curves = [], {}
+    for spec in users:
+        f = run_dir / "users" / spec.id / "metrics.jsonl"
+        if not f.is_file():
+            continue
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        last, first = _final(rows), rows[0]
+        ck = checkpoint.round_files(run_dir / "users" / spec.id / "checkpoints")
+        size = sum(v.numel() for v in checkpoint.load(ck[-1][1])["model"].values()) if ck else 0
+        out.append({"user": spec.id, "likes": list(spec.like),
+                    "taste": None if spec.attribute is None else spec.describe().split(", ", 1)[1],
+                    "base_rate": first.get("legible_preferred_rate"), "rate": last.get("legible_preferred_rate"),
+                    "rejected": last.get("rejected_rate"), "precision": last.get("precision"), "fid": last.get("fid"),
+                    "base_fid": first.get("fid"), "labels": last.get("labels_used"), "adapter_numbers": size,
+                    "peak_rss_mb": max((r.get("peak_rss_mb", 0.0) for r in rows), default=0.0)})
+        curves[spec.id] = [(r["labels_used"], r["legible_preferred_rate"]) for r in rows
+                           if "legible_preferred_rate" in r]
+    rates = [u["rate"] for u in out if u["rate"] is not None]
+    summ = {"users": out, "population": pop.path, "median_rate": statistics.median(rates) if rates else None,
+            "min_rate": min(rates, default=None), "max_rate": max(rates, default=None),
+            "adapter_rank": cfg.adapter.rank}
+    checkpoint.atomic_write_text(run_dir / "population.json", json.dumps(summ, indent=1))
+    fmt = lambda v, f="{:.3f}": "—" if v is None else f.format(v)  # noqa: E731
+    lines = [f"# Population run: {len(out)} users of {pop.path}", "",
+             f"Median legible preferred rate {fmt(summ['median_rate'])} (range {fmt(summ['min_rate'])}–"
+             f"{fmt(summ['max_rate'])}); adapter rank {cfg.adapter.rank}. The rate counts the user's classes (a "
+             "fine-grained taste is not part of it).", "",
+             "| user | likes | taste | base rate | rate | rejected | precision | FID (base) | labels | adapter numbers | "
+             "peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for u in out:
+        lines.append(f"| {u['user']} | {u['likes']} | {u['taste'] or '—'} | {fmt(u['base_rate'])} | {fmt(u['rate'])} | "
+                     f"{fmt(u['rejected'])} | {fmt(u['precision'])} | {fmt(u['fid'], '{:.2f}')} "
+                     f"({fmt(u['base_fid'], '{:.2f}')}) | {u['labels']} | {u['adapter_numbers']} | "
+                     f"{u['peak_rss_mb']:.0f} |")
+    checkpoint.atomic_write_text(run_dir / "population.md", "\n".join(lines) + "\n")
+    _plot(curves, run_dir / "population.png")
+    return summ
+
+
+def _plot(curves: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for uid, pts in curves.items():
+        if pts:
+            ax.plot(*zip(*pts), marker=".", label=uid)
+    ax.set_xlabel("labels from the user")
+    ax.set_ylabel("legible preferred rate (their classes)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def check(cfg: Config) -> None:
+    """What a population run needs, checked before any work (called from config validation)."""
+    if not cfg.users.population:
+        return
+    from papa.users import load_population
+    pop = load_population(cfg.users.population)
+    if pop.dataset != cfg.data.dataset:
+        raise ConfigError(f"config key 'users.population': {cfg.users.population} is a {pop.dataset} population, "
+                          f"the config says data.dataset: {cfg.data.dataset}")
+    if cfg.adapter.rank <= 0:
+        raise ConfigError("config key 'users.population' needs adapter.rank > 0: every user aligns their own adapter "
+                          "on the shared base (e.g. --set adapter.rank=2)")
+    if cfg.feedback.source != "oracle":
+        raise ConfigError("config key 'users.population': the simulated users answer, so feedback.source must be "
+                          "oracle")
