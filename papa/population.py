@@ -20,6 +20,8 @@ import json
 import statistics
 from pathlib import Path
 
+import torch
+
 from papa import checkpoint, dist
 from papa.config import Config, ConfigError, dump_yaml
 
@@ -66,8 +68,47 @@ def run_population(cfg: Config, run_dir: Path, rank: int, world: int, device, re
         engine.run(resume=bool(done))
     dist.barrier(world)
     if rank == 0:
-        write_summary(cfg, run_dir, pop, users)
+        write_summary(cfg, run_dir, pop, users, tastes=taste_report(cfg, run_dir, users, device))
     return 0
+
+
+def taste_report(cfg: Config, run_dir: Path, users, device) -> dict:
+    """For each user with a fine-grained taste: `eval.num` images from the base and from their final model (the
+    evaluation seed, so the same starting noise), and on the images the evaluator calls legible members of the user's
+    classes the mean of the measurement; also the taste rate, the share of all images that are legible members of
+    their classes and on their side of the threshold."""
+    from papa.models import load_classifier, load_unet
+    from papa.sampling import sample
+    from papa.schedule import NoiseSchedule
+    picky = [u for u in users if u.attribute is not None]
+    if not picky:
+        return {}
+    d, e = cfg.diffusion, cfg.eval
+    sched = NoiseSchedule.from_config(d)
+    ev = load_classifier("evaluator", cfg.checkpoints.evaluator, cfg.data.dataset).to(device)
+
+    def draw(model):
+        return sample(model, sched, e.num, steps=d.sample_steps, sampler=d.sampler, eta=d.eta, seed=e.seed,
+                      batch_size=e.batch_size, progress=False, device=device)
+
+    base_imgs = draw(load_unet(cfg.model, cfg.checkpoints.base, dataset=cfg.data.dataset).to(device))
+    out = {}
+    for spec in picky:
+        ck = checkpoint.round_files(run_dir / "users" / spec.id / "checkpoints")
+        if not ck:
+            continue
+        model = load_unet(cfg.model, ck[-1][1], dataset=cfg.data.dataset, adapter=cfg.adapter,
+                          base=cfg.checkpoints.base).to(device)
+        row = {}
+        for who, imgs in (("base", base_imgs), ("user", draw(model))):
+            with torch.no_grad():
+                pred = ev(imgs.to(device)).argmax(1).cpu()
+            liked = torch.isin(pred, torch.tensor(spec.like))
+            v = spec.attribute.measure(imgs)
+            row[f"{who}_mean"] = float(v[liked].mean()) if liked.any() else None
+            row[f"{who}_taste_rate"] = float((liked & spec.attribute.likes(imgs)).float().mean())
+        out[spec.id] = row
+    return out
 
 
 def _final(rows: list[dict]) -> dict:
@@ -75,7 +116,7 @@ def _final(rows: list[dict]) -> dict:
     return ev[-1] if ev else {}
 
 
-def write_summary(cfg: Config, run_dir: Path, pop, users) -> dict:
+def write_summary(cfg: Config, run_dir: Path, pop, users, tastes: dict | None = None) -> dict:
     out, curves = [], {}
     for spec in users:
         f = run_dir / "users" / spec.id / "metrics.jsonl"
@@ -94,7 +135,8 @@ def write_summary(cfg: Config, run_dir: Path, pop, users) -> dict:
         curves[spec.id] = [(r["labels_used"], r["legible_preferred_rate"]) for r in rows
                            if "legible_preferred_rate" in r]
     rates = [u["rate"] for u in out if u["rate"] is not None]
-    summ = {"users": out, "population": pop.path, "median_rate": statistics.median(rates) if rates else None,
+    tastes = tastes or {}
+    summ = {"users": out, "tastes": tastes, "population": pop.path, "median_rate": statistics.median(rates) if rates else None,
             "min_rate": min(rates, default=None), "max_rate": max(rates, default=None),
             "adapter_rank": cfg.adapter.rank}
     checkpoint.atomic_write_text(run_dir / "population.json", json.dumps(summ, indent=1))
@@ -110,6 +152,15 @@ def write_summary(cfg: Config, run_dir: Path, pop, users) -> dict:
                      f"{fmt(u['rejected'])} | {fmt(u['precision'])} | {fmt(u['fid'], '{:.2f}')} "
                      f"({fmt(u['base_fid'], '{:.2f}')}) | {u['labels']} | {u['adapter_numbers']} | "
                      f"{u['peak_rss_mb']:.0f} |")
+    if tastes:
+        lines += ["", f"Fine-grained tastes ({cfg.eval.num} images each from the base and the user's final model, the "
+                  "same starting noise): the measurement's mean on the legible members of the user's classes, and "
+                  "the taste rate (legible, their classes and their side of the threshold).", "",
+                  "| user | taste | mean: base → user | taste rate: base → user |", "|---|---|---|---|"]
+        by_id = {u.id: u for u in users}
+        for uid, t in tastes.items():
+            lines.append(f"| {uid} | {by_id[uid].describe().split(', ', 1)[1]} | {fmt(t['base_mean'])} → "
+                         f"{fmt(t['user_mean'])} | {fmt(t['base_taste_rate'])} → {fmt(t['user_taste_rate'])} |")
     checkpoint.atomic_write_text(run_dir / "population.md", "\n".join(lines) + "\n")
     _plot(curves, run_dir / "population.png")
     return summ

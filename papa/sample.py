@@ -2,6 +2,7 @@
 
     python -m papa.sample --config configs/mnist.yaml [--checkpoint PATH] [--num N] [--seed S] [--out DIR]
                           [--precision bf16] [--compile] [--weights auto|policy|ema]
+    python -m papa.sample --config <population run>/config.yaml --user ID      (a user's adapter, papa.population)
 
 Writes to DIR (default `samples/<task_name>`): `grid.png` (an image grid), `samples.pt` (float tensor (N, 1, 28, 28)
 in [−1, 1]) and `stats.json` (the evaluator's class histogram, mean confidence, FID against the test set on evaluator
@@ -47,6 +48,22 @@ def fid_reference(cfg, num: int):
         return None, f"test set unavailable: {e}"
 
 
+def user_checkpoint(cfg, user: str, run: str | None) -> Path:
+    """The newest round checkpoint of `user` in a population run (the run directory `run`, or the config's)."""
+    from papa.config import ConfigError
+    from papa.engine import run_dir_for
+    root = Path(run) if run and Path(run).is_dir() else run_dir_for(cfg)
+    users = root / "users"
+    if not users.is_dir():
+        raise ConfigError(f"--user {user}: {root} is not a population run (no users/ directory); pass the run "
+                          "directory as --checkpoint or the run's config.yaml as --config")
+    found = checkpoint.round_files(users / user / "checkpoints")
+    if not found:
+        known = sorted(p.name for p in users.iterdir() if p.is_dir())
+        raise ConfigError(f"--user {user}: no checkpoint of that user under {users}; the users there are {known}")
+    return found[-1][1]
+
+
 def main(argv: list[str] | None = None) -> int:
     from papa.data import to_model_range
     from papa.metrics import class_stats, classify, frechet_distance
@@ -61,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", choices=WEIGHTS, default="auto",
                     help="from a trainer round checkpoint: 'ema' the EMA its evaluations judged (train.ema_decay > 0), "
                          "'policy' the trained model itself; 'auto' the EMA where there is one (default: auto)")
+    ap.add_argument("--user", default=None,
+                    help="sample this user's model from a population run (users.population): the newest round of "
+                         "<run>/users/ID/, where <run> is --checkpoint if it is a directory, else the config's run "
+                         "directory; pass the population run's config.yaml as --config")
     ap.add_argument("--num", type=int, default=None, help="number of images (default: sample.num)")
     ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: sample.seed)")
     ap.add_argument("--epapa-k", type=int, default=None, help="use the base model for t < K (default: sample.epapa_k)")
@@ -81,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     s, d = cfg.sample, cfg.diffusion
     ckpt = args.checkpoint or cfg.checkpoints.base
+    if args.user is not None:
+        ckpt = user_checkpoint(cfg, args.user, args.checkpoint)
     # check and load everything before any work or writing: a bad path fails in one line with nothing written
     out = check_writable_dir(args.out or f"samples/{cfg.task_name}", "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,5 +1,6 @@
 """A population run (papa/population.py): every user aligns their own adapter, the summary names them all, a stopped
 population resumes, and users sharded over 2 ranks get the numbers they get on 1."""
+import json
 import subprocess
 import sys
 
@@ -38,10 +39,19 @@ def test_every_user_gets_a_run_and_the_summary_lists_them(tiny, tmp_path):
     assert load_config(rd / "users" / "bold_low" / "config.yaml").feedback.flip_prob == 0.1
     md = (rd / "population.md").read_text()
     assert "| fours | [4] |" in md and "stroke_width > 2.5" in md and (rd / "population.png").is_file()
+    summ = json.loads((rd / "population.json").read_text())
+    assert set(summ["tastes"]) == {"bold_low"} and 0 <= summ["tastes"]["bold_low"]["user_taste_rate"] <= 1
     # a second start refuses; --resume finds every user done
     with pytest.raises(ConfigError, match="already holds a population run"):
         main(args_for(overrides(tiny, out, rounds=1, extra=population(tmp_path))))
     assert main(["--resume", str(rd)]) == 0
+    # a user's model samples through papa.sample --user; an unknown user is one line naming the known ones
+    from papa.sample import main as sample
+    assert sample(["--config", str(rd / "config.yaml"), "--user", "fours", "--checkpoint", str(rd), "--num", "3",
+                   "--out", str(tmp_path / "s"), "--quiet", "--set", "sample.batch_size=3"]) == 0
+    with pytest.raises(ConfigError, match=r"the users there are \['bold_low', 'fours'\]"):
+        sample(["--config", str(rd / "config.yaml"), "--user", "nobody", "--checkpoint", str(rd), "--num", "3",
+                "--out", str(tmp_path / "t"), "--quiet"])
 
 
 def test_users_sharded_over_two_ranks_match_one(tiny, tmp_path):
