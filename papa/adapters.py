@@ -141,20 +141,23 @@ BASE = "__base__"                       # in a mixed batch: this image is sample
 class UserAdapters:
     """Many users' adapters on one base UNet held once: one named adapter per user, each a few percent of the base.
     `forward(x, t, users)` runs a batch that mixes users in one pass (peft's per-sample `adapter_names`; BASE for an
-    image from the base); `for_users(users)` is a module that does the same for a sampler."""
+    image from the base); `for_users(users)` is a module that does the same for a sampler. Inside the peft model the
+    adapters are named `user_0`, `user_1`, … (peft finds an adapter's weights by its name inside the layer names, so a
+    user id such as '2' must not be one)."""
 
     def __init__(self, base: torch.nn.Module, acfg, users: list[str], seed: int = 0):
         if not users or len(set(users)) != len(users) or BASE in users:
             raise ValueError(f"users must be distinct names, none of them {BASE!r}; got {users}")
         self.users, self.acfg = list(users), acfg
-        self.model = wrap(base, acfg, seed, name=users[0]).eval()
+        self._name = {u: f"user_{i}" for i, u in enumerate(users)}
+        self.model = wrap(base, acfg, seed, name=self._name[users[0]]).eval()
         for i, u in enumerate(users[1:], 1):
-            self.model.add_adapter(u, lora_config(acfg))
-            init_adapter(self.model, u, seed + i)
+            self.model.add_adapter(self._name[u], lora_config(acfg))
+            init_adapter(self.model, self._name[u], seed + i)
         self.model.requires_grad_(False)
 
     def numbers_per_user(self) -> int:
-        return sum(v.numel() for v in adapter_state(self.model, self.users[0]).values())
+        return sum(v.numel() for v in self.state(self.users[0]).values())
 
     def state(self, user: str) -> dict[str, torch.Tensor]:
         return adapter_state(self.model, self._known(user))
@@ -163,18 +166,15 @@ class UserAdapters:
         load_adapter_state(self.model, sd, self._known(user))
 
     def _known(self, user: str) -> str:
-        if user not in self.users:
+        if user not in self._name:
             raise KeyError(f"no adapter for user {user!r}; the users are {self.users}")
-        return user
+        return self._name[user]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor, users: list[str]) -> torch.Tensor:
         if len(users) != len(x):
             raise ValueError(f"{len(users)} user names for a batch of {len(x)}")
-        for u in users:
-            if u != BASE:
-                self._known(u)
-        return self.model(x, t, adapter_names=list(users))
+        return self.model(x, t, adapter_names=[u if u == BASE else self._known(u) for u in users])
 
     def for_users(self, users: list[str]) -> torch.nn.Module:
         return _MixedBatch(self, users)

@@ -388,9 +388,15 @@ def validate(cfg: Config) -> Config:
     except re.error as err:
         _require(False, "adapter.targets", f"is not a valid regular expression ({err}); e.g. '.*resnet_conv_first.*'")
     if ac.rank > 0:
+        import importlib.util
+        _require(importlib.util.find_spec("peft") is not None, "adapter.rank",
+                 "needs the peft package (pip install -r requirements.txt, or pip install 'papa[adapters]')")
+        import torch
         from papa.adapters import adaptable_layers
         from papa.models.unet import build_unet
-        _require(bool(adaptable_layers(build_unet(cfg.model), ac.targets)), "adapter.targets",
+        with torch.device("meta"):  # the layer names only: no weights, no draw from the global generator
+            net = build_unet(cfg.model)
+        _require(bool(adaptable_layers(net, ac.targets)), "adapter.targets",
                  f"{ac.targets!r} matches no Conv2d or Linear layer of the UNet by its whole name "
                  "(e.g. 'downs.0.resnet_conv_first.0.2'); see papa/adapters.py")
     if cfg.users.population:

@@ -110,7 +110,8 @@ class Engine:
     @classmethod
     def from_config(cls, cfg: Config, run_dir: Path, rank: int = 0, world: int = 1,
                     device=torch.device("cpu"), feedback: FeedbackSource | None = None) -> "Engine":
-        """The engine of a config: the shipped base model as a fully trained policy, the configured feedback source,
+        """The engine of a config: the shipped base model as the policy (every weight trained, or a LoRA adapter on it
+        with adapter.rank > 0), the configured feedback source (or `feedback`),
         the evaluator with the dataset's test images. Every file is loaded (and checked) before anything is written."""
         from papa.data import load_dataset
         from papa.models import load_classifier, load_unet
@@ -143,6 +144,7 @@ class Engine:
             **({"ema": self.policy.module_state(self.ema)} if self.ema is not None else {}),
             "history": s.history, "metrics": s.metrics, "elapsed": s.elapsed, "dataset": self.cfg.data.dataset,
             **({"asked": s.asked} if s.asked else {}),
+            **({"adapter": to_dict(self.cfg.adapter)} if self.cfg.adapter.rank > 0 else {}),  # how to rebuild it
             "config_hash": config_hash(self.cfg), "torch_rng": torch.get_rng_state()})
 
     def _load_round(self, path: Path, n: int, force: bool) -> dict:

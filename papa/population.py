@@ -37,11 +37,13 @@ def user_config(cfg: Config, spec) -> Config:
     c = copy.deepcopy(cfg)
     c.feedback.preference = list(spec.like)
     c.feedback.flip_prob, c.feedback.skip_below = spec.flip_prob, spec.skip_below
+    c.feedback.reject = c.feedback.full_exploitation = True   # what papa.users.SimulatedUser does
     c.users.population = ""
     return c
 
 
-def run_population(cfg: Config, run_dir: Path, rank: int, world: int, device, resume: bool) -> int:
+def run_population(cfg: Config, run_dir: Path, rank: int, world: int, device, resume: bool,
+                   force: bool = False) -> int:
     from papa.engine import Engine
     from papa.models import load_classifier
     from papa.users import SimulatedUser
@@ -50,6 +52,11 @@ def run_population(cfg: Config, run_dir: Path, rank: int, world: int, device, re
     if started and not resume:
         raise ConfigError(f"{run_dir} already holds a population run ({len(started)} users started, e.g. "
                           f"{started[0]!r}); continue it with --resume {run_dir}, or set another train.sample_path")
+    for u in users:  # an edited population file must not quietly change a user half-way (or a finished one)
+        f = run_dir / "users" / u.id / "user.json"
+        if f.is_file() and json.loads(f.read_text()) != u.as_dict() and not force:
+            raise ConfigError(f"user {u.id!r} of {pop.path} differs from the one {run_dir} was run with "
+                              f"({f}); restore the population file, or pass --force to go on with the new one")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
@@ -61,54 +68,47 @@ def run_population(cfg: Config, run_dir: Path, rank: int, world: int, device, re
         done = checkpoint.round_files(udir / "checkpoints")
         if done and done[-1][0] >= ucfg.train.rounds:
             print(f"[rank {rank}] {spec.id}: done already")
-            continue
-        print(f"[rank {rank}] user {i + 1}/{len(users)}: {spec.describe()}", flush=True)
-        feedback = SimulatedUser(oracle, spec, seed=ucfg.train.seed)
-        engine = Engine.from_config(ucfg, udir, 0, 1, device, feedback=feedback)
-        engine.run(resume=bool(done))
+        else:
+            print(f"[rank {rank}] user {i + 1}/{len(users)}: {spec.describe()}", flush=True)
+            udir.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write_text(udir / "user.json", json.dumps(spec.as_dict(), indent=1))
+            feedback = SimulatedUser(oracle, spec, seed=ucfg.train.seed)
+            engine = Engine.from_config(ucfg, udir, 0, 1, device, feedback=feedback)
+            engine.run(resume=bool(done), force=force)
+        if spec.attribute is not None and not (udir / "taste.json").is_file():
+            checkpoint.atomic_write_text(udir / "taste.json", json.dumps(taste_report(cfg, udir, spec, device)))
     dist.barrier(world)
     if rank == 0:
-        write_summary(cfg, run_dir, pop, users, tastes=taste_report(cfg, run_dir, users, device))
+        write_summary(cfg, run_dir, pop, users)
     return 0
 
 
-def taste_report(cfg: Config, run_dir: Path, users, device) -> dict:
-    """For each user with a fine-grained taste: `eval.num` images from the base and from their final model (the
-    evaluation seed, so the same starting noise), and on the images the evaluator calls legible members of the user's
-    classes the mean of the measurement; also the taste rate, the share of all images that are legible members of
-    their classes and on their side of the threshold."""
+def taste_report(cfg: Config, udir: Path, spec, device) -> dict:
+    """A user with a fine-grained taste: `eval.num` images from the base and from their final model (the evaluation
+    seed, so the same starting noise); on the images the evaluator calls legible members of the user's classes, the
+    mean of the measurement; and the taste rate, the share of all images that are legible members of their classes
+    and on their side of the threshold. Each rank measures its own users (kept as users/<id>/taste.json)."""
     from papa.models import load_classifier, load_unet
     from papa.sampling import sample
     from papa.schedule import NoiseSchedule
-    picky = [u for u in users if u.attribute is not None]
-    if not picky:
-        return {}
     d, e = cfg.diffusion, cfg.eval
     sched = NoiseSchedule.from_config(d)
     ev = load_classifier("evaluator", cfg.checkpoints.evaluator, cfg.data.dataset).to(device)
-
-    def draw(model):
-        return sample(model, sched, e.num, steps=d.sample_steps, sampler=d.sampler, eta=d.eta, seed=e.seed,
-                      batch_size=e.batch_size, progress=False, device=device)
-
-    base_imgs = draw(load_unet(cfg.model, cfg.checkpoints.base, dataset=cfg.data.dataset).to(device))
-    out = {}
-    for spec in picky:
-        ck = checkpoint.round_files(run_dir / "users" / spec.id / "checkpoints")
-        if not ck:
-            continue
-        model = load_unet(cfg.model, ck[-1][1], dataset=cfg.data.dataset, adapter=cfg.adapter,
-                          base=cfg.checkpoints.base).to(device)
-        row = {}
-        for who, imgs in (("base", base_imgs), ("user", draw(model))):
-            with torch.no_grad():
-                pred = ev(imgs.to(device)).argmax(1).cpu()
-            liked = torch.isin(pred, torch.tensor(spec.like))
-            v = spec.attribute.measure(imgs)
-            row[f"{who}_mean"] = float(v[liked].mean()) if liked.any() else None
-            row[f"{who}_taste_rate"] = float((liked & spec.attribute.likes(imgs)).float().mean())
-        out[spec.id] = row
-    return out
+    ck = checkpoint.round_files(udir / "checkpoints")[-1][1]
+    models = {"base": load_unet(cfg.model, cfg.checkpoints.base, dataset=cfg.data.dataset),
+              "user": load_unet(cfg.model, ck, dataset=cfg.data.dataset, adapter=cfg.adapter,
+                                base=cfg.checkpoints.base)}
+    row = {}
+    for who, model in models.items():
+        imgs = sample(model.to(device), sched, e.num, steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
+                      seed=e.seed, batch_size=e.batch_size, progress=False, device=device)
+        with torch.no_grad():
+            pred = ev(imgs.to(device)).argmax(1).cpu()
+        liked = torch.isin(pred, torch.tensor(spec.like))
+        v = spec.attribute.measure(imgs)
+        row[f"{who}_mean"] = float(v[liked].mean()) if liked.any() else None
+        row[f"{who}_taste_rate"] = float((liked & spec.attribute.likes(imgs)).float().mean())
+    return row
 
 
 def _final(rows: list[dict]) -> dict:
@@ -116,8 +116,9 @@ def _final(rows: list[dict]) -> dict:
     return ev[-1] if ev else {}
 
 
-def write_summary(cfg: Config, run_dir: Path, pop, users, tastes: dict | None = None) -> dict:
-    out, curves = [], {}
+def write_summary(cfg: Config, run_dir: Path, pop, users) -> dict:
+    """population.md / .json / .png from the users' run directories (the users that have one)."""
+    out, curves, tastes = [], {}, {}
     for spec in users:
         f = run_dir / "users" / spec.id / "metrics.jsonl"
         if not f.is_file():
@@ -127,15 +128,17 @@ def write_summary(cfg: Config, run_dir: Path, pop, users, tastes: dict | None = 
         ck = checkpoint.round_files(run_dir / "users" / spec.id / "checkpoints")
         size = sum(v.numel() for v in checkpoint.load(ck[-1][1])["model"].values()) if ck else 0
         out.append({"user": spec.id, "likes": list(spec.like),
-                    "taste": None if spec.attribute is None else spec.describe().split(", ", 1)[1],
+                    "taste": spec.taste() or None,
                     "base_rate": first.get("legible_preferred_rate"), "rate": last.get("legible_preferred_rate"),
                     "rejected": last.get("rejected_rate"), "precision": last.get("precision"), "fid": last.get("fid"),
                     "base_fid": first.get("fid"), "labels": last.get("labels_used"), "adapter_numbers": size,
                     "peak_rss_mb": max((r.get("peak_rss_mb", 0.0) for r in rows), default=0.0)})
+        tf = run_dir / "users" / spec.id / "taste.json"
+        if tf.is_file():
+            tastes[spec.id] = json.loads(tf.read_text())
         curves[spec.id] = [(r["labels_used"], r["legible_preferred_rate"]) for r in rows
                            if "legible_preferred_rate" in r]
     rates = [u["rate"] for u in out if u["rate"] is not None]
-    tastes = tastes or {}
     summ = {"users": out, "tastes": tastes, "population": pop.path, "median_rate": statistics.median(rates) if rates else None,
             "min_rate": min(rates, default=None), "max_rate": max(rates, default=None),
             "adapter_rank": cfg.adapter.rank}
@@ -159,7 +162,7 @@ def write_summary(cfg: Config, run_dir: Path, pop, users, tastes: dict | None = 
                   "| user | taste | mean: base → user | taste rate: base → user |", "|---|---|---|---|"]
         by_id = {u.id: u for u in users}
         for uid, t in tastes.items():
-            lines.append(f"| {uid} | {by_id[uid].describe().split(', ', 1)[1]} | {fmt(t['base_mean'])} → "
+            lines.append(f"| {uid} | {by_id[uid].taste()} | {fmt(t['base_mean'])} → "
                          f"{fmt(t['user_mean'])} | {fmt(t['base_taste_rate'])} → {fmt(t['user_taste_rate'])} |")
     checkpoint.atomic_write_text(run_dir / "population.md", "\n".join(lines) + "\n")
     _plot(curves, run_dir / "population.png")
@@ -197,6 +200,11 @@ def check(cfg: Config) -> None:
     if cfg.adapter.rank <= 0:
         raise ConfigError("config key 'users.population' needs adapter.rank > 0: every user aligns their own adapter "
                           "on the shared base (e.g. --set adapter.rank=2)")
+    from papa.algos import METHODS
+    if METHODS[cfg.train.algo].feedback == "reward" and any(u.attribute is not None for u in pop.users):
+        raise ConfigError(f"config key 'train.algo': {cfg.train.algo} learns from rewards, which carry no "
+                          "fine-grained taste; use a method that asks for labels or pairs (papa, d3po, …) with "
+                          f"{cfg.users.population}")
     if cfg.feedback.source != "oracle":
         raise ConfigError("config key 'users.population': the simulated users answer, so feedback.source must be "
                           "oracle")

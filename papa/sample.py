@@ -52,7 +52,10 @@ def user_checkpoint(cfg, user: str, run: str | None) -> Path:
     """The newest round checkpoint of `user` in a population run (the run directory `run`, or the config's)."""
     from papa.config import ConfigError
     from papa.engine import run_dir_for
-    root = Path(run) if run and Path(run).is_dir() else run_dir_for(cfg)
+    if run and not Path(run).is_dir():
+        raise ConfigError(f"--user {user} --checkpoint {run}: with --user, --checkpoint names the population run's "
+                          "directory (or leave it out to use the config's run directory)")
+    root = Path(run) if run else run_dir_for(cfg)
     users = root / "users"
     if not users.is_dir():
         raise ConfigError(f"--user {user}: {root} is not a population run (no users/ directory); pass the run "

@@ -113,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.time()
         if cfg.users.population:  # every user of a population, each their own adapter (papa/population.py)
+            if args.overwrite:
+                raise ConfigError("--overwrite does not apply to a population run; remove its directory or set "
+                                  "another train.sample_path")
             from papa.population import run_population
-            run_population(cfg, run_dir, rank, world, device, resume=bool(args.resume))
+            run_population(cfg, run_dir, rank, world, device, resume=bool(args.resume), force=args.force)
             if rank == 0:
                 print(f"done in {time.time() - t0:.0f} s -> {run_dir}/population.md")
             ok = True
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except NonFiniteLoss as e:  # every rank sees it: the all-reduced loss, gradients and weights are the same
         if rank == 0:
-            kept = checkpoint.round_files(run_dir / "checkpoints")
+            kept = checkpoint.round_files(run_dir / "checkpoints")  # (a population run: under users/<id>/)
             print(f"error: {e}; the round was abandoned and the last good checkpoint kept "
                   f"({kept[-1][1] if kept else 'none yet'}); lower train.lr or check the labels", file=sys.stderr)
         return 3

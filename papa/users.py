@@ -83,10 +83,20 @@ class UserSpec:
     skip_below: float = 0.0
     new: bool = False
 
-    def describe(self) -> str:
+    def taste(self) -> str:
+        """The fine-grained taste in words ('stroke_width > 2.9'), '' for none."""
         a = self.attribute
-        taste = "" if a is None else f", {a.name} {'>' if a.above else '<'} {a.threshold:g}"
-        return f"{self.id}: likes {list(self.like)}{taste}"
+        return "" if a is None else f"{a.name} {'>' if a.above else '<'} {a.threshold:g}"
+
+    def describe(self) -> str:
+        return f"{self.id}: likes {list(self.like)}" + (f", {self.taste()}" if self.attribute else "")
+
+    def as_dict(self) -> dict:
+        """Everything that decides the user's answers, as plain data (kept beside their run, checked on resume)."""
+        a = self.attribute
+        return {"id": self.id, "like": list(self.like), "flip_prob": self.flip_prob, "skip_below": self.skip_below,
+                "attribute": None if a is None else {"name": a.name, "threshold": a.threshold, "above": a.above,
+                                                     "margin": a.margin}}
 
 
 @dataclass(frozen=True)
@@ -166,7 +176,10 @@ def load_population(path: str | Path) -> Population:
         raise ConfigError(f"population file {p} does not exist; pass one of configs/users_*.yaml or write one "
                           f"(see papa/users.py)")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p} is not a text file (not UTF-8); pass a population YAML such as "
+                          "configs/users_mnist.yaml") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict) or set(raw) - {"dataset", "users"}:

@@ -89,12 +89,14 @@ def main(argv: list[str] | None = None) -> int:
 
     x, _ = load_dataset(pop.dataset, "test")
     x = torch.from_numpy(x[:N_LABEL + N_EVAL]).float().div(127.5).sub(1).unsqueeze(1)
-    cache = out / "features.pt"
+    from papa.checkpoint import sha256_file
+    base_file = REPO_ROOT / cfg.checkpoints.base
+    cache = out / f"features_t{cfg.select.feature_t}_{sha256_file(base_file)[:12]}.pt"   # by what they depend on
     if cache.is_file():
         feats = torch.load(cache)
     else:
         t0 = time.time()
-        unet = load_unet(cfg.model, REPO_ROOT / cfg.checkpoints.base, dataset=pop.dataset).eval()
+        unet = load_unet(cfg.model, base_file, dataset=pop.dataset).eval()
         feats = unet_features(unet, NoiseSchedule.from_config(cfg.diffusion), x, cfg.select.feature_t)
         torch.save(feats, cache)
         print(f"features of {len(x)} images: {time.time() - t0:.0f} s", flush=True)
@@ -176,7 +178,7 @@ def write_report(res: dict, out: Path, pop) -> None:
     for n in names:
         lines.append(f"| {n} | {res['params_per_user'][n]} | {mean_std(per_seed(res['seen'][n], 0))} | "
                      f"{mean_std(per_seed(res['seen'][n], 1))} |")
-    lines += ["", "## New users: balanced accuracy (pair accuracy) against their labels", "",
+    lines += ["", "## New users, fitted from n labels: balanced accuracy (pair accuracy) on held-out images", "",
               "| model | " + " | ".join(f"{n} labels" for n in NEW_LABELS) + " |",
               "|---|" + "---|" * len(NEW_LABELS)]
     for n in names:

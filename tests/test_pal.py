@@ -73,17 +73,27 @@ def test_balanced_weights_give_each_user_and_side_its_share():
     assert w.tolist() == pytest.approx([0.25, 0.25 / 3, 0.25 / 3, 0.25 / 3, 0.25, 0.25])
 
 
-def test_few_shot_step_moves_only_the_new_users_logits_along_the_reference_gradient():
+def test_few_shot_loss_and_gradient_match_the_reference_and_touch_only_the_new_users_logits():
     m, feats = toy_model(seed=5)
     y = torch.tensor([1, -1, 1, -1, 1.])
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    # one Adam step from zero logits is −lr · g / (|g| + ε) per component: the sign of the reference gradient
+    w = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    wr = w.detach().clone().requires_grad_(True)
+    # the reference: 3 likes and 2 dislikes, each side half the weight
+    ref = sum(-F.logsigmoid(y[i] * (ref_reward(m, feats[i], wr) + m.offset.item())) / (3 if y[i] > 0 else 2) / 2
+              for i in range(5))
+    (g_ref,) = torch.autograd.grad(ref, wr)
+    got = like_loss(m, feats[:5], torch.zeros(5, dtype=torch.long), y, logits=w[None])
+    (g,) = torch.autograd.grad(got, w)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(g.double(), g_ref.double(), rtol=1e-4, atol=1e-6)
+    # one Adam step from zero logits is −lr · g / (|g| + ε) per component; nothing shared moves
     w0 = torch.zeros(m.k, requires_grad=True)
-    loss = sum(-F.logsigmoid(y[i] * (ref_reward(m, feats[i], w0) + m.offset.item())) / (3 if y[i] > 0 else 2) / 2
+    ref0 = sum(-F.logsigmoid(y[i] * (ref_reward(m, feats[i], w0) + m.offset.item())) / (3 if y[i] > 0 else 2) / 2
                for i in range(5))
-    (g,) = torch.autograd.grad(loss, w0)
+    (g0,) = torch.autograd.grad(ref0, w0)
     step = fit_user(m, feats[:5], y, steps=1, lr=0.1, prior=0.0)
-    assert torch.allclose(step, -0.1 * g / (g.abs() + 1e-8), atol=1e-5)
+    assert torch.allclose(step, -0.1 * g0 / (g0.abs() + 1e-8), atol=1e-5)
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed while fitting a new user"
     assert all(p.requires_grad for p in m.parameters())

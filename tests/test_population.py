@@ -38,13 +38,21 @@ def test_every_user_gets_a_run_and_the_summary_lists_them(tiny, tmp_path):
         assert [r["labels_used"] for r in metrics(rd / "users" / uid)] == [0, 4]
     assert load_config(rd / "users" / "bold_low" / "config.yaml").feedback.flip_prob == 0.1
     md = (rd / "population.md").read_text()
-    assert "| fours | [4] |" in md and "stroke_width > 2.5" in md and (rd / "population.png").is_file()
+    assert "| fours | [4] | — |" in md and "| bold_low | [0, 1, 2] | stroke_width > 2.5 |" in md
+    assert (rd / "population.png").is_file()
     summ = json.loads((rd / "population.json").read_text())
     assert set(summ["tastes"]) == {"bold_low"} and 0 <= summ["tastes"]["bold_low"]["user_taste_rate"] <= 1
-    # a second start refuses; --resume finds every user done
+    # a second start refuses; --overwrite does not apply; --resume finds every user done
     with pytest.raises(ConfigError, match="already holds a population run"):
         main(args_for(overrides(tiny, out, rounds=1, extra=population(tmp_path))))
+    with pytest.raises(ConfigError, match="--overwrite does not apply"):
+        main(args_for(overrides(tiny, out, rounds=1, extra=population(tmp_path)), "--overwrite"))
     assert main(["--resume", str(rd)]) == 0
+    # an edited user is refused on resume, unless --force
+    (tmp_path / "users.yaml").write_text(USERS.replace("like: [4]}", "like: [5]}"))
+    with pytest.raises(ConfigError, match="user 'fours' of .* differs"):
+        main(["--resume", str(rd)])
+    (tmp_path / "users.yaml").write_text(USERS)
     # a user's model samples through papa.sample --user; an unknown user is one line naming the known ones
     from papa.sample import main as sample
     assert sample(["--config", str(rd / "config.yaml"), "--user", "fours", "--checkpoint", str(rd), "--num", "3",
@@ -52,6 +60,21 @@ def test_every_user_gets_a_run_and_the_summary_lists_them(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"the users there are \['bold_low', 'fours'\]"):
         sample(["--config", str(rd / "config.yaml"), "--user", "nobody", "--checkpoint", str(rd), "--num", "3",
                 "--out", str(tmp_path / "t"), "--quiet"])
+    with pytest.raises(ConfigError, match="names the population run's directory"):
+        sample(["--config", str(rd / "config.yaml"), "--user", "fours", "--checkpoint", str(rd / "config.yaml"),
+                "--num", "3", "--out", str(tmp_path / "t"), "--quiet"])
+
+
+def test_a_stopped_population_resumes_to_the_same_numbers(tiny, tmp_path):
+    from papa.train import main
+    out = tmp_path / "cut"
+    assert main(args_for(overrides(tiny, out, rounds=2, extra=population(tmp_path)))) == 0
+    rd = out / "mnist" / "run"
+    whole = metrics(rd / "users" / "bold_low")
+    (rd / "users" / "bold_low" / "checkpoints" / "round_002.pt").unlink()    # stopped during the last user's round 2
+    (rd / "users" / "bold_low" / "taste.json").unlink()
+    assert main(["--resume", str(rd)]) == 0
+    assert_same_metrics(whole, metrics(rd / "users" / "bold_low"))
 
 
 def test_users_sharded_over_two_ranks_match_one(tiny, tmp_path):

@@ -51,6 +51,16 @@ def load_unet(model_cfg, path, weights: str = "auto", dataset: str | None = None
     if adapter is None or adapter.rank == 0 or base is None:
         raise CheckpointError(f"'{path}' holds a low-rank adapter, not a whole UNet; pass the config of the run that "
                               "trained it (--config <run>/config.yaml), whose adapter section says its shape")
+    import dataclasses
+
+    from papa.checkpoint import load
+    saved = load(path).get("adapter")   # the adapter settings the run saved with its checkpoints
+    if isinstance(saved, dict):
+        for key, want in dataclasses.asdict(adapter).items():
+            if key in saved and saved[key] != want:
+                raise CheckpointError(f"'{path}' was trained with adapter.{key}={saved[key]!r}, the config says "
+                                      f"{want!r}; pass the config of the run that trained it (--config "
+                                      "<run>/config.yaml)")
     from papa.adapters import load_adapter_state, wrap
     model = wrap(load_unet(model_cfg, base, dataset=dataset), adapter)
     try:
