@@ -121,12 +121,12 @@ def write_summary(cfg: Config, run_dir: Path, pop, users) -> dict:
     out, curves, tastes = [], {}, {}
     for spec in users:
         f = run_dir / "users" / spec.id / "metrics.jsonl"
-        if not f.is_file():
-            continue
+        ck = checkpoint.round_files(run_dir / "users" / spec.id / "checkpoints")
+        if not f.is_file() or not ck or ck[-1][0] < cfg.train.rounds:
+            continue   # only finished users: a user part-way would show an intermediate evaluation as final
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         last, first = _final(rows), rows[0]
-        ck = checkpoint.round_files(run_dir / "users" / spec.id / "checkpoints")
-        size = sum(v.numel() for v in checkpoint.load(ck[-1][1])["model"].values()) if ck else 0
+        size = sum(v.numel() for v in checkpoint.load(ck[-1][1])["model"].values())
         out.append({"user": spec.id, "likes": list(spec.like),
                     "taste": spec.taste() or None,
                     "base_rate": first.get("legible_preferred_rate"), "rate": last.get("legible_preferred_rate"),
@@ -144,7 +144,7 @@ def write_summary(cfg: Config, run_dir: Path, pop, users) -> dict:
             "adapter_rank": cfg.adapter.rank}
     checkpoint.atomic_write_text(run_dir / "population.json", json.dumps(summ, indent=1))
     fmt = lambda v, f="{:.3f}": "—" if v is None else f.format(v)  # noqa: E731
-    lines = [f"# Population run: {len(out)} users of {pop.path}", "",
+    lines = [f"# Population run: {len(out)} of {len(users)} users of {pop.path} finished", "",
              f"Median legible preferred rate {fmt(summ['median_rate'])} (range {fmt(summ['min_rate'])}–"
              f"{fmt(summ['max_rate'])}); adapter rank {cfg.adapter.rank}. The rate counts the user's classes (a "
              "fine-grained taste is not part of it).", "",
