@@ -130,8 +130,8 @@ def write_summary(cfg: Config, run_dir: Path, pop, users) -> dict:
         out.append({"user": spec.id, "likes": list(spec.like),
                     "taste": spec.taste() or None,
                     "base_rate": first.get("legible_preferred_rate"), "rate": last.get("legible_preferred_rate"),
-                    "rejected": last.get("rejected_rate"), "precision": last.get("precision"), "fid": last.get("fid"),
-                    "base_fid": first.get("fid"), "labels": last.get("labels_used"), "adapter_numbers": size,
+                    "rejected": last.get("rejected_rate"), "precision": last.get("precision"), "fid": last.get("fid_preferred"),
+                    "base_fid": first.get("fid_preferred"), "labels": last.get("labels_used"), "adapter_numbers": size,
                     "peak_rss_mb": max((r.get("peak_rss_mb", 0.0) for r in rows), default=0.0)})
         tf = run_dir / "users" / spec.id / "taste.json"
         if tf.is_file():
