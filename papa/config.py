@@ -429,25 +429,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
                           f"e.g. --set '{key}=\"{raw}\"'") from None
 
 
+def read_yaml(path: str | Path, what: str = "config file", example: str = "configs/mnist.yaml") -> Any:
+    """A YAML file's content, not None and not a bare scalar; any problem is a one-line ConfigError naming `what`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} '{path}' not found; pass an existing YAML such as {example}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} '{path}' is not a text file (not UTF-8); pass a YAML such as {example}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise ConfigError(f"{what} '{path}' cannot be read ({e.strerror})") from None
+    if data is None:
+        raise ConfigError(f"{what} '{path}' is empty; start from a shipped one such as {example}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} '{path}' must hold a mapping of sections at the top level")
+    return data
+
+
 def _read_yaml(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     """A config file's mapping; `extends: other.yaml` (a path relative to this file) is read first and this file's
     sections are merged over it, key by key."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{path}' not found; pass an existing YAML such as configs/mnist.yaml")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file '{path}' is not a text file (not UTF-8); pass a YAML config such as "
-                          "configs/mnist.yaml") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    except OSError as e:
-        raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})") from None
-    if data is None:
-        raise ConfigError(f"config file '{path}' is empty; start from a shipped config such as configs/mnist.yaml")
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections at the top level")
+    data = read_yaml(p)
     if "extends" not in data:
         return data
     parent = data.pop("extends")

@@ -61,6 +61,7 @@ def run_population(cfg: Config, run_dir: Path, rank: int, world: int, device, re
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     oracle = load_classifier("oracle", cfg.checkpoints.oracle, cfg.data.dataset).to(device)
+    judge = None
     for i in range(rank, len(users), world):
         spec = users[i]
         ucfg = user_config(cfg, spec)
@@ -76,39 +77,50 @@ def run_population(cfg: Config, run_dir: Path, rank: int, world: int, device, re
             engine = Engine.from_config(ucfg, udir, 0, 1, device, feedback=feedback)
             engine.run(resume=bool(done), force=force)
         if spec.attribute is not None and not (udir / "taste.json").is_file():
-            checkpoint.atomic_write_text(udir / "taste.json", json.dumps(taste_report(cfg, udir, spec, device)))
+            judge = judge or TasteJudge(cfg, device)
+            checkpoint.atomic_write_text(udir / "taste.json", json.dumps(judge.report(udir, spec)))
     dist.barrier(world)
     if rank == 0:
         write_summary(cfg, run_dir, pop, users)
     return 0
 
 
-def taste_report(cfg: Config, udir: Path, spec, device) -> dict:
-    """A user with a fine-grained taste: `eval.num` images from the base and from their final model (the evaluation
-    seed, so the same starting noise); on the images the evaluator calls legible members of the user's classes, the
-    mean of the measurement; and the taste rate, the share of all images that are legible members of their classes
-    and on their side of the threshold. Each rank measures its own users (kept as users/<id>/taste.json)."""
-    from papa.models import load_classifier, load_unet
-    from papa.sampling import sample
-    from papa.schedule import NoiseSchedule
-    d, e = cfg.diffusion, cfg.eval
-    sched = NoiseSchedule.from_config(d)
-    ev = load_classifier("evaluator", cfg.checkpoints.evaluator, cfg.data.dataset).to(device)
-    ck = checkpoint.round_files(udir / "checkpoints")[-1][1]
-    models = {"base": load_unet(cfg.model, cfg.checkpoints.base, dataset=cfg.data.dataset),
-              "user": load_unet(cfg.model, ck, dataset=cfg.data.dataset, adapter=cfg.adapter,
-                                base=cfg.checkpoints.base)}
-    row = {}
-    for who, model in models.items():
-        imgs = sample(model.to(device), sched, e.num, steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
-                      seed=e.seed, batch_size=e.batch_size, progress=False, device=device)
-        with torch.no_grad():
-            pred = ev(imgs.to(device)).argmax(1).cpu()
-        liked = torch.isin(pred, torch.tensor(spec.like))
-        v = spec.attribute.measure(imgs)
-        row[f"{who}_mean"] = float(v[liked].mean()) if liked.any() else None
-        row[f"{who}_taste_rate"] = float((liked & spec.attribute.likes(imgs)).float().mean())
-    return row
+class TasteJudge:
+    """Measures fine-grained users' tastes (`report`): `eval.num` images from the base and from a user's final model
+    (the evaluation seed, so the same starting noise); on the images the evaluator calls legible members of the
+    user's classes, the mean of the measurement; and the taste rate, the share of all images that are legible members
+    of their classes and on their side of the threshold. Each rank measures its own users (kept as
+    users/<id>/taste.json); the evaluator and the base's images are made once per rank, on first use."""
+
+    def __init__(self, cfg: Config, device):
+        from papa.models import load_classifier, load_unet
+        from papa.schedule import NoiseSchedule
+        self.cfg, self.device = cfg, device
+        self.sched = NoiseSchedule.from_config(cfg.diffusion)
+        self.ev = load_classifier("evaluator", cfg.checkpoints.evaluator, cfg.data.dataset).to(device)
+        self.base = self.draw(load_unet(cfg.model, cfg.checkpoints.base, dataset=cfg.data.dataset))
+
+    def draw(self, model) -> torch.Tensor:
+        from papa.sampling import sample
+        d, e = self.cfg.diffusion, self.cfg.eval
+        return sample(model.to(self.device), self.sched, e.num, steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
+                      seed=e.seed, batch_size=e.batch_size, progress=False, device=self.device)
+
+    def report(self, udir: Path, spec) -> dict:
+        from papa.models import load_unet
+        cfg = self.cfg
+        ck = checkpoint.round_files(udir / "checkpoints")[-1][1]
+        user = self.draw(load_unet(cfg.model, ck, dataset=cfg.data.dataset, adapter=cfg.adapter,
+                                   base=cfg.checkpoints.base))
+        row = {}
+        for who, imgs in (("base", self.base), ("user", user)):
+            with torch.no_grad():
+                pred = self.ev(imgs.to(self.device)).argmax(1).cpu()
+            liked = torch.isin(pred, torch.tensor(spec.like))
+            v = spec.attribute.measure(imgs)
+            row[f"{who}_mean"] = float(v[liked].mean()) if liked.any() else None
+            row[f"{who}_taste_rate"] = float((liked & spec.attribute.likes(imgs)).float().mean())
+        return row
 
 
 def _final(rows: list[dict]) -> dict:

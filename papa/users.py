@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from papa.config import ConfigError
+from papa.config import ConfigError, read_yaml
 from papa.feedback import OracleFeedback
 from papa.fidelity import ink, ink_mask, stroke_width
 
@@ -172,17 +171,8 @@ def _user(raw, i: int, where: str) -> UserSpec:
 def load_population(path: str | Path) -> Population:
     """Read and validate a population file; any problem is a ConfigError naming the file, the user and the key."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"population file {p} does not exist; pass one of configs/users_*.yaml or write one "
-                          f"(see papa/users.py)")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p} is not a text file (not UTF-8); pass a population YAML such as "
-                          "configs/users_mnist.yaml") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict) or set(raw) - {"dataset", "users"}:
+    raw = read_yaml(p, "population file", "configs/users_mnist.yaml")
+    if set(raw) - {"dataset", "users"}:
         raise ConfigError(f"{p} must be a mapping with keys 'dataset' and 'users'")
     if raw.get("dataset") not in ("mnist", "fashion_mnist"):
         raise ConfigError(f"{p}: dataset must be mnist or fashion_mnist, got {raw.get('dataset')!r}")
