@@ -161,6 +161,8 @@ class AdapterConfig:
     rank: int = 0                     # 0: train every weight of a copy of the base (full fine-tuning)
     alpha: float = 2.0                # LoRA scale α (the update is (α / rank) · B A)
     targets: str = r".*resnet_conv_(first|second)\.\d+\.2"   # regex of the layers that get an adapter (whole name)
+    init: str = ""                    # start from this adapter (an adapter run's round checkpoint, or a mixture of
+                                      # prototype adapters, scripts/new_users.py) instead of from the base (B = 0)
 
 
 @dataclass
@@ -168,6 +170,7 @@ class UsersConfig:
     """Many users (papa/population.py): run every user of a population file, each with their own adapter."""
     population: str = ""              # a population file (configs/users_<dataset>.yaml); empty: one user, this config
     include_new: bool = False         # also run the users marked `new` (newcomers)
+    only: list[str] = field(default_factory=list)   # run only these user ids of the population (empty: all)
 
 
 @dataclass
@@ -399,6 +402,9 @@ def validate(cfg: Config) -> Config:
         _require(bool(adaptable_layers(net, ac.targets)), "adapter.targets",
                  f"{ac.targets!r} matches no Conv2d or Linear layer of the UNet by its whole name "
                  "(e.g. 'downs.0.resnet_conv_first.0.2'); see papa/adapters.py")
+    if ac.init:
+        _require(ac.rank > 0, "adapter.init", "needs adapter.rank > 0 (it is the adapter a run starts from)")
+        _require(Path(ac.init).is_file(), "adapter.init", f"file '{ac.init}' not found")
     if cfg.users.population:
         from papa.population import check
         check(cfg)
@@ -502,7 +508,7 @@ def _resolve_shipped(cfg: Config) -> Config:
     they resolve there. A path that exists from the working directory is kept as written (so the saved config, and its
     hash, do not change for runs started in the checkout)."""
     places = [(cfg.checkpoints, f.name) for f in dataclasses.fields(cfg.checkpoints)]
-    places += [(cfg.oracle, "init"), (cfg.evaluator, "init"), (cfg.users, "population")]
+    places += [(cfg.oracle, "init"), (cfg.evaluator, "init"), (cfg.users, "population"), (cfg.adapter, "init")]
     for sec, name in places:
         p = Path(getattr(sec, name))
         if str(p) not in ("", ".") and not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
@@ -536,4 +542,7 @@ def config_hash(cfg: Any) -> str:
         data = {k: v for k, v in data.items() if k != "adapter"}
     if isinstance(data.get("users"), dict) and not data["users"].get("population"):
         data = {k: v for k, v in data.items() if k != "users"}
+    for section, key in (("users", "only"), ("adapter", "init")):   # keys added later count only when set
+        if isinstance(data.get(section), dict) and not data[section].get(key) and key in data[section]:
+            data = {**data, section: {k: v for k, v in data[section].items() if k != key}}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

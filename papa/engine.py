@@ -120,6 +120,12 @@ class Engine:
         if cfg.adapter.rank > 0:
             from papa.adapters import AdapterPolicy
             policy = AdapterPolicy(base, cfg.adapter, seed=cfg.train.seed)
+            if cfg.adapter.init:  # start from another adapter (e.g. a newcomer's mixture of prototype adapters)
+                from papa.models import load_adapter
+                try:
+                    policy.load_module_state(policy.module, load_adapter(cfg.adapter.init, cfg.adapter, ds))
+                except ValueError as e:
+                    raise checkpoint.CheckpointError(f"config key 'adapter.init': '{cfg.adapter.init}': {e}") from None
         else:
             policy = FullPolicy(base)
         evaluator = load_classifier("evaluator", ck.evaluator, ds).to(device)

@@ -4,7 +4,7 @@
     python -m papa.train --config configs/mnist.yaml --set users.population=configs/users_mnist.yaml --set adapter.rank=2
 
 With `users.population` set, papa.train runs the dataset's config once per user of the population file (papa/users.py;
-the `new` users too when `users.include_new`), one after another on each rank (rank r takes users r, r + world, …).
+the `new` users too when `users.include_new`; only the ids in `users.only` when it is set), one after another on each rank (rank r takes users r, r + world, …).
 Each user's run is an ordinary papa run with an adapter (`adapter.rank` > 0), the user's classes as
 `feedback.preference`, the user as the feedback source (`papa.users.SimulatedUser`: their classes, fine-grained
 taste, label noise and skips) and its own directory `<run dir>/users/<id>/` (config.yaml, metrics, checkpoints with
@@ -29,6 +29,8 @@ from papa.config import Config, ConfigError, dump_yaml
 def users_of(cfg: Config):
     from papa.users import load_population
     pop = load_population(cfg.users.population)
+    if cfg.users.only:
+        return pop, [u for u in pop.users if u.id in cfg.users.only]
     return pop, [u for u in pop.users if cfg.users.include_new or not u.new]
 
 
@@ -209,6 +211,10 @@ def check(cfg: Config) -> None:
     if pop.dataset != cfg.data.dataset:
         raise ConfigError(f"config key 'users.population': {cfg.users.population} is a {pop.dataset} population, "
                           f"the config says data.dataset: {cfg.data.dataset}")
+    unknown = [u for u in cfg.users.only if u not in {s.id for s in pop.users}]
+    if unknown:
+        raise ConfigError(f"config key 'users.only': {unknown[0]!r} is not a user of {cfg.users.population} (its "
+                          f"users: {', '.join(s.id for s in pop.users[:4])}, …)")
     if cfg.adapter.rank <= 0:
         raise ConfigError("config key 'users.population' needs adapter.rank > 0: every user aligns their own adapter "
                           "on the shared base (e.g. --set adapter.rank=2)")

@@ -51,16 +51,7 @@ def load_unet(model_cfg, path, weights: str = "auto", dataset: str | None = None
     if adapter is None or adapter.rank == 0 or base is None:
         raise CheckpointError(f"'{path}' holds a low-rank adapter, not a whole UNet; pass the config of the run that "
                               "trained it (--config <run>/config.yaml), whose adapter section says its shape")
-    import dataclasses
-
-    from papa.checkpoint import load
-    saved = load(path).get("adapter")   # the adapter settings the run saved with its checkpoints
-    if isinstance(saved, dict):
-        for key, want in dataclasses.asdict(adapter).items():
-            if key in saved and saved[key] != want:
-                raise CheckpointError(f"'{path}' was trained with adapter.{key}={saved[key]!r}, the config says "
-                                      f"{want!r}; pass the config of the run that trained it (--config "
-                                      "<run>/config.yaml)")
+    check_adapter_settings(path, adapter)
     from papa.adapters import load_adapter_state, wrap
     model = wrap(load_unet(model_cfg, base, dataset=dataset), adapter)
     try:
@@ -68,6 +59,31 @@ def load_unet(model_cfg, path, weights: str = "auto", dataset: str | None = None
     except ValueError as e:
         raise CheckpointError(f"'{path}': {e}") from None
     return model.merge_and_unload().eval()
+
+
+def check_adapter_settings(path, adapter) -> None:
+    """An adapter checkpoint's saved shape settings (rank, alpha, targets) must be the config's."""
+    from papa.checkpoint import load
+    saved = load(path).get("adapter")   # the adapter settings the run saved with its checkpoints
+    if isinstance(saved, dict):
+        for key in ("rank", "alpha", "targets"):
+            want = getattr(adapter, key)
+            if key in saved and saved[key] != want:
+                raise CheckpointError(f"'{path}' was trained with adapter.{key}={saved[key]!r}, the config says "
+                                      f"{want!r}; pass the config of the run that trained it (--config "
+                                      "<run>/config.yaml)")
+
+
+def load_adapter(path, adapter, dataset: str | None = None) -> dict:
+    """The adapter weights of an adapter checkpoint (a round checkpoint of an adapter run, its EMA where it has one;
+    or a mixture file), checked to hold an adapter made with the config's `adapter` settings."""
+    from papa.adapters import is_adapter_state
+    sd = load_state_dict(path, "auto", dataset)
+    if not is_adapter_state(sd):
+        raise CheckpointError(f"'{path}' holds a whole UNet, not a low-rank adapter; adapter.init must be an adapter "
+                              "run's checkpoint")
+    check_adapter_settings(path, adapter)
+    return sd
 
 
 def load_classifier(kind: str, path, dataset: str | None = None) -> torch.nn.Module:
