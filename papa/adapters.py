@@ -136,6 +136,7 @@ def is_adapter_state(sd: dict) -> bool:
 
 
 BASE = "__base__"                       # in a mixed batch: this image is sampled from the base, no adapter
+MIX = "__mix__"                         # UserAdapters.mix's scratch adapter
 
 
 class UserAdapters:
@@ -178,6 +179,28 @@ class UserAdapters:
 
     def for_users(self, users: list[str]) -> torch.nn.Module:
         return _MixedBatch(self, users)
+
+    def mix(self, weights: dict[str, float]) -> dict[str, torch.Tensor]:
+        """One adapter of this rank from a weighted sum of users' adapters: in every layer ΔW = Σ_u w_u ΔW_u (each
+        ΔW_u = (α / r) B_u A_u), cut to the best rank-r approximation by SVD (peft's `add_weighted_adapter`, "svd").
+        Returned as an adapter state of this object's rank and α, its factors balanced (B and Aᵀ columns of equal
+        norm), so that training can start from it."""
+        names = [self._known(u) for u in weights]
+        self.model.add_weighted_adapter(names, [float(w) for w in weights.values()], MIX, combination_type="svd",
+                                        svd_rank=self.acfg.rank)
+        try:
+            sd = adapter_state(self.model, MIX)
+        finally:
+            self.model.delete_adapter(MIX)
+        scale = self.acfg.alpha / self.acfg.rank   # peft's mixture has α = r (scale 1), the singular values in B
+        for ka in [k for k in sd if ".lora_A." in k]:
+            kb = ka.replace(".lora_A.", ".lora_B.")
+            a, b = sd[ka], sd[kb]                  # A (r, in, …) rows orthonormal; B (out, r, …) = U·S
+            s = b.transpose(0, 1).flatten(1).norm(dim=1).clamp_min(1e-12)   # (r,) the singular values
+            shape = (1, -1) + (1,) * (b.dim() - 2)
+            sd[kb] = b / (s * scale).sqrt().view(shape)
+            sd[ka] = a * (s / scale).sqrt().view((-1,) + (1,) * (a.dim() - 1))
+        return sd
 
 
 class _MixedBatch(torch.nn.Module):

@@ -145,3 +145,36 @@ def fit_user(model: PAL, feats: torch.Tensor, y: torch.Tensor, steps: int = 200,
         for p in model.parameters():
             p.requires_grad_(True)
     return w.detach()[0]
+
+
+def prototype_logits(model: PAL, k: int) -> torch.Tensor:
+    """User logits (1, K) whose mixture is prototype k alone (softmax one-hot to within e^-50)."""
+    w = torch.zeros(1, model.k)
+    w[0, k] = 50.0
+    return w
+
+
+class PrototypeUser:
+    """A simulated user who has prototype k's taste: they like an image when PAL's p(like) for prototype k alone is
+    above one half and the oracle calls it a legible member of some class (PAL was fitted on real images only, so it
+    cannot see a malformed one). Noiseless and never unsure: the prototype adapters' teacher (scripts/new_users.py).
+    Answers labels only; features as PAL was fitted on (papa.select.unet_features of the frozen base at `feature_t`)."""
+    kinds = ("label",)
+
+    def __init__(self, model: PAL, k: int, base: nn.Module, sched, feature_t: int, oracle: nn.Module):
+        from papa.feedback import OracleFeedback
+        self.model, self.k, self.base, self.sched, self.t = model.eval(), k, base, sched, feature_t
+        self.legible = OracleFeedback(oracle, list(range(10)), reject=True)
+
+    @torch.no_grad()
+    def p_like(self, images: torch.Tensor) -> torch.Tensor:
+        from papa.select import unet_features
+        feats = unet_features(self.base, self.sched, images, self.t)
+        return self.model.p_like(feats, torch.zeros(len(feats), dtype=torch.long),
+                                 logits=prototype_logits(self.model, self.k))
+
+    @torch.no_grad()
+    def ask(self, query) -> torch.Tensor:
+        x = query.images
+        like = (self.p_like(x) > 0.5) & self.legible.likes(x).cpu()
+        return torch.where(like, 1.0, -1.0)
