@@ -7,6 +7,12 @@ trains). The page (papa/web/, static HTML/JS, no build step) shows each round's 
 skips each (A / B / tie for pairwise methods) with the mouse or the keyboard and submits; the next round appears by
 itself. `--resume RUN_DIR` continues a stopped server at the same round with the answers already given.
 
+Several people on one server: `python -m papa.serve --config configs/mnist_users.yaml --user ann --user bo` gives
+every person their own adapter on the shared base (`adapter.rank` > 0), their own round queue, run directory
+(<run>/users/<name>/, a served run like any other, so `papa.sample --user NAME` samples it) and access token, and
+their own page under /u/<name>/; each person's rounds go on as fast as they answer, whatever the others do.
+`--resume RUN_DIR --user …` continues everyone named, and starts anyone new with the run's saved config.
+
 The served run is an ordinary papa run whose config says `feedback.source: file`, `feedback.wait: true`, with the
 labels file <run>/serve/labels.json; the answers live on disk (papa.webfeedback), never only in memory. Exit codes as
 papa.train: 0 done, 2 bad input (nothing written), 3 non-finite loss.
@@ -17,9 +23,11 @@ every request checked for the token (header X-Papa-Token, query ?token=, or the 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -30,7 +38,7 @@ import torch
 
 from papa import checkpoint, dist
 from papa.cli import add_config_args, add_threads_arg, apply_threads, check_writable_dir, run_main
-from papa.config import Config, ConfigError, default_config, load_config, to_dict, validate
+from papa.config import Config, ConfigError, default_config, dump_yaml, load_config, to_dict, validate
 from papa.engine import Engine, default_sample_path, run_dir_for
 from papa.webfeedback import BadRequest, Progress, ServeStore, Stale, WebFeedback, progress_dict
 
@@ -93,6 +101,102 @@ def prepare(config: str | None, overrides: list[str], resume: str | None, force:
             raise ConfigError(f"config key 'checkpoints.{key}': file '{p}' not found "
                               f"(ship it, or make it with python -m papa.{'pretrain' if key == 'base' else 'oracle'})")
     return cfg, run_dir
+
+
+PERSON = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def prepare_people(config: str | None, overrides: list[str], resume: str | None, people: list[str],
+                   force: bool = False) -> tuple[Config, Path, list[tuple[str, Config, Path]]]:
+    """Several people's served runs, all checked before any work: the shared config, the run directory, and per
+    person (name, their served config, <run>/users/<name>/). One-line ConfigError on bad input."""
+    for name in people:
+        if not PERSON.fullmatch(name):
+            raise ConfigError(f"--user {name!r}: a name is letters, digits, '_', '.' or '-' (up to 64, not starting "
+                              "with '.' or '-'), used in the page's address and the run directory")
+    if len(set(people)) != len(people):
+        raise ConfigError(f"--user: {sorted(n for n in people if people.count(n) > 1)[0]!r} is named twice")
+    if resume:
+        root = Path(resume)
+        if config:
+            raise ConfigError("--resume with --user continues every person under their own saved config; drop "
+                              "--config (or use --set for a change, with --force)")
+        if not (root / "config.yaml").is_file():
+            raise ConfigError(f"--resume {resume}: no config.yaml there; pass the run directory papa.serve printed")
+        shared = load_config(root / "config.yaml", overrides)
+    else:
+        shared = load_config(config or default_config(), overrides)
+        if not shared.train.sample_path:
+            shared.train.sample_path = "people_" + default_sample_path(shared)
+        root = run_dir_for(shared)
+        if (root / "config.yaml").is_file():
+            raise ConfigError(f"run directory {root} already holds a run; continue it with --resume {root} "
+                              f"--user …, or pick another train.sample_path")
+    if shared.adapter.rank <= 0:
+        raise ConfigError("--user: every person aligns their own adapter on the one shared base, so adapter.rank "
+                          "must be > 0 (e.g. --config configs/mnist_users.yaml, or --set adapter.rank=2)")
+    check_method(shared)
+    shared.users.population, shared.users.only = "", []   # the people answer, not a simulated population
+    check_writable_dir(root, "run directory")
+    out = []
+    for name in people:
+        udir = root / "users" / name
+        if (udir / "config.yaml").is_file():
+            cfg, _ = prepare(None, overrides, str(udir), force)
+        else:
+            cfg = served_config(copy.deepcopy(shared), udir)
+        out.append((name, cfg, udir))
+    return validate(shared), root, out
+
+
+def people_app(served: dict[str, "Served"]):
+    """One app for several people: person `name`'s own app (and token) under /u/<name>/; nothing at the root."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
+
+    async def index(req):
+        return JSONResponse({"error": "this server serves several people, each at their own address: open the URL "
+                                      "papa.serve printed for you (…/u/<name>/?token=…)"}, status_code=404)
+    return Starlette(routes=[Route("/", index)] + [Mount(f"/u/{name}", app=s.app()) for name, s in served.items()])
+
+
+def serve_people(args, host: str) -> int:
+    """`--user`: several people's runs in one process, each engine in its own thread, one HTTP server."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--user serves several people from one process; start it without torchrun")
+    shared, root, people = prepare_people(args.config, args.overrides, args.resume, args.user, args.force)
+    sock = bind(host, args.port)
+    apply_threads(args)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if not (root / "config.yaml").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(root / "config.yaml", dump_yaml(shared))
+    resumed = {name: (udir / "config.yaml").is_file() for name, _, udir in people}
+    served = {name: Served(cfg, udir) for name, cfg, udir in people}
+    server, _ = serve_in_thread(people_app(served), sock)
+    for name, s in served.items():
+        print(f"papa.serve: {name}: open {url_of(sock, host, s.token, prefix=f'/u/{name}/')}", flush=True)
+    print(f"papa.serve: run directory {root}; stop with Ctrl-C, continue with python -m papa.serve --resume {root} "
+          + " ".join(f"--user {n}" for n in served), flush=True)
+    for name, s in served.items():
+        s.start(resume=resumed[name])
+    for s in served.values():
+        while s._thread.is_alive():
+            s._thread.join(1.0)
+    from papa.engine import NonFiniteLoss
+    failed = {n: s.error for n, s in served.items() if s.error is not None}
+    for name, err in failed.items():
+        print(f"error: {name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+    if failed:
+        return 3 if all(isinstance(e, NonFiniteLoss) for e in failed.values()) else 1
+    if not args.exit_when_done:
+        print("papa.serve: everyone's rounds are done; the pages still serve their history, labels and checkpoints; "
+              "Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    server.should_exit = True
+    return 0
 
 
 class ServedEngine(Engine):
@@ -418,10 +522,10 @@ def serve_in_thread(app, sock: socket.socket):
     return server, thread
 
 
-def url_of(sock: socket.socket, host: str, token: str) -> str:
+def url_of(sock: socket.socket, host: str, token: str, prefix: str = "/") -> str:
     port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/?token={token}"
+    return f"http://{shown}:{port}{prefix}?token={token}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,8 +540,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
     ap.add_argument("--exit-when-done", action="store_true",
                     help="exit after the last round instead of serving the finished run until Ctrl-C")
+    ap.add_argument("--user", action="append", default=[], metavar="NAME",
+                    help="serve this person their own adapter, rounds and page (/u/NAME/); repeat for several people "
+                         "on one server (needs adapter.rank > 0, e.g. --config configs/mnist_users.yaml)")
     add_threads_arg(ap, "torch CPU threads per process (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.user:
+        return serve_people(args, args.host)
 
     cfg, run_dir = prepare(args.config, args.overrides, args.resume, args.force)
     sock = bind(args.host, args.port) if dist.env_rank() == 0 else None

@@ -327,3 +327,63 @@ def test_a_person_is_asked_about_the_selectors_picks_and_their_labels_replay(ser
     served_ck = checkpoint.load(s.served.run_dir / "checkpoints" / "round_002.pt")
     replay_ck = checkpoint.load(replay_out / "mnist" / "replay" / "checkpoints" / "round_002.pt")
     assert all(torch.equal(v, replay_ck["model"][k]) for k, v in served_ck["model"].items())
+
+
+def test_several_people_each_align_their_own_adapter_on_one_server(tiny, tmp_path):
+    """`papa.serve --user ann --user bo`: one server, a page, token, round queue and adapter per person; a person's
+    token opens only their page; each queue goes at its own person's pace."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import httpx
+    from papa.serve import prepare_people
+    ovs = overrides(tiny, tmp_path, rounds=1, extra=["adapter.rank=2", "adapter.alpha=8"])
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "papa.serve", "--config", MNIST, "--port", "0", "--exit-when-done",
+                             "--user", "ann", "--user", "bo", "--threads", "1", *[a for o in ovs for a in ("--set", o)]],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    output = lambda: (tmp_path / "serve.log").read_text()[-3000:]  # noqa: E731
+    try:
+        t0 = time.time()
+        while len(found := re.findall(r"(\w+): open (http://127\.0\.0\.1:\d+)/u/\w+/\?token=([\w-]+)", output())) < 2:
+            assert time.time() - t0 < 120 and proc.poll() is None, output()
+            time.sleep(0.2)
+        tokens = {name: tok for name, _, tok in found}
+        http = httpx.Client(base_url=found[0][1], timeout=60)
+        assert tokens["ann"] != tokens["bo"] and http.get("/").status_code == 404
+        assert http.get("/u/ann/api/state", headers={"X-Papa-Token": tokens["bo"]}).status_code == 403
+        page = http.get(f"/u/bo/?token={tokens['bo']}")
+        assert page.status_code == 200 and 'src="static/app.js"' in page.text   # relative: works under /u/bo/
+        assert http.get("/u/bo/static/app.js", headers={"X-Papa-Token": tokens["bo"]}).status_code == 200
+        for name in ("bo", "ann"):
+            tok = {"X-Papa-Token": tokens[name]}
+            t0 = time.time()
+            while (s := http.get(f"/u/{name}/api/state", headers=tok).json())["status"] != "labelling":
+                assert time.time() - t0 < 300 and proc.poll() is None, output()
+                time.sleep(0.1)
+            for i, qid in enumerate(s["ids"]):
+                assert http.post(f"/u/{name}/api/label", headers=tok,
+                                 json={"round": 1, "id": qid, "value": 1 if i % 2 else -1}).status_code == 200
+            assert http.post(f"/u/{name}/api/submit", headers=tok, json={"round": 1}).status_code == 200
+        assert proc.wait(timeout=300) == 0, output()   # --exit-when-done: once everyone's last round is in
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    root = next((tmp_path / "mnist").iterdir())
+    for name in ("ann", "bo"):   # every person's checkpoint holds their adapter alone
+        sd = checkpoint.load(root / "users" / name / "checkpoints" / "round_001.pt")["model"]
+        assert sd and all("lora_" in k for k in sd)
+    from papa.sample import main as sample   # a person's model samples as a population user's does
+    assert sample(["--config", str(root / "config.yaml"), "--user", "bo", "--checkpoint", str(root), "--num", "2",
+                   "--out", str(tmp_path / "s"), "--quiet", "--set", "sample.batch_size=2"]) == 0
+    with pytest.raises(ConfigError, match="adapter.rank must be > 0"):
+        prepare_people(MNIST, overrides(tiny, tmp_path / "x", rounds=1), None, ["ann"])
+    with pytest.raises(ConfigError, match="'a/b': a name is letters"):
+        prepare_people(MNIST, ovs, None, ["a/b"])
+    with pytest.raises(ConfigError, match="already holds a run"):
+        prepare_people(MNIST, ovs, None, ["ann"])
+    # a later start continues ann (done) and brings in a newcomer under the run's saved config
+    _, _, again = prepare_people(None, [], str(root), ["ann", "cy"])
+    assert [n for n, _, _ in again] == ["ann", "cy"] and again[1][1].adapter.rank == 2

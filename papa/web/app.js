@@ -44,10 +44,10 @@ function buildGrid() {
     const key = i < 9 ? String(i + 1) : i === 9 ? "0" : "";
     let imgs;
     if (isPairs()) {
-      imgs = `<div class="pairimgs"><figure><img src="/api/image/${S.round}/${2 * i}.png" alt="pair ${i + 1} first">A</figure>` +
-             `<figure><img src="/api/image/${S.round}/${2 * i + 1}.png" alt="pair ${i + 1} second">B</figure></div>`;
+      imgs = `<div class="pairimgs"><figure><img src="api/image/${S.round}/${2 * i}.png" alt="pair ${i + 1} first">A</figure>` +
+             `<figure><img src="api/image/${S.round}/${2 * i + 1}.png" alt="pair ${i + 1} second">B</figure></div>`;
     } else {
-      imgs = `<img src="/api/image/${S.round}/${i}.png" alt="image ${i + 1}">`;
+      imgs = `<img src="api/image/${S.round}/${i}.png" alt="image ${i + 1}">`;
     }
     const buttons = isPairs()
       ? `<button class="a" data-v="1">A <kbd>A</kbd></button><button class="tie" data-v="0">tie <kbd>T</kbd></button><button class="b" data-v="-1">B <kbd>B</kbd></button>`
@@ -113,7 +113,7 @@ function setLabel(i, value, fromUndo = false) {
   }
   paintCards();
   return enqueue(async () => {
-    const r = await api("/api/label", { method: "POST", body: JSON.stringify({ round, id, value }) });
+    const r = await api("api/label", { method: "POST", body: JSON.stringify({ round, id, value }) });
     if (r.status === 409) { toast((r.data && r.data.error) || "this round is closed"); return refresh(); }
     if (!r.ok) {
       if (before === null) delete draft[id]; else draft[id] = before;
@@ -139,7 +139,7 @@ function submit() {
   submitting = true; paintCards();
   const round = S.round;
   return enqueue(async () => {  // after the labels still on their way
-    const r = await api("/api/submit", { method: "POST", body: JSON.stringify({ round }) });
+    const r = await api("api/submit", { method: "POST", body: JSON.stringify({ round }) });
     submitting = false;
     if (r.status === 409) toast((r.data && r.data.error) || "already submitted");
     else if (!r.ok) toast((r.data && r.data.error) || `could not submit (HTTP ${r.status})`);
@@ -170,13 +170,13 @@ function renderSide() {
   const thumbs = $("thumbs");
   if (thumbs.childElementCount !== h.length) {
     thumbs.innerHTML = h.slice().reverse().map((r) =>
-      `<figure><img src="/api/grid/${r.round}.png" alt="round ${r.round}" data-round="${r.round}"><figcaption>round ${r.round}: ${r.like}/${r.n}</figcaption></figure>`).join("");
+      `<figure><img src="api/grid/${r.round}.png" alt="round ${r.round}" data-round="${r.round}"><figcaption>round ${r.round}: ${r.like}/${r.n}</figcaption></figure>`).join("");
   }
   $("ckpt-name").textContent = S.checkpoint ? `(${S.checkpoint})` : "(none yet)";
   const p = S.preview;
   if (p && p.count !== previewCount) {
     previewCount = p.count;
-    $("preview-img").src = `/api/preview.png?n=${p.count}`;
+    $("preview-img").src = `api/preview.png?n=${p.count}`;
     $("preview-img").hidden = false;
     $("preview-note").textContent = `after round ${p.after_round}, drawn in ${p.seconds} s`;
   } else if (S.preview_pending) {
@@ -214,7 +214,7 @@ function render() {
 }
 
 async function refresh() {
-  const r = await api("/api/state");
+  const r = await api("api/state");
   if (!r.ok) {
     toast((r.data && r.data.error) || `server said HTTP ${r.status}`, 10000);
     return false;
@@ -253,7 +253,7 @@ document.addEventListener("keydown", (ev) => {
 });
 
 async function askPreview() {
-  const r = await api("/api/preview", { method: "POST" });
+  const r = await api("api/preview", { method: "POST" });
   if (r.ok) { $("preview-note").textContent = "drawing…"; refresh(); }
 }
 
