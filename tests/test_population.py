@@ -92,7 +92,15 @@ def test_users_sharded_over_two_ranks_match_one(tiny, tmp_path):
 @pytest.mark.parametrize("extra,fragment", [
     (["adapter.rank=0"], "needs adapter.rank > 0"),
     (["data.dataset=fashion_mnist"], "is a mnist population"),
+    (["users.only=[fours,nobody]"], "users.only': 'nobody' is not a user of"),
+    (["adapter.init=no_such_adapter.pt"], "adapter.init' names a file that is not there: 'no_such_adapter.pt'"),
 ])
-def test_population_settings_are_checked_before_any_work(tmp_path, extra, fragment):
+def test_population_config_errors_are_one_line(tmp_path, extra, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_config(ROOT / "configs" / "mnist.yaml", population(tmp_path) + extra)
+
+
+def test_users_only_runs_the_named_users_new_ones_included():
+    from papa.population import users_of
+    cfg = load_config(ROOT / "configs" / "mnist_users.yaml", ["users.only=[new_08,single_2]"])
+    assert [u.id for u in users_of(cfg)[1]] == ["single_2", "new_08"]   # in the file's order
