@@ -183,23 +183,26 @@ class UserAdapters:
     def mix(self, weights: dict[str, float]) -> dict[str, torch.Tensor]:
         """One adapter of this rank from a weighted sum of users' adapters: in every layer ΔW = Σ_u w_u ΔW_u (each
         ΔW_u = (α / r) B_u A_u), cut to the best rank-r approximation by SVD (peft's `add_weighted_adapter`, "svd").
-        Returned as an adapter state of this object's rank and α, its factors balanced (B and Aᵀ columns of equal
-        norm), so that training can start from it."""
+        Returned as an adapter state of this object's rank and α, each component's factors balanced (column i of B
+        and row i of A of equal norm), so that training can start from it."""
         names = [self._known(u) for u in weights]
-        self.model.add_weighted_adapter(names, [float(w) for w in weights.values()], MIX, combination_type="svd",
-                                        svd_rank=self.acfg.rank)
         try:
+            self.model.add_weighted_adapter(names, [float(w) for w in weights.values()], MIX,
+                                            combination_type="svd", svd_rank=self.acfg.rank)
             sd = adapter_state(self.model, MIX)
         finally:
-            self.model.delete_adapter(MIX)
-        scale = self.acfg.alpha / self.acfg.rank   # peft's mixture has α = r (scale 1), the singular values in B
+            if MIX in self.model.peft_config:
+                self.model.delete_adapter(MIX)
+            self.model.requires_grad_(False)
+        scale = self.acfg.alpha / self.acfg.rank   # peft's mixture has α = its rank: scale 1
         for ka in [k for k in sd if ".lora_A." in k]:
             kb = ka.replace(".lora_A.", ".lora_B.")
-            a, b = sd[ka], sd[kb]                  # A (r, in, …) rows orthonormal; B (out, r, …) = U·S
-            s = b.transpose(0, 1).flatten(1).norm(dim=1).clamp_min(1e-12)   # (r,) the singular values
-            shape = (1, -1) + (1,) * (b.dim() - 2)
-            sd[kb] = b / (s * scale).sqrt().view(shape)
-            sd[ka] = a * (s / scale).sqrt().view((-1,) + (1,) * (a.dim() - 1))
+            a, b = sd[ka], sd[kb]                  # A (r, in, …), B (out, r, …): ΔW = Σ_i B[:, i] A[i]
+            na = a.flatten(1).norm(dim=1).clamp_min(1e-12)                  # (r,)
+            nb = b.transpose(0, 1).flatten(1).norm(dim=1).clamp_min(1e-12)  # (r,)
+            c = (na / nb).sqrt()                   # B_i · c_i and A_i / c_i: the same product, equal norms
+            sd[kb] = b * (c / scale ** 0.5).view((1, -1) + (1,) * (b.dim() - 2))
+            sd[ka] = a / (c * scale ** 0.5).view((-1,) + (1,) * (a.dim() - 1))
         return sd
 
 

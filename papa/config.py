@@ -404,7 +404,8 @@ def validate(cfg: Config) -> Config:
                  "(e.g. 'downs.0.resnet_conv_first.0.2'); see papa/adapters.py")
     if ac.init:
         _require(ac.rank > 0, "adapter.init", "needs adapter.rank > 0 (it is the adapter a run starts from)")
-        _require(Path(ac.init).is_file(), "adapter.init", f"names a file that is not there: '{ac.init}'")
+    _require(not cfg.users.only or bool(cfg.users.population), "users.only",
+             "needs users.population (the population file whose users it names)")
     if cfg.users.population:
         from papa.population import check
         check(cfg)

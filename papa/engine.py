@@ -120,12 +120,17 @@ class Engine:
         if cfg.adapter.rank > 0:
             from papa.adapters import AdapterPolicy
             policy = AdapterPolicy(base, cfg.adapter, seed=cfg.train.seed)
-            if cfg.adapter.init:  # start from another adapter (e.g. a newcomer's mixture of prototype adapters)
+            # start from another adapter (e.g. a newcomer's mixture of prototype adapters); a run that has round
+            # checkpoints resumes from them, so the starting file is needed only until the first one is written
+            if cfg.adapter.init and (Path(cfg.adapter.init).is_file()
+                                     or not checkpoint.round_files(Path(run_dir) / "checkpoints")):
                 from papa.models import load_adapter
                 try:
                     policy.load_module_state(policy.module, load_adapter(cfg.adapter.init, cfg.adapter, ds))
-                except ValueError as e:
-                    raise checkpoint.CheckpointError(f"config key 'adapter.init': '{cfg.adapter.init}': {e}") from None
+                except (ValueError, checkpoint.CheckpointError) as e:
+                    raise checkpoint.CheckpointError(f"config key 'adapter.init': {e}; point it at an adapter run's "
+                                                     "round checkpoint (or a mixture.pt of scripts/new_users.py) "
+                                                     "made with this config's adapter.rank, alpha and targets") from None
         else:
             policy = FullPolicy(base)
         evaluator = load_classifier("evaluator", ck.evaluator, ds).to(device)
@@ -136,7 +141,10 @@ class Engine:
         run_eval = RunEvaluator(evaluator, xte, yte, cfg, NoiseSchedule.from_config(cfg.diffusion), device)
         key = {"files": [checkpoint.sha256_file(p) for p in (ck.base, ck.evaluator)],  # by content, not size/time
                "model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion), "data": to_dict(cfg.data),
-               "preference": cfg.feedback.preference, "num": cfg.eval.final_num, "seed": cfg.eval.seed}
+               "preference": cfg.feedback.preference, "num": cfg.eval.final_num, "seed": cfg.eval.seed,
+               # round 0 of a run that starts from an adapter is that adapter's evaluation, not the base's
+               **({"init": checkpoint.sha256_file(cfg.adapter.init)}
+                  if cfg.adapter.rank > 0 and cfg.adapter.init and Path(cfg.adapter.init).is_file() else {})}
         return cls(cfg, run_dir, policy, feedback, run_eval, rank, world, device, base_eval_key=key)
 
     def log(self, msg: str) -> None:

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from papa import checkpoint
-from papa.config import REPO_ROOT, ConfigError, load_config, to_dict
-from papa.data import load_dataset
+from papa.config import REPO_ROOT, ConfigError, config_hash, load_config, to_dict
+from papa.data import DataError, load_dataset
 from papa.models import load_adapter, load_classifier, load_unet
 from papa.pal import PAL, PrototypeUser, fit, fit_user, prototype_logits
 from papa.population import user_config
@@ -42,11 +42,6 @@ from papa.select import unet_features
 from papa.users import SimulatedUser, load_population
 
 N_LABEL = 2000
-
-
-def finished(run_dir: Path, rounds: int) -> bool:
-    done = checkpoint.round_files(run_dir / "checkpoints")
-    return bool(done) and done[-1][0] >= rounds
 
 
 def run(cfg, run_dir: Path, feedback) -> None:
@@ -69,7 +64,7 @@ def final_row(run_dir: Path) -> dict:
 
 
 def fit_pal(cfg, pop, feats, oracle, args) -> PAL:
-    x, _ = load_dataset(pop.dataset, "test")
+    x, _ = load_dataset(pop.dataset, "test", root=cfg.data.root or None)
     x = torch.from_numpy(x[:N_LABEL]).float().div(127.5).sub(1).unsqueeze(1)
     idx, ys, us = [], [], []
     for ui, u in enumerate(pop.seen):   # as scripts/pal_images.py draws them
@@ -95,7 +90,8 @@ def prototype_classes(model: PAL, k: int, feats: torch.Tensor, y: torch.Tensor) 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/mnist_users.yaml", help="a population config (users.population)")
+    ap.add_argument("--config", default=str(REPO_ROOT / "configs" / "mnist_users.yaml"),
+                    help="a population config (users.population; default configs/mnist_users.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     ap.add_argument("--k", type=int, default=8, help="PAL prototypes, and prototype adapters")
     ap.add_argument("--dim", type=int, default=32, help="PAL's preference-space size d")
@@ -121,21 +117,44 @@ def main(argv: list[str] | None = None) -> int:
         if args.warmup % spr or (args.budget - args.warmup) % spr or args.budget <= args.warmup:
             raise ConfigError(f"--warmup {args.warmup} and --budget {args.budget} must be multiples of "
                               f"train.samples_per_round ({spr}), budget > warm-up")
+        if args.budget > args.scratch_rounds * spr or (
+                (args.budget // spr) % cfg.eval.every and args.budget != args.scratch_rounds * spr):
+            raise ConfigError(f"--budget {args.budget} must be a label count the from-scratch run evaluates at "
+                              f"(every eval.every={cfg.eval.every} rounds of {spr}, up to --scratch-rounds "
+                              f"{args.scratch_rounds})")
+        unknown = sorted(set(args.users or []) - {u.id for u in pop.new})
+        if unknown:
+            raise ConfigError(f"--users: {unknown[0]!r} is no newcomer of {pop.path} (its newcomers: "
+                              f"{', '.join(u.id for u in pop.new) or 'none'})")
         newcomers = [u for u in pop.new if args.users is None or u.id in args.users]
         if not newcomers:
-            raise ConfigError(f"{pop.path} has no newcomers (new: true){' among ' + str(args.users) if args.users else ''}")
-    except ConfigError as e:
+            raise ConfigError(f"{pop.path} has no newcomers (users with new: true)")
+        cfg.train.seed = args.seed
+        return steps(cfg, pop, newcomers, args)
+    except (ConfigError, checkpoint.CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
-    cfg.train.seed = args.seed
-    ds, t0 = pop.dataset, time.time()
+
+
+SETTINGS = ("seed", "k", "dim", "seen_labels", "proto_rounds", "warmup", "budget", "scratch_rounds")
+
+
+def steps(cfg, pop, newcomers, args) -> int:
+    ds, t0, spr = pop.dataset, time.time(), cfg.train.samples_per_round
     out = Path(args.out) / ds
+    made = {**{k: getattr(args, k) for k in SETTINGS}, "config": config_hash(cfg)}
+    if (out / "args.json").is_file() and json.loads((out / "args.json").read_text()) != made:
+        was = json.loads((out / "args.json").read_text())
+        diff = [k for k in made if was.get(k) != made[k]]
+        raise ConfigError(f"{out} holds runs made with other settings ({', '.join(diff)}: "
+                          f"{', '.join(str(was.get(k)) for k in diff)}); rerun with those, or pass another --out")
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(out / "args.json", json.dumps(made, indent=1))
     sched = NoiseSchedule.from_config(cfg.diffusion)
     base = load_unet(cfg.model, cfg.checkpoints.base, dataset=ds).eval()
     oracle = load_classifier("oracle", cfg.checkpoints.oracle, ds)
 
     # 1. PAL on the seen users
-    x_test, y_test = load_dataset(ds, "test")
+    x_test, y_test = load_dataset(ds, "test", root=cfg.data.root or None)
     x_lab = torch.from_numpy(x_test[:N_LABEL]).float().div(127.5).sub(1).unsqueeze(1)
     y_lab = torch.from_numpy(y_test[:N_LABEL]).long()
     feat_file = out / f"features_t{cfg.select.feature_t}_{checkpoint.sha256_file(cfg.checkpoints.base)[:12]}.pt"
@@ -180,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         if not mix_file.is_file():
             warm = sample(base, sched, args.warmup, steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
                           seed=args.seed * 1000 + 700 + ni, progress=False)
-            answers = SimulatedUser(oracle, u, seed=args.seed).answers(warm, round_idx=0)
+            # the warm-up's label noise from a round index the runs never reach (round 1 has its own)
+            answers = SimulatedUser(oracle, u, seed=args.seed).answers(warm, round_idx=1_000_000 + ni)
             w = fit_user(pal, unet_features(base, sched, warm, cfg.select.feature_t), answers)
             weights = dict(zip(protos, w.softmax(0).tolist()))
             checkpoint.atomic_save({"model": mixer.mix(weights), "dataset": ds, "weights": weights,
@@ -198,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         run(scfg, udir / "scratch", SimulatedUser(oracle, u, seed=args.seed))
         rows.append({"user": u.id, "likes": list(u.like), "taste": u.taste() or None, "weights": mix["weights"],
                      "warmup_likes": int((mix["warmup_answers"] > 0).sum()),
-                     "mixture": curve(udir / "mixture", offset=args.warmup), "scratch": curve(udir / "scratch"),
+                     "mixture": curve(udir / "mixture", offset=len(mix["warmup_answers"])),
+                     "scratch": curve(udir / "scratch"),
                      "mixture_final": final_row(udir / "mixture")})
     report(rows, protos, args, out, cfg, time.time() - t0)
     return 0
@@ -217,7 +238,9 @@ def report(rows: list[dict], protos: dict, args, out: Path, cfg, seconds: float)
         r["mixture_start"], r["base_rate"] = rate_at(r["mixture"], args.warmup), rate_at(r["scratch"], 0)
         goal = r["mixture_at_budget"]
         r["scratch_labels_to_match"] = next((n for n, v in r["scratch"] if goal is not None and v >= goal), None)
-    med = lambda key: statistics.median([r[key] for r in rows if r[key] is not None]) if rows else None  # noqa: E731
+    def med(key):
+        vals = [r[key] for r in rows if r[key] is not None]
+        return statistics.median(vals) if vals else None
     summ = {"k": args.k, "seed": args.seed, "warmup": args.warmup, "budget": at, "seen_labels": args.seen_labels,
             "proto_rounds": args.proto_rounds, "scratch_rounds": args.scratch_rounds,
             "prototypes": {k: {"classes": p["classes"], "rate": p["rate"]} for k, p in protos.items()},

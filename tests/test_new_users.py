@@ -84,6 +84,14 @@ def test_script_runs_prototypes_and_newcomers_and_resumes(tiny, tmp_path, monkey
     eng = Engine.from_config(mcfg, tmp_path / "fresh")
     got = eng.policy.module_state(eng.policy.module)
     assert set(got) == set(mix) and all(torch.equal(got[k], mix[k]) for k in mix)
+    # its round 0 is the mixture's evaluation, never read from (or written to) the base's cache entry
+    scratch = Engine.from_config(load_config(out / "newcomers" / "c" / "scratch" / "config.yaml"), tmp_path / "s")
+    assert eng.base_eval.path != scratch.base_eval.path
+    assert row["mixture"][0][1] == json.loads((out / "newcomers" / "c" / "mixture" / "metrics.jsonl").read_text()
+                                              .splitlines()[0])["legible_preferred_rate"]
+    mcfg.adapter.init = str(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="adapter.init.*not found"):
+        Engine.from_config(mcfg, tmp_path / "fresh3")
     mcfg.adapter.init = str(tiny / "base.pt")                  # a whole UNet is no adapter: one line, no run
     with pytest.raises(CheckpointError, match="holds a whole UNet, not a low-rank adapter"):
         Engine.from_config(mcfg, tmp_path / "fresh2")
@@ -92,3 +100,5 @@ def test_script_runs_prototypes_and_newcomers_and_resumes(tiny, tmp_path, monkey
     before = {p.name: p.stat().st_mtime_ns for p in out.rglob("round_*.pt")}
     assert new_users.main(argv) == 0                       # everything done: nothing trained again
     assert {p.name: p.stat().st_mtime_ns for p in out.rglob("round_*.pt")} == before
+    with pytest.raises(SystemExit, match="holds runs made with other settings \\(seed"):
+        new_users.main(argv + ["--seed", "1"])                 # never another seed's runs reported as this one's
