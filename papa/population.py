@@ -82,8 +82,9 @@ def run_population(cfg: Config, run_dir: Path, rank: int, world: int, device, re
             judge = judge or TasteJudge(cfg, device)
             checkpoint.atomic_write_text(udir / "taste.json", json.dumps(judge.report(udir, spec)))
     dist.barrier(world)
-    if rank == 0:
-        write_summary(cfg, run_dir, pop, users)
+    if rank == 0:   # every finished user of the population, also those a `users.only` run left out
+        write_summary(cfg, run_dir, pop, [u for u in pop.users if cfg.users.include_new or not u.new
+                                          or u.id in cfg.users.only])
     return 0
 
 

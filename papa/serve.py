@@ -23,6 +23,7 @@ every request checked for the token (header X-Papa-Token, query ?token=, or the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -103,6 +104,7 @@ def prepare(config: str | None, overrides: list[str], resume: str | None, force:
     return cfg, run_dir
 
 
+GPU_SAMPLING = threading.Lock()
 PERSON = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -112,10 +114,12 @@ def prepare_people(config: str | None, overrides: list[str], resume: str | None,
     person (name, their served config, <run>/users/<name>/). One-line ConfigError on bad input."""
     for name in people:
         if not PERSON.fullmatch(name):
-            raise ConfigError(f"--user {name!r}: a name is letters, digits, '_', '.' or '-' (up to 64, not starting "
-                              "with '.' or '-'), used in the page's address and the run directory")
-    if len(set(people)) != len(people):
-        raise ConfigError(f"--user: {sorted(n for n in people if people.count(n) > 1)[0]!r} is named twice")
+            raise ConfigError(f"--user {name!r}: a name is letters, digits, '_', '.' or '-' (up to 64, starting "
+                              "with a letter or digit), used in the page's address and the run directory")
+    folded = [n.lower() for n in people]   # one directory on a case-insensitive file system
+    if len(set(folded)) != len(folded):
+        twice = sorted(n for n in people if folded.count(n.lower()) > 1)
+        raise ConfigError(f"--user: {twice[0]!r} is named twice (names that differ only in case count as one)")
     if resume:
         root = Path(resume)
         if config:
@@ -138,6 +142,11 @@ def prepare_people(config: str | None, overrides: list[str], resume: str | None,
     check_method(shared)
     shared.users.population, shared.users.only = "", []   # the people answer, not a simulated population
     check_writable_dir(root, "run directory")
+    for key in ("base", "evaluator"):
+        p = getattr(shared.checkpoints, key)
+        if not Path(p).is_file():
+            raise ConfigError(f"config key 'checkpoints.{key}': file '{p}' not found "
+                              f"(ship it, or make it with python -m papa.{'pretrain' if key == 'base' else 'oracle'})")
     out = []
     for name in people:
         udir = root / "users" / name
@@ -168,19 +177,20 @@ def serve_people(args, host: str) -> int:
     shared, root, people = prepare_people(args.config, args.overrides, args.resume, args.user, args.force)
     sock = bind(host, args.port)
     apply_threads(args)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _, _, device = dist.init()   # one process (world 1): the device papa.train would use
+    torch.use_deterministic_algorithms(not torch.cuda.is_available(), warn_only=True)
     if not (root / "config.yaml").is_file():
         root.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(root / "config.yaml", dump_yaml(shared))
     resumed = {name: (udir / "config.yaml").is_file() for name, _, udir in people}
-    served = {name: Served(cfg, udir) for name, cfg, udir in people}
+    served = {name: Served(cfg, udir, device=device) for name, cfg, udir in people}
     server, _ = serve_in_thread(people_app(served), sock)
     for name, s in served.items():
         print(f"papa.serve: {name}: open {url_of(sock, host, s.token, prefix=f'/u/{name}/')}", flush=True)
     print(f"papa.serve: run directory {root}; stop with Ctrl-C, continue with python -m papa.serve --resume {root} "
           + " ".join(f"--user {n}" for n in served), flush=True)
     for name, s in served.items():
-        s.start(resume=resumed[name])
+        s.start(resume=resumed[name], force=args.force)
     for s in served.values():
         while s._thread.is_alive():
             s._thread.join(1.0)
@@ -241,7 +251,9 @@ class ServedEngine(Engine):
 
     def draw(self, r: int):
         t0 = self._phase("sampling", f"drawing round {r + 1}'s images")
-        out = super().draw(r)
+        # several people's engines in one process (--user): CUDA-graph capture is not safe from two threads at once
+        with GPU_SAMPLING if self.device.type == "cuda" else contextlib.nullcontext():
+            out = super().draw(r)
         self._mark("sampling_s", t0)
         return out
 
@@ -291,10 +303,10 @@ class Served:
             raise
 
     # for tests and the benchmark: the rounds in a thread, the app in-process
-    def start(self, resume: bool = False) -> "Served":
+    def start(self, resume: bool = False, force: bool = False) -> "Served":
         def target():
             try:
-                self.run(resume=resume)
+                self.run(resume=resume, force=force)
             except BaseException:  # noqa: BLE001 - kept in self.error for the caller
                 pass
         self._thread = threading.Thread(target=target, name="papa-engine", daemon=True)

@@ -1,5 +1,5 @@
 // papa's labelling page. The server holds every answer (each click is saved there at once), so this script keeps only
-// what the screen needs: the round shown, the selection and an undo stack. It polls /api/state: fast while the model
+// what the screen needs: the round shown, the selection and an undo stack. It polls api/state: fast while the model
 // updates (the next round appears by itself), slowly while the person labels (to notice another tab's submit).
 "use strict";
 
