@@ -104,7 +104,8 @@ def test_gpu_paper_script_pretrains_then_aligns_and_resumes(tmp_path):
     tiny = ["model.arch=fast", "model.down_channels=[8,16,16,16]", "model.mid_channels=[16,16,16]",
             "model.time_emb_dim=16", "model.down_attention=[false,false,true]", "model.down_sample=[true,true,false]",
             "diffusion.sample_steps=4", "eval.num=8", "eval.final_num=8", "eval.batch_size=8", "eval.real_max=200",
-            "train.rounds=2", "train.samples_per_round=2", "train.timestep_chunk=500", "pretrain.batch_size=8"]
+            "train.rounds=2", "train.samples_per_round=2", "train.timestep_chunk=500", "pretrain.batch_size=8",
+            "papa.timesteps_per_sample=40"]   # the script's mechanics, not the every-timestep update (half its time)
     from papa.data import export_idx
     export_idx("mnist", tmp_path / "data")  # data.root must hold the verified IDX files: it never falls back silently
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": os.sys.executable, "RUNS_DIR": str(tmp_path / "runs"),
