@@ -10,6 +10,13 @@ user a point on the simplex over K shared prototypes. On images, with z(x) the f
     likes:   p(like | x, u)   = sigmoid(r_u(x) + b)        logistic loss, b one shared offset
     pairs:   p(x_a ≻ x_b | u) = sigmoid(r_u(x_a) − r_u(x_b))   Bradley–Terry cross-entropy
 
+PAL-A (`variant="A"`, the ideal-point model): the prototypes p_k live in the (standardised) feature space, the user's
+ideal point is the projection of their mixture, and the reward falls with the distance to it:
+
+    a_u      = P (Σ_k softmax(W_u)_k p_k) + c          r_u(x) = −s · ‖(P z(x) + c) − a_u‖,  s = min(exp(σ), 100)
+
+(σ initialised at 0). Likes and pairs take the same two losses as PAL-B (PAL's own PAL-A uses a hinge on pairs).
+
 Losses are class-balanced per user (a user's likes and dislikes each carry half of that user's weight, every user the
 same weight), so a user who likes one class in ten is not fitted as "dislikes everything". A new user gets only their
 own K logits W_u, fitted with every shared part frozen: K numbers per user, against D + 1 for an independent logistic
@@ -30,17 +37,20 @@ class PAL(nn.Module):
     """PAL-B: projector P, prototypes g (K, d), user logits W (U, K), log-scale and offset b. Deterministic given
     `seed` (its own generator; the global one is untouched)."""
 
-    def __init__(self, d_in: int, n_users: int, k: int = 4, d: int = 32, seed: int = 0):
+    def __init__(self, d_in: int, n_users: int, k: int = 4, d: int = 32, seed: int = 0, variant: str = "B"):
         super().__init__()
+        if variant not in ("A", "B"):
+            raise ValueError(f"PAL variant must be 'A' (ideal point) or 'B' (linear), got {variant!r}")
+        self.variant = variant
         gen = torch.Generator().manual_seed(seed)
         self.proj = nn.utils.skip_init(nn.Linear, d_in, d)   # initialised below from `gen`
         with torch.no_grad():
             bound = 1 / math.sqrt(d_in)
             self.proj.weight.copy_(torch.rand(d, d_in, generator=gen) * 2 * bound - bound)
             self.proj.bias.copy_(torch.rand(d, generator=gen) * 2 * bound - bound)
-        self.prototypes = nn.Parameter(torch.randn(k, d, generator=gen))
+        self.prototypes = nn.Parameter(torch.randn(k, d if variant == "B" else d_in, generator=gen))
         self.W = nn.Parameter(torch.randn(n_users, k, generator=gen) * 0.1)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07) if variant == "B" else 0.0))
         self.offset = nn.Parameter(torch.zeros(()))
         self.register_buffer("mean", torch.zeros(d_in))
         self.register_buffer("std", torch.ones(d_in))
@@ -54,17 +64,22 @@ class PAL(nn.Module):
         self.std.copy_(feats.std(0, unbiased=False).clamp_min(1e-6))
 
     def embed(self, feats: torch.Tensor) -> torch.Tensor:
-        """f(x), unit length: (N, d)."""
-        return F.normalize(self.proj((feats - self.mean) / self.std), dim=1)
+        """f(x): (N, d); unit length for PAL-B."""
+        f = self.proj((feats - self.mean) / self.std)
+        return F.normalize(f, dim=1) if self.variant == "B" else f
 
     def ideal_points(self, logits: torch.Tensor) -> torch.Tensor:
-        """u for user logits (U, K): (U, d), unit length."""
-        return F.normalize(logits.softmax(-1) @ self.prototypes, dim=-1)
+        """u for user logits (U, K): (U, d); PAL-B's unit length, PAL-A's the projected mixture a_u."""
+        mix = logits.softmax(-1) @ self.prototypes
+        return F.normalize(mix, dim=-1) if self.variant == "B" else self.proj(mix)
 
     def reward(self, feats: torch.Tensor, users: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """r_u(x) for each row: feats (N, D), users (N,) indices into W (or into `logits`, a stand-in for W)."""
         u = self.ideal_points(self.W if logits is None else logits)[users]
-        return self.log_scale.exp().clamp(max=MAX_SCALE) * (self.embed(feats) * u).sum(1)
+        s = self.log_scale.exp().clamp(max=MAX_SCALE)
+        if self.variant == "B":
+            return s * (self.embed(feats) * u).sum(1)
+        return -s * (self.embed(feats) - u).norm(dim=1)
 
     def p_like(self, feats: torch.Tensor, users: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         return torch.sigmoid(self.reward(feats, users, logits) + self.offset)

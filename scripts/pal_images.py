@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="numbers of prototypes to try")
     ap.add_argument("--seen-labels", type=int, default=50, help="labels per seen user")
     ap.add_argument("--dim", type=int, default=32, help="PAL's preference-space size d")
+    ap.add_argument("--variants", nargs="+", default=["B"], choices=["A", "B"],
+                    help="PAL-B (linear, cosine to a mixture of prototypes) and/or PAL-A (ideal point, distance)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/pal")
     args = ap.parse_args(argv)
@@ -120,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             us.append(torch.full((len(i),), ui))
         idx, ys, us = torch.cat(idx), torch.cat(ys), torch.cat(us)
         models = {}
-        for k in args.k:
-            m = PAL(D, len(seen), k=k, d=args.dim, seed=seed)
-            fit(m, feats[lab][idx], us, ys)
-            models[f"PAL-B K={k}"] = m.eval()
+        for v in args.variants:
+            for k in args.k:
+                m = PAL(D, len(seen), k=k, d=args.dim, seed=seed, variant=v)
+                fit(m, feats[lab][idx], us, ys)
+                models[f"PAL-{v} K={k}"] = m.eval()
         shared = PAL(D, 1, k=1, d=args.dim, seed=seed)
         fit(shared, feats[lab][idx], torch.zeros_like(us), ys)
         fe = feats[ev]
@@ -156,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                 for name, sc in row.items():
                     res["new"].setdefault(name, {}).setdefault(str(n), {}).setdefault(str(seed), []).append(sc)
         print(f"seed {seed} done", flush=True)
-    res["params_per_user"] = {**{f"PAL-B K={k}": k for k in args.k}, "shared": 0, "independent": D + 1}
-    res["shared_params"] = {f"PAL-B K={k}": D * args.dim + args.dim + k * args.dim + 2 for k in args.k}
+    res["params_per_user"] = {**{f"PAL-{v} K={k}": k for v in args.variants for k in args.k}, "shared": 0,
+                              "independent": D + 1}
+    res["shared_params"] = {f"PAL-{v} K={k}": D * args.dim + args.dim + k * (args.dim if v == "B" else D) + 2
+                            for v in args.variants for k in args.k}
     (out / "pal.json").write_text(json.dumps(res, indent=1))
     write_report(res, out, pop)
     return 0

@@ -25,6 +25,38 @@ def ref_reward(m: PAL, z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return min(math.exp(m.log_scale.item()), 100.0) * cos
 
 
+def ref_reward_a(m: PAL, z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """PAL-A: r_u(x) = −min(exp(σ), 100) · ‖(P ẑ + c) − (P Σ_k softmax(W_u)_k p_k + c)‖."""
+    z, logits = z.double(), logits.double()
+    P, c = m.proj.weight.double(), m.proj.bias.double()
+    f = P @ ((z - m.mean.double()) / m.std.double()) + c
+    w = torch.exp(logits) / torch.exp(logits).sum()
+    a = P @ sum(w[k] * m.prototypes[k].double() for k in range(len(w))) + c
+    return -min(math.exp(m.log_scale.item()), 100.0) * (f - a).norm()
+
+
+def test_pal_a_reward_and_few_shot_fit_follow_the_ideal_point_formula():
+    m = PAL(5, 3, k=3, d=4, seed=4, variant="A")
+    feats = torch.randn(12, 5, generator=torch.Generator().manual_seed(5))
+    m.set_standardisation(feats)
+    with torch.no_grad():
+        m.W.normal_(generator=torch.Generator().manual_seed(6))
+        m.log_scale.fill_(0.4)
+    users = torch.arange(12) % 3
+    got = m.reward(feats, users)
+    want = torch.stack([ref_reward_a(m, feats[i], m.W[users[i]]) for i in range(12)])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert (got <= 0).all() and m.prototypes.shape == (3, 5)   # prototypes in feature space, reward a distance
+    # a newcomer who likes the images nearest prototype 0: fit_user puts their weight there
+    with torch.no_grad():
+        d0 = (m.embed(feats) - m.ideal_points(torch.eye(3) * 50)[0]).norm(dim=1)
+    y = torch.where(d0 <= d0.median(), 1.0, -1.0)
+    w = fit_user(m, feats, y)
+    assert w.softmax(0).argmax() == 0
+    with pytest.raises(ValueError, match="variant must be 'A'"):
+        PAL(5, 3, variant="C")
+
+
 def toy_model(seed=0, users=3, k=3, d_in=5):
     m = PAL(d_in, users, k=k, d=4, seed=seed)
     feats = torch.randn(12, d_in, generator=torch.Generator().manual_seed(seed + 1))
