@@ -177,7 +177,7 @@ def test_fragment_keeps_at_most_60_percent_of_one_source(real):
         frag, info = ng.fragment(x, _gen(9), labels, return_info=True)
         src = info["src"]
         keep = ng.ink(frag) / ng.ink(x[src])
-        assert (keep <= 0.6 + 1e-4).all(), keep.max()  # the brief's bound, not the module's constant
+        assert (keep <= 0.6 + 1e-4).all(), keep.max()  # the documented bound (at most 60 % of the ink kept), not the module's constant
         assert (keep >= 0.15).all(), keep.min()
         assert torch.allclose(keep, info["keep"], atol=1e-4)
         # it is a piece of that source: almost all of its ink lies on the source's strokes
