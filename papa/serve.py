@@ -96,12 +96,17 @@ def prepare(config: str | None, overrides: list[str], resume: str | None, force:
             raise ConfigError(f"run directory {run_dir} already holds a run; continue it with --resume {run_dir}, "
                               "or pick another train.sample_path")
     check_writable_dir(run_dir, "run directory")
+    check_models(cfg)
+    return cfg, run_dir
+
+
+def check_models(cfg: Config) -> None:
+    """The base model and the evaluator a served run loads must be there, before anything is written."""
     for key in ("base", "evaluator"):
         p = getattr(cfg.checkpoints, key)
         if not Path(p).is_file():
             raise ConfigError(f"config key 'checkpoints.{key}': file '{p}' not found "
                               f"(ship it, or make it with python -m papa.{'pretrain' if key == 'base' else 'oracle'})")
-    return cfg, run_dir
 
 
 GPU_SAMPLING = threading.Lock()
@@ -142,11 +147,7 @@ def prepare_people(config: str | None, overrides: list[str], resume: str | None,
     check_method(shared)
     shared.users.population, shared.users.only = "", []   # the people answer, not a simulated population
     check_writable_dir(root, "run directory")
-    for key in ("base", "evaluator"):
-        p = getattr(shared.checkpoints, key)
-        if not Path(p).is_file():
-            raise ConfigError(f"config key 'checkpoints.{key}': file '{p}' not found "
-                              f"(ship it, or make it with python -m papa.{'pretrain' if key == 'base' else 'oracle'})")
+    check_models(shared)
     out = []
     for name in people:
         udir = root / "users" / name

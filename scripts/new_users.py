@@ -63,9 +63,8 @@ def final_row(run_dir: Path) -> dict:
     return [r for r in rows if "legible_preferred_rate" in r][-1]
 
 
-def fit_pal(cfg, pop, feats, oracle, args) -> PAL:
-    x, _ = load_dataset(pop.dataset, "test", root=cfg.data.root or None)
-    x = torch.from_numpy(x[:N_LABEL]).float().div(127.5).sub(1).unsqueeze(1)
+def fit_pal(pop, x: torch.Tensor, feats: torch.Tensor, oracle, args) -> PAL:
+    """PAL-B on the seen users' answers about the labelled images `x` (features `feats`)."""
     idx, ys, us = [], [], []
     for ui, u in enumerate(pop.seen):   # as scripts/pal_images.py draws them
         i = torch.randperm(N_LABEL, generator=torch.Generator().manual_seed(args.seed * 1000 + ui))[:args.seen_labels]
@@ -169,7 +168,7 @@ def steps(cfg, pop, newcomers, args) -> int:
         pal.load_state_dict(torch.load(pal_file))
         pal.eval()
     else:
-        pal = fit_pal(cfg, pop, feats, oracle, args)
+        pal = fit_pal(pop, x_lab, feats, oracle, args)
         checkpoint.atomic_save(pal.state_dict(), pal_file)
     print(f"PAL-B K={args.k} on {len(pop.seen)} seen users ({time.time() - t0:.0f} s)", flush=True)
 
