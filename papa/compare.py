@@ -1,11 +1,13 @@
 """Every method side by side on equal terms: `python -m papa.compare --config configs/compare_mnist.yaml`.
 
-Runs each method of the compare config (PAPA, ePAPA, D3PO, Diffusion-DPO, DDPO, SDPO) for every seed with the same
-base model, evaluator, evaluation seed and feedback budget (labels, pairs or reward queries: checked before anything
-runs), then writes `<output_dir>/<task>/compare.md` (final preferred-class rate, diversity, FID, KL to the base,
-feedback used, training and wall time, peak memory: mean ± std over seeds, plus each method's diagnostics) and
-`compare.png` (rate against feedback used, per method). Finished runs are reused, interrupted ones resumed
-(`papa.train --resume`), so rerunning the command continues where it stopped.
+Runs each method of the compare config (PAPA, ePAPA, Diffusion-KTO, D3PO, Diffusion-DPO, DDPO, SDPO) for every seed
+with the same base model, evaluator, evaluation seed and feedback budget (labels, pairs or reward queries: checked
+before anything runs), then writes `<output_dir>/<task>/compare.md` (final legible preferred rate, rejected rate,
+smallest liked share, precision, recall, diversity, FID, KL to the base, feedback used, training and wall time, peak
+memory: mean ± std over seeds; the seeds meeting each bound of docs/ALIGNMENT.md; each method's diagnostics),
+`compare.png` (rate and FID against feedback used, per method) and `compare_grids.png` (the base's evaluation
+samples beside each method's final ones). Finished runs are reused, interrupted ones resumed (`papa.train
+--resume`), so rerunning the command continues where it stopped.
 
 On one process, runs are launched as `python -m papa.train` children, `--jobs` at a time (each with
 `--threads` torch threads), so each child's peak RSS is its own. Under `torchrun --nproc_per_node=N -m papa.compare`
@@ -16,8 +18,11 @@ Compare config (YAML):
     output_dir: runs/compare
     seeds: [0, 1, 2]
     budget: 300                            # feedback units per run: rounds × queries per round must equal it
+    target: 0.9                            # the rate bound (MNIST 0.90, Fashion-MNIST 0.85)
     common: {eval.every: 10}               # overrides for every method
     methods: {epapa: {}, d3po: {train.algo: d3po}, ...}   # name -> overrides
+    records: docs/results/compare_mnist    # optional: each finished run's small files are copied here (config,
+                                           # metrics, summary, grids), and a run found here is restored, not rerun
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import yaml
 from papa.algos import METHODS
 from papa.cli import run_main
 from papa.config import Config, ConfigError, load_config, to_dict
+from papa.evaluation import BOUNDS, FID_MAX, PRECISION_MIN, QUALITY_BOUNDS, REJECT_MAX, bounds_met
 
 
 
@@ -45,7 +51,8 @@ def diagnostic_keys() -> tuple[str, ...]:
     # the selectors' (papa.select): the preference model's foresight of the answers, and the pool's sampling cost
     return tuple(dict.fromkeys(keys + ["round_reward", "pref_acc", "pref_brier", "pool_seconds"]))
 HEADLINE = [("legible_preferred_rate", "legible preferred rate", "{:.3f}"), ("rejected_rate", "rejected", "{:.3f}"),
-            ("precision", "precision", "{:.3f}"), ("diversity", "diversity", "{:.3f}"),
+            ("min_liked_share", "smallest liked share", "{:.3f}"), ("precision", "precision", "{:.3f}"),
+            ("recall", "recall", "{:.3f}"), ("diversity", "diversity", "{:.3f}"),
             ("fid_preferred", "FID (preferred)", "{:.2f}"), ("kl_to_base", "KL to base", "{:.3f}")]
 
 
@@ -66,7 +73,7 @@ def load_compare(path: str | Path) -> dict:
     if not isinstance(spec, dict):
         raise ConfigError(f"compare config '{path}' must be a YAML mapping (base_config: …, seeds: …), got a "
                           f"{type(spec).__name__}")
-    known = {"base_config", "output_dir", "seeds", "budget", "common", "methods", "target"}
+    known = {"base_config", "output_dir", "seeds", "budget", "common", "methods", "target", "records"}
     for k in spec:
         if k not in known:
             raise ConfigError(f"unknown compare config key '{k}' in {path}; valid keys: {', '.join(sorted(known))}")
@@ -82,6 +89,8 @@ def load_compare(path: str | Path) -> dict:
     if isinstance(spec["target"], bool) or not isinstance(spec["target"], (int, float)) or not 0 < spec["target"] <= 1:
         raise ConfigError(f"compare config key 'target' must be a rate in (0, 1], got {spec['target']!r}")
     spec.setdefault("common", {})
+    if spec.get("records") is not None and not isinstance(spec["records"], str):
+        raise ConfigError(f"compare config key 'records' must be a directory path, got {spec['records']!r}")
     return spec
 
 
@@ -124,9 +133,10 @@ def read_metrics(d: Path) -> list[dict]:
 LOCATION_KEYS = ("train.output_dir", "train.sample_path")
 
 
-def config_changes(cfg: Config) -> list[str]:
-    """Keys in which the run directory's saved config differs from the planned one (location keys aside)."""
-    saved = run_dir(cfg) / "config.yaml"
+def config_changes(cfg: Config, saved: Path | None = None) -> list[str]:
+    """Keys in which the run directory's saved config (or `saved`) differs from the planned one (location keys
+    aside)."""
+    saved = saved or run_dir(cfg) / "config.yaml"
     if not saved.is_file():
         return []
     from papa.train import _diff
@@ -142,6 +152,47 @@ def finished(cfg: Config) -> bool:
     rows = read_metrics(run_dir(cfg))
     return (bool(rows) and rows[-1]["round"] == cfg.train.rounds and (run_dir(cfg) / "summary.md").is_file()
             and not config_changes(cfg))
+
+
+# A run's record: the few small files its report needs (config, metrics, summary, the base's and the final evaluation
+# grids), kept under the compare config's `records` directory so that a comparison too long for one sitting can be
+# committed run by run and finished on another machine. Checkpoints are not kept: a recorded run is finished.
+RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.md")
+
+
+def record_dir(spec: dict, cfg: Config) -> Path:
+    return Path(spec["records"]) / cfg.task_name / cfg.train.sample_path
+
+
+def _record_grids(rows: list[dict]) -> list[str]:
+    evals = [r for r in rows if "preferred_rate" in r]
+    return sorted({f"rounds/{r['round']:03d}/eval_grid.png" for r in (evals[0], evals[-1])}) if evals else []
+
+
+def save_record(spec: dict, cfg: Config) -> None:
+    """Copy a finished run's record to `records` (atomically, file by file; the metrics last, which marks it)."""
+    from papa.checkpoint import atomic_write_bytes
+    src, dst = run_dir(cfg), record_dir(spec, cfg)
+    names = [n for n in _record_grids(read_metrics(src)) if (src / n).is_file()] + list(RECORD_FILES)
+    for n in sorted(names, key=lambda n: n == "metrics.jsonl"):
+        if not (dst / n).is_file() or (dst / n).read_bytes() != (src / n).read_bytes():
+            atomic_write_bytes(dst / n, (src / n).read_bytes())
+
+
+def restore_record(spec: dict, cfg: Config) -> bool:
+    """Bring a recorded run back into a run directory that holds no metrics yet, when it was made with the planned
+    config; True when restored."""
+    from papa.checkpoint import atomic_write_bytes
+    src, dst = record_dir(spec, cfg), run_dir(cfg)
+    if (dst / "metrics.jsonl").is_file() or not all((src / n).is_file() for n in RECORD_FILES):
+        return False
+    if config_changes(cfg, src / "config.yaml"):
+        return False
+    # the metrics last: with them the run counts as finished (every rank under torchrun restores alike)
+    for n in sorted([*_record_grids(read_metrics(src)), *RECORD_FILES], key=lambda n: n == "metrics.jsonl"):
+        if (src / n).is_file():
+            atomic_write_bytes(dst / n, (src / n).read_bytes())
+    return True
 
 
 def train_args(spec: dict, cfg: Config, ov: list[str], threads: int) -> list[str]:
@@ -171,16 +222,18 @@ def run_children(spec: dict, todo: list, jobs: int, threads: int, log_dir: Path)
             log = open(log_dir / f"{method}_seed{seed}.log", "a")
             p = subprocess.Popen([sys.executable, "-m", "papa.train", *train_args(spec, cfg, ov, threads)],
                                  stdout=log, stderr=subprocess.STDOUT, env=env)
-            running[p.pid] = (p, log, method, seed, time.time())
+            running[p.pid] = (p, log, method, seed, time.time(), cfg)
             print(f"[compare] started {method} seed {seed} (log {log.name})", flush=True)
         pid, status, _ = os.wait4(-1, 0)
         if pid not in running:
             continue
-        p, log, method, seed, t0 = running.pop(pid)
+        p, log, method, seed, t0, cfg = running.pop(pid)
         log.close()
         code = os.waitstatus_to_exitcode(status)
         print(f"[compare] {method} seed {seed}: {'done' if code == 0 else f'FAILED (exit {code})'} in "
               f"{time.time() - t0:.0f} s", flush=True)
+        if code == 0 and spec.get("records") and finished(cfg):
+            save_record(spec, cfg)  # at once: a comparison stopped later keeps every run finished so far
         if code != 0:
             failed.append(f"{method} seed {seed} (exit {code}, log {log_dir / f'{method}_seed{seed}.log'})")
     return failed
@@ -242,10 +295,11 @@ def labels_to(curve: list[tuple[int, float]], target: float) -> float:
     return math.nan
 
 
-def summarize_run(rows: list[dict], target: float = 0.9) -> dict:
+def summarize_run(rows: list[dict], target: float = 0.9, n_liked: int = 1) -> dict:
     evals = [r for r in rows if "preferred_rate" in r]
     final = evals[-1]
     out = {k: final.get(k, math.nan) for k, _, _ in HEADLINE}
+    out["bounds"] = bounds_met(final, evals[0], n_liked, target)  # against the run's own round 0 (the base)
     out["legible_preferred_rate"] = _rate(final)
     out["labels_used"] = final["labels_used"]
     out["wall_s"] = final.get("elapsed", 0.0)
@@ -261,15 +315,24 @@ def summarize_run(rows: list[dict], target: float = 0.9) -> dict:
     return out
 
 
+def _mean(res: list[dict], key: str) -> float:
+    return _mean_std([r[key] for r in res])[0]
+
+
 def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
+    """compare.md (the table, the bounds each method meets, diagnostics, the verdicts), compare.png (rate and FID
+    against feedback) and compare_grids.png (the base's evaluation samples beside each method's final ones)."""
     by_method: dict[str, list[dict]] = {}
+    dirs: dict[str, Path] = {}
     task = runs[0][2].task_name
+    preference = runs[0][2].feedback.preference
     for method, seed, cfg, _ in runs:
         rows = read_metrics(run_dir(cfg))
         if rows and finished(cfg):
-            by_method.setdefault(method, []).append(summarize_run(rows, spec["target"]))
+            by_method.setdefault(method, []).append(summarize_run(rows, spec["target"], len(preference)))
+            dirs.setdefault(method, run_dir(cfg))   # the first seed's run: its grids
     out_dir = Path(spec["output_dir"]) / task
-    lines = [f"# Comparison: {task}, preference {runs[0][2].feedback.preference}", "",
+    lines = [f"# Comparison: {task}, preference {preference}", "",
              f"Command: `{command}`; {time.strftime('%Y-%m-%d')}; device: {device_name()}.",
              f"Every method: the same base model, evaluator and evaluation seed, a budget of {spec['budget']} "
              f"feedback units (labels, pair choices, or reward queries), seeds {spec['seeds']}. Final evaluation on "
@@ -287,9 +350,24 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
                      f"{_fmt(_mean_std([r['peak_rss_mb'] for r in res]), '{:.0f}')} |")
     base = read_metrics(run_dir(runs[0][2]))
     if base:
-        lines += ["", f"Base model (round 0): legible preferred rate {_rate(base[0]):.3f}, rejected "
-                      f"{base[0].get('rejected_rate', math.nan):.3f}, FID (preferred) "
-                      f"{base[0]['fid_preferred']:.2f}, diversity {base[0]['diversity']:.3f}."]
+        b = base[0]
+        lines += ["", f"Base model (round 0): legible preferred rate {_rate(b):.3f}, rejected "
+                      f"{b.get('rejected_rate', math.nan):.3f}, smallest liked share "
+                      f"{b.get('min_liked_share', math.nan):.3f}, precision {b.get('precision', math.nan):.3f}, "
+                      f"recall {b.get('recall', math.nan):.3f}, FID (preferred) {b['fid_preferred']:.2f}, "
+                      f"diversity {b['diversity']:.3f}."]
+    if by_method:
+        lines += ["", f"Bounds (docs/ALIGNMENT.md), seeds meeting each on the final evaluation: rate ≥ "
+                      f"{spec['target']:.2f}; every liked class ≥ half its fair share ({0.5 / len(preference):.3f}); "
+                      f"rejected ≤ {REJECT_MAX}× the base's; precision ≥ {PRECISION_MIN}× the base's; FID ≤ "
+                      f"{FID_MAX}× the base's.", "",
+                  "| method | rate | liked | rejected | precision | FID | every quality bound | every bound |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for method, res in by_method.items():
+            n = len(res)
+            count = lambda keys: sum(all(r["bounds"][k] for k in keys) for r in res)
+            lines.append(f"| {method} | " + " | ".join(f"{count([k])}/{n}" for k in BOUNDS) +
+                         f" | {count(QUALITY_BOUNDS)}/{n} | {count(BOUNDS)}/{n} |")
     diag = []
     for method, res in by_method.items():
         parts = [f"{k.replace('_', ' ')} {_fmt(_mean_std([r.get(k, math.nan) for r in res]), '{:.3g}')}"
@@ -299,21 +377,20 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
     if diag:
         lines += ["", "Diagnostics:", *diag]
     if by_method:
-        best = max(by_method, key=lambda m: _mean_std([r["legible_preferred_rate"] for r in by_method[m]])[0])
+        best = max(by_method, key=lambda m: _mean(by_method[m], "legible_preferred_rate"))
         fast = min(by_method, key=lambda m: _mean_std([r["train_s"] / max(1, r["labels_used"])
                                                        for r in by_method[m]])[0])
-        lines += ["", f"Most label-efficient at this budget (highest final legible preferred rate): **{best}**. "
+        lines += ["", f"Highest final legible preferred rate at this budget, quality aside: **{best}**. "
                       f"Fastest per label (training seconds per feedback unit, evaluation excluded): **{fast}**."]
-        if base:
-            bound = 1.5 * base[0]["fid_preferred"]
-            ok = [m for m in by_method
-                  if _mean_std([r["fid_preferred"] for r in by_method[m]])[0] <= bound]
-            if ok:
-                kept = max(ok, key=lambda m: _mean_std([r["legible_preferred_rate"] for r in by_method[m]])[0])
-                lines.append(f"Highest final rate among methods whose mean FID stays within 1.5× the base's "
-                             f"({bound:.2f}): **{kept}**.")
-            else:
-                lines.append(f"No method kept its mean FID within 1.5× the base's ({bound:.2f}).")
+        ok = [m for m, res in by_method.items() if all(all(r["bounds"][k] for k in QUALITY_BOUNDS) for r in res)]
+        if ok:
+            kept = max(ok, key=lambda m: _mean(by_method[m], "legible_preferred_rate"))
+            lines.append(f"Most label-efficient within the quality bounds (every seed inside every quality bound, "
+                         f"then the highest mean rate): **{kept}** "
+                         f"({_mean(by_method[kept], 'legible_preferred_rate'):.3f}; inside on every seed: "
+                         f"{', '.join(ok)}).")
+        else:
+            lines.append("No method kept every seed inside every quality bound.")
     missing = [f"{m} seed {s}" for m, s, c, _ in runs if not finished(c)]
     if missing:
         lines += ["", f"Not finished (excluded): {', '.join(missing)}."]
@@ -322,11 +399,51 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
                   "run's process (CPU). Feedback to the target: interpolated between evaluations, averaged over the "
                   "seeds that reached it.", ""]
     from papa.checkpoint import atomic_write_bytes, atomic_write_text
-    md = out_dir / "compare.md"
-    atomic_write_text(md, "\n".join(lines))
     png = out_dir / "compare.png"
     atomic_write_bytes(png, plot(by_method, task, spec["budget"]))
+    grids = grid_figure(dirs, f"{task} {preference}")
+    if grids is not None:
+        atomic_write_bytes(out_dir / "compare_grids.png", grids)
+        lines += ["![the base's samples beside each method's](compare_grids.png)", ""]
+    md = out_dir / "compare.md"
+    atomic_write_text(md, "\n".join(lines))
     return md, png
+
+
+def grid_figure(dirs: dict[str, Path], title: str) -> bytes | None:
+    """The base's evaluation grid (round 0) beside each method's final one (its first seed's run), one figure."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+    panels = []
+    for method, d in dirs.items():
+        rows = [r for r in read_metrics(d) if "preferred_rate" in r]
+        grids = {r["round"]: d / "rounds" / f"{r['round']:03d}" / "eval_grid.png" for r in (rows[0], rows[-1])}
+        if not all(p.is_file() for p in grids.values()):
+            continue
+        if not panels:
+            panels.append(("base (round 0)", grids[rows[0]["round"]]))
+        panels.append((f"{method}, {rows[-1]['labels_used']} units, {d.name.rsplit('_', 1)[-1]}",
+                       grids[rows[-1]["round"]]))
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, path) in zip(axes.flat, panels):
+        ax.imshow(mpimg.imread(path), cmap="gray")
+        ax.set_title(name, fontsize=8)
+    fig.suptitle(f"{title}: the first evaluation samples (fixed seed), base and each method at the end", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def plot(by_method: dict, task: str, budget: int) -> bytes:
@@ -390,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ConfigError(f"--only {' '.join(unknown)}: not in the compare config's methods "
                               f"({', '.join(spec['methods'])})")
+    if spec.get("records"):
+        restored = [f"{m} seed {sd}" for m, sd, c, _ in runs if restore_record(spec, c)]
+        if restored:
+            print(f"[compare] restored from {spec['records']}: {', '.join(restored)}", flush=True)
     todo = [r for r in runs if not finished(r[2]) and (not args.only or r[0] in args.only)]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     command = f"python -m papa.compare --config {args.config}"  # what produces these runs (flags only schedule them)
@@ -407,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
             if failed:
                 print("[compare] failed: " + "; ".join(failed), file=sys.stderr)
     if int(os.environ.get("RANK", "0")) == 0:
+        if spec.get("records"):
+            for _, _, c, _ in runs:
+                if finished(c):
+                    save_record(spec, c)
         md, png = report(spec, runs, command)
         print(f"[compare] wrote {md} and {png}")
     return 1 if failed else 0

@@ -23,6 +23,26 @@ FIDELITY_REAL = 1000
 from papa.schedule import NoiseSchedule
 
 
+# The bounds an aligned model is held to (docs/ALIGNMENT.md), on its final evaluation against the base model's round 0
+# (the same evaluation seed): the legible preferred rate at least the dataset's target; every liked class at least
+# half its fair share of all samples; rejected, precision and FID within these factors of the base's.
+TARGET_RATE = {"mnist": 0.90, "fashion_mnist": 0.85}
+REJECT_MAX, PRECISION_MIN, FID_MAX = 1.5, 0.9, 1.5
+BOUNDS = ("rate", "liked", "rejected", "precision", "fid")
+QUALITY_BOUNDS = BOUNDS[1:]
+
+
+def bounds_met(final: dict, base: dict, n_liked: int, target: float) -> dict[str, bool]:
+    """Which bounds one final evaluation meets (metrics.jsonl rows: `final` of the aligned model, `base` of round 0)."""
+    rate = final.get("legible_preferred_rate", final.get("preferred_rate", math.nan))
+    get = lambda row, k: row.get(k, math.nan)
+    return {"rate": rate >= target,
+            "liked": get(final, "min_liked_share") >= 0.5 / max(1, n_liked),
+            "rejected": get(final, "rejected_rate") <= REJECT_MAX * max(get(base, "rejected_rate"), 1e-9),
+            "precision": get(final, "precision") >= PRECISION_MIN * get(base, "precision"),
+            "fid": get(final, "fid_preferred") <= FID_MAX * get(base, "fid_preferred")}
+
+
 class RunEvaluator:
     """The evaluator classifier, its features of the real preferred-class test images, and the KL probe."""
 

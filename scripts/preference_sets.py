@@ -36,11 +36,11 @@ from pathlib import Path
 
 import yaml
 
+# the bounds every set is held to (docs/ALIGNMENT.md): on the final evaluation, against the base's round 0
+from papa.evaluation import BOUNDS, FID_MAX, PRECISION_MIN, REJECT_MAX, TARGET_RATE, bounds_met
+
 ROOT = Path(__file__).resolve().parent.parent
 SETS_FILE = ROOT / "configs" / "preference_sets.yaml"
-# the bounds every set is held to (docs/ALIGNMENT.md): on the final evaluation, against the base's round 0
-TARGET_RATE = {"mnist": 0.90, "fashion_mnist": 0.85}
-REJECT_MAX, PRECISION_MIN, FID_MAX = 1.5, 0.9, 1.5
 
 
 def load_sets(dataset: str) -> dict[str, tuple[list[int], str]]:
@@ -113,14 +113,8 @@ def cmd_report(args) -> int:
         last = [rows_of(d)[-1] for d in runs]
         walls = [json.loads((d / "wall.json").read_text())["seconds"] for d in runs]
         b = first[0]                          # the base's round 0 (the same for every seed: a fixed eval seed)
-        fair_half = 0.5 / len(pref)
-        ok = {
-            "rate": all(m["legible_preferred_rate"] >= TARGET_RATE[args.dataset] for m in last),
-            "liked": all(m["min_liked_share"] >= fair_half for m in last),
-            "rejected": all(m["rejected_rate"] <= REJECT_MAX * max(b["rejected_rate"], 1e-9) for m in last),
-            "precision": all(m["precision"] >= PRECISION_MIN * b["precision"] for m in last),
-            "fid": all(m["fid_preferred"] <= FID_MAX * b["fid_preferred"] for m in last),
-        }
+        met = [bounds_met(m, b, len(pref), TARGET_RATE[args.dataset]) for m in last]
+        ok = {k: all(m[k] for m in met) for k in BOUNDS}
         table.append({"set": name, "preference": pref, "group": group, "seeds": [int(d.name.rsplit("_s", 1)[1])
                       for d in runs], "base": {k: b.get(k) for k in ("legible_preferred_rate", "rejected_rate",
                       "min_liked_share", "precision", "recall", "fid_preferred")},

@@ -2,6 +2,7 @@
 NaN losses, and two ranks against one. Tiny UNets and few steps keep each run to seconds."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -323,8 +324,18 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     r = run("--jobs", "2", "--threads", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     md = (tmp_path / "cmp" / "mnist" / "compare.md").read_text()
-    assert "| epapa | 2 |" in md and "| ddpo | 2 |" in md and "Most label-efficient" in md
+    assert "| epapa | 2 |" in md and "| ddpo | 2 |" in md and "Highest final legible preferred rate" in md
+    assert ("Most label-efficient within the quality bounds" in md) or ("No method kept every seed" in md)
+    # the bounds table counts, per method, the seeds meeting each bound: recomputed here from the runs' metrics
+    from papa.evaluation import bounds_met
+    for m in ("epapa", "ddpo"):
+        met = [bounds_met(rows[-1], rows[0], 4, 0.9) for rows in
+               (metrics(tmp_path / "cmp" / "mnist" / f"{m}_seed{s}") for s in (0, 1))]
+        want = [f"{sum(b[k] for b in met)}/2" for k in ("rate", "liked", "rejected", "precision", "fid")]
+        row = next(line for line in md.splitlines() if line.startswith(f"| {m} | ") and line.endswith("/2 |"))
+        assert row.strip("| ").split(" | ")[1:6] == want, row
     assert (tmp_path / "cmp" / "mnist" / "compare.png").stat().st_size > 1000
+    assert (tmp_path / "cmp" / "mnist" / "compare_grids.png").stat().st_size > 1000 and "compare_grids.png" in md
     for m in ("epapa", "ddpo"):
         for s in (0, 1):
             rows = metrics(tmp_path / "cmp" / "mnist" / f"{m}_seed{s}")
@@ -332,6 +343,19 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     # a second call reuses every finished run
     r = run()
     assert r.returncode == 0 and "4 finished and reused, 0 to run" in r.stdout
+    # with `records`, each finished run's small files are kept apart; on another machine (no run directories) the
+    # comparison restores them instead of rerunning, and reports the same table
+    spec["records"] = str(tmp_path / "rec")
+    cfg.write_text(yaml.safe_dump(spec))
+    assert run("--report-only").returncode == 0
+    rec = tmp_path / "rec" / "mnist" / "ddpo_seed1"
+    assert {p.name for p in rec.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.md", "rounds"}
+    assert len(list(rec.glob("rounds/*/eval_grid.png"))) == 2
+    shutil.rmtree(tmp_path / "cmp")
+    r = run()
+    assert r.returncode == 0 and "restored from" in r.stdout and "4 finished and reused, 0 to run" in r.stdout
+    assert (tmp_path / "cmp" / "mnist" / "compare.md").read_text().split("Command:")[1].split("\n", 1)[1] == \
+        md.split("Command:")[1].split("\n", 1)[1]
     # a finished run made with another config is not reused (the default changed, say), and the keys are named
     from papa.compare import config_changes, finished, load_compare, plan
     spec2 = {**spec, "common": {**spec["common"], "train.lr": 0.002}}
