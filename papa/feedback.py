@@ -60,27 +60,33 @@ class OracleFeedback:
             logits = logits[:, :REJECT_CLASS]
         return logits.softmax(1)
 
+    @torch.no_grad()
+    def judge(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """((N,) likes, (N,) unsure), both bool on the CPU, from one pass of the oracle: liked when its decision is a
+        preferred class (never the reject class), unsure when its top probability is below `skip_below`."""
+        p = self.probs(images)
+        likes = torch.isin(p.argmax(1), self.preference.to(p.device)).cpu()
+        unsure = (p.max(1).values < self.skip_below).cpu() if self.skip_below > 0 else torch.zeros_like(likes)
+        return likes, unsure
+
     def likes(self, images: torch.Tensor) -> torch.Tensor:
         """(N,) bool: the oracle's decision is a preferred class (never the reject class)."""
-        return torch.isin(self.probs(images).argmax(1), self.preference.to(images.device))
+        return self.judge(images)[0]
 
-    def ask(self, query: Query) -> torch.Tensor:
-        x = query.images
-        if query.kind == "reward":
-            return self.reward(x).cpu()
-        if query.kind == "label":
-            y, unsure = self(x, query.round).cpu(), self.unsure(x)
-        else:
-            y = self.pairwise(query.first, query.second, query.round).cpu()
-            unsure = self.unsure(query.first) | self.unsure(query.second)
-        return self.noisy(y, unsure, query.round)
-
-    @torch.no_grad()
     def unsure(self, images: torch.Tensor) -> torch.Tensor:
         """(N,) bool: the oracle's top probability is below `skip_below`."""
-        if self.skip_below <= 0:
-            return torch.zeros(len(images), dtype=torch.bool)
-        return (self.probs(images).max(1).values < self.skip_below).cpu()
+        return self.judge(images)[1]
+
+    def ask(self, query: Query) -> torch.Tensor:
+        if query.kind == "reward":
+            return self.reward(query.images).cpu()
+        if query.kind == "label":
+            likes, unsure = self.judge(query.images)
+            y = torch.where(likes, 1.0, -1.0 if self.full else 0.0)
+        else:
+            (l1, u1), (l2, u2) = self.judge(query.first), self.judge(query.second)
+            y, unsure = l1.float() - l2.float(), u1 | u2  # +1 first, −1 second, 0 tie (both or neither)
+        return self.noisy(y, unsure, query.round)
 
     def noisy(self, y: torch.Tensor, unsure: torch.Tensor, round_idx: int) -> torch.Tensor:
         """Skip the unsure (0), then flip each remaining answer with probability flip_prob (seeded by the round)."""

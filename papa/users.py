@@ -196,17 +196,14 @@ class SimulatedUser(OracleFeedback):
         self.spec = spec
 
     @torch.no_grad()
-    def likes(self, images: torch.Tensor) -> torch.Tensor:
-        out = super().likes(images).cpu()
+    def judge(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The oracle's (likes, unsure), narrowed by the taste: liked only when the attribute is liked too, unsure
+        also when the attribute is too close to the user's threshold to tell."""
+        likes, unsure = super().judge(images)
         a = self.spec.attribute
-        return out & a.likes(images) if a is not None else out
-
-    @torch.no_grad()
-    def unsure(self, images: torch.Tensor) -> torch.Tensor:
-        out = super().unsure(images)
-        a = self.spec.attribute
-        return out | a.unsure(images) if a is not None else out
+        return (likes & a.likes(images).cpu(), unsure | a.unsure(images).cpu()) if a is not None else (likes, unsure)
 
     def answers(self, images: torch.Tensor, round_idx: int = 0) -> torch.Tensor:
         """Labels as the user gives them: +1 like, −1 dislike, 0 skip (unsure), with their label noise."""
-        return self.noisy(self(images, round_idx).cpu(), self.unsure(images), round_idx)
+        likes, unsure = self.judge(images)
+        return self.noisy(torch.where(likes, 1.0, -1.0 if self.full else 0.0), unsure, round_idx)
