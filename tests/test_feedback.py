@@ -55,6 +55,18 @@ def test_unsure_images_are_skipped_and_pairs_with_one_are_ties():
     assert all(ask(flipped, 10, r=r)[[1, 4]].tolist() == [0, 0] for r in range(5))  # a skip is never flipped
 
 
+def test_one_oracle_pass_per_image_answers_likes_and_skips():
+    oracle = FixedOracle([0.95, 0.3] * 5)
+    seen = []
+    oracle.register_forward_hook(lambda m, inp, out: seen.append(len(inp[0])))
+    src = OracleFeedback(oracle, [1, 4, 7, 9], skip_below=0.5, flip_prob=0.1, seed=1)
+    ask(src, 10)
+    assert seen == [10]                     # a label query: every image once
+    seen.clear()
+    ask(src, 5, kind="pair")
+    assert seen == [5, 5]                   # a pair query: each side once
+
+
 @pytest.mark.parametrize("bad", ["feedback.flip_prob=0.7", "feedback.flip_prob=-0.1", "feedback.skip_below=1"])
 def test_noise_settings_are_validated(bad):
     from papa.config import ConfigError, load_config
