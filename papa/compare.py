@@ -497,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per child (0: cores / jobs)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these methods (the report covers all)")
     ap.add_argument("--report-only", action="store_true", help="write compare.md/png from finished runs, run nothing")
+    ap.add_argument("--no-restore", action="store_true",
+                    help="do not restore runs from the config's `records`: rerun every run not in output_dir")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
@@ -507,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ConfigError(f"--only {' '.join(unknown)}: not in the compare config's methods "
                               f"({', '.join(spec['methods'])})")
-    if spec.get("records"):
+    if spec.get("records") and not args.no_restore:
         restored = [f"{m} seed {sd}" for m, sd, c, _ in runs if restore_record(spec, c)]
         if restored:
             print(f"[compare] restored from {spec['records']}: {', '.join(restored)}", flush=True)

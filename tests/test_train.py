@@ -352,6 +352,8 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     assert {p.name for p in rec.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.md", "rounds"}
     assert len(list(rec.glob("rounds/*/eval_grid.png"))) == 2
     shutil.rmtree(tmp_path / "cmp")
+    r = run("--no-restore", "--report-only")
+    assert r.returncode == 0 and "restored" not in r.stdout and "0 finished and reused" in r.stdout
     r = run()
     assert r.returncode == 0 and "restored from" in r.stdout and "4 finished and reused, 0 to run" in r.stdout
     assert (tmp_path / "cmp" / "mnist" / "compare.md").read_text().split("Command:")[1].split("\n", 1)[1] == \
