@@ -40,7 +40,7 @@ import yaml
 from papa.algos import METHODS
 from papa.cli import run_main
 from papa.config import Config, ConfigError, load_config, to_dict
-from papa.evaluation import BOUNDS, FID_MAX, PRECISION_MIN, QUALITY_BOUNDS, REJECT_MAX, bounds_met
+from papa.evaluation import BOUNDS, FID_MAX, PRECISION_MIN, QUALITY_BOUNDS, REJECT_MAX, bounds_met, within
 
 
 
@@ -174,9 +174,14 @@ def save_record(spec: dict, cfg: Config) -> None:
     from papa.checkpoint import atomic_write_bytes
     src, dst = run_dir(cfg), record_dir(spec, cfg)
     names = [n for n in _record_grids(read_metrics(src)) if (src / n).is_file()] + list(RECORD_FILES)
+    if all((dst / n).is_file() and (dst / n).read_bytes() == (src / n).read_bytes() for n in names):
+        return
+    (dst / "metrics.jsonl").unlink(missing_ok=True)    # an interrupted update must not leave old metrics as finished
+    for old in dst.glob("rounds/*/eval_grid.png"):
+        if str(old.relative_to(dst)) not in names:
+            old.unlink()
     for n in sorted(names, key=lambda n: n == "metrics.jsonl"):
-        if not (dst / n).is_file() or (dst / n).read_bytes() != (src / n).read_bytes():
-            atomic_write_bytes(dst / n, (src / n).read_bytes())
+        atomic_write_bytes(dst / n, (src / n).read_bytes())
 
 
 def restore_record(spec: dict, cfg: Config) -> bool:
@@ -259,6 +264,8 @@ def run_in_process(spec: dict, todo: list) -> None:
                 print(f"[compare] {method} seed {seed} on {world} ranks", flush=True)
             Engine.from_config(cfg, d, rank, world, device).run(resume=resume)
             dist.barrier(world)
+            if rank == 0 and spec.get("records") and finished(cfg):
+                save_record(spec, cfg)
         ok = True
     finally:
         dist.teardown(world, ok)  # after a failure no barrier: it would wait for ranks that are failing too
@@ -365,9 +372,12 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
                   "|---|---|---|---|---|---|---|---|"]
         for method, res in by_method.items():
             n = len(res)
-            count = lambda keys: sum(all(r["bounds"][k] for k in keys) for r in res)
-            lines.append(f"| {method} | " + " | ".join(f"{count([k])}/{n}" for k in BOUNDS) +
+            count = lambda keys: sum(within(r["bounds"], keys) for r in res)
+            cell = lambda k: "n/a" if all(r["bounds"][k] is None for r in res) else f"{count([k])}/{n}"
+            lines.append(f"| {method} | " + " | ".join(cell(k) for k in BOUNDS) +
                          f" | {count(QUALITY_BOUNDS)}/{n} | {count(BOUNDS)}/{n} |")
+        lines.append("(n/a: the metric is not in these runs' evaluations, e.g. no rejected rate from an argmax-only "
+                     "evaluator; a bound that does not apply counts as met.)")
     diag = []
     for method, res in by_method.items():
         parts = [f"{k.replace('_', ' ')} {_fmt(_mean_std([r.get(k, math.nan) for r in res]), '{:.3g}')}"
@@ -382,15 +392,19 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
                                                        for r in by_method[m]])[0])
         lines += ["", f"Highest final legible preferred rate at this budget, quality aside: **{best}**. "
                       f"Fastest per label (training seconds per feedback unit, evaluation excluded): **{fast}**."]
-        ok = [m for m, res in by_method.items() if all(all(r["bounds"][k] for k in QUALITY_BOUNDS) for r in res)]
+        complete = {m: res for m, res in by_method.items() if len(res) == len(spec["seeds"])}
+        ok = [m for m, res in complete.items() if all(within(r["bounds"], QUALITY_BOUNDS) for r in res)]
         if ok:
             kept = max(ok, key=lambda m: _mean(by_method[m], "legible_preferred_rate"))
             lines.append(f"Most label-efficient within the quality bounds (every seed inside every quality bound, "
                          f"then the highest mean rate): **{kept}** "
                          f"({_mean(by_method[kept], 'legible_preferred_rate'):.3f}; inside on every seed: "
                          f"{', '.join(ok)}).")
-        else:
+        elif complete:
             lines.append("No method kept every seed inside every quality bound.")
+        if len(complete) < len(by_method):
+            lines.append("Not in that verdict, for want of seeds: "
+                         f"{', '.join(m for m in by_method if m not in complete)}.")
     missing = [f"{m} seed {s}" for m, s, c, _ in runs if not finished(c)]
     if missing:
         lines += ["", f"Not finished (excluded): {', '.join(missing)}."]
@@ -511,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"({', '.join(spec['methods'])})")
     if spec.get("records") and not args.no_restore:
         restored = [f"{m} seed {sd}" for m, sd, c, _ in runs if restore_record(spec, c)]
-        if restored:
+        if restored and int(os.environ.get("RANK", "0")) == 0:
             print(f"[compare] restored from {spec['records']}: {', '.join(restored)}", flush=True)
     todo = [r for r in runs if not finished(r[2]) and (not args.only or r[0] in args.only)]
     world = int(os.environ.get("WORLD_SIZE", "1"))

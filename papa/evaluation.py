@@ -32,15 +32,31 @@ BOUNDS = ("rate", "liked", "rejected", "precision", "fid")
 QUALITY_BOUNDS = BOUNDS[1:]
 
 
-def bounds_met(final: dict, base: dict, n_liked: int, target: float) -> dict[str, bool]:
-    """Which bounds one final evaluation meets (metrics.jsonl rows: `final` of the aligned model, `base` of round 0)."""
-    rate = final.get("legible_preferred_rate", final.get("preferred_rate", math.nan))
-    get = lambda row, k: row.get(k, math.nan)
-    return {"rate": rate >= target,
-            "liked": get(final, "min_liked_share") >= 0.5 / max(1, n_liked),
-            "rejected": get(final, "rejected_rate") <= REJECT_MAX * max(get(base, "rejected_rate"), 1e-9),
-            "precision": get(final, "precision") >= PRECISION_MIN * get(base, "precision"),
-            "fid": get(final, "fid_preferred") <= FID_MAX * get(base, "fid_preferred")}
+def bounds_met(final: dict, base: dict, n_liked: int, target: float) -> dict[str, bool | None]:
+    """Which bounds one final evaluation meets (metrics.jsonl rows: `final` of the aligned model, `base` of round 0);
+    None where a bound does not apply: its metric is missing from either row (an argmax-only evaluator has no rejected
+    rate)."""
+    def value(row, k):
+        v = row.get(k)
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    def holds(k, ok):
+        f, b = value(final, k), value(base, k)
+        return None if f is None or b is None else bool(ok(f, b))
+
+    rate = value(final, "legible_preferred_rate")
+    rate = value(final, "preferred_rate") if rate is None else rate
+    liked = value(final, "min_liked_share")
+    return {"rate": None if rate is None else rate >= target,
+            "liked": None if liked is None else liked >= 0.5 / max(1, n_liked),
+            "rejected": holds("rejected_rate", lambda f, b: f <= REJECT_MAX * max(b, 1e-9)),
+            "precision": holds("precision", lambda f, b: f >= PRECISION_MIN * b),
+            "fid": holds("fid_preferred", lambda f, b: f <= FID_MAX * b)}
+
+
+def within(met: dict[str, bool | None], keys=BOUNDS) -> bool:
+    """Every bound of `keys` that applies holds."""
+    return all(met[k] is not False for k in keys)
 
 
 class RunEvaluator:

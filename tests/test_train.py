@@ -328,10 +328,16 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     assert ("Most label-efficient within the quality bounds" in md) or ("No method kept every seed" in md)
     # the bounds table counts, per method, the seeds meeting each bound: recomputed here from the runs' metrics
     from papa.evaluation import bounds_met
+    assert bounds_met({"legible_preferred_rate": 0.95, "min_liked_share": 0.2, "precision": 0.7, "fid_preferred": 9.0,
+                       "rejected_rate": 0.05}, {"precision": 0.75, "fid_preferred": 6.0, "rejected_rate": 0.032}, 4,
+                      0.9) == {"rate": True, "liked": True, "rejected": False, "precision": True, "fid": True}
+    assert bounds_met({"preferred_rate": 0.5, "min_liked_share": 0.1, "fid_preferred": 9.1}, {"fid_preferred": 6.0},
+                      4, 0.9) == {"rate": False, "liked": False, "rejected": None, "precision": None, "fid": False}
     for m in ("epapa", "ddpo"):
         met = [bounds_met(rows[-1], rows[0], 4, 0.9) for rows in
                (metrics(tmp_path / "cmp" / "mnist" / f"{m}_seed{s}") for s in (0, 1))]
-        want = [f"{sum(b[k] for b in met)}/2" for k in ("rate", "liked", "rejected", "precision", "fid")]
+        want = ["n/a" if all(b[k] is None for b in met) else f"{sum(b[k] is not False for b in met)}/2"
+                for k in ("rate", "liked", "rejected", "precision", "fid")]
         row = next(line for line in md.splitlines() if line.startswith(f"| {m} | ") and line.endswith("/2 |"))
         assert row.strip("| ").split(" | ")[1:6] == want, row
     assert (tmp_path / "cmp" / "mnist" / "compare.png").stat().st_size > 1000
@@ -358,6 +364,13 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     assert r.returncode == 0 and "restored from" in r.stdout and "4 finished and reused, 0 to run" in r.stdout
     assert (tmp_path / "cmp" / "mnist" / "compare.md").read_text().split("Command:")[1].split("\n", 1)[1] == \
         md.split("Command:")[1].split("\n", 1)[1]
+    # a record made with another config than the planned one is not restored
+    shutil.rmtree(tmp_path / "cmp")
+    cfg.write_text(yaml.safe_dump({**spec, "common": {**spec["common"], "train.lr": 0.002}}))
+    r = run("--report-only")
+    assert r.returncode == 0 and "restored" not in r.stdout and "0 finished and reused" in r.stdout
+    cfg.write_text(yaml.safe_dump(spec))
+    assert "restored from" in run("--report-only").stdout
     # a finished run made with another config is not reused (the default changed, say), and the keys are named
     from papa.compare import config_changes, finished, load_compare, plan
     spec2 = {**spec, "common": {**spec["common"], "train.lr": 0.002}}
