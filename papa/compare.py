@@ -154,8 +154,8 @@ def finished(cfg: Config) -> bool:
             and not config_changes(cfg))
 
 
-# A run's record: the few small files its report needs (config, metrics, summary, the base's and the final evaluation
-# grids), kept under the compare config's `records` directory so that a comparison too long for one sitting can be
+# A run's record: the few small files its report needs (config, metrics, summary; for the first seed also the base's
+# and the final evaluation grids), kept under the compare config's `records` directory so that a comparison too long for one sitting can be
 # committed run by run and finished on another machine. Checkpoints are not kept: a recorded run is finished.
 RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.md")
 
@@ -164,16 +164,19 @@ def record_dir(spec: dict, cfg: Config) -> Path:
     return Path(spec["records"]) / cfg.task_name / cfg.train.sample_path
 
 
-def _record_grids(rows: list[dict]) -> list[str]:
+def _record_grids(spec: dict, cfg: Config, rows: list[dict]) -> list[str]:
+    """The grids a record keeps: the first and last evaluation's, of the first seed's run (the report shows those)."""
     evals = [r for r in rows if "preferred_rate" in r]
-    return sorted({f"rounds/{r['round']:03d}/eval_grid.png" for r in (evals[0], evals[-1])}) if evals else []
+    if not evals or cfg.train.seed != spec["seeds"][0]:
+        return []
+    return sorted({f"rounds/{r['round']:03d}/eval_grid.png" for r in (evals[0], evals[-1])})
 
 
 def save_record(spec: dict, cfg: Config) -> None:
     """Copy a finished run's record to `records` (atomically, file by file; the metrics last, which marks it)."""
     from papa.checkpoint import atomic_write_bytes
     src, dst = run_dir(cfg), record_dir(spec, cfg)
-    names = [n for n in _record_grids(read_metrics(src)) if (src / n).is_file()] + list(RECORD_FILES)
+    names = [n for n in _record_grids(spec, cfg, read_metrics(src)) if (src / n).is_file()] + list(RECORD_FILES)
     if all((dst / n).is_file() and (dst / n).read_bytes() == (src / n).read_bytes() for n in names):
         return
     (dst / "metrics.jsonl").unlink(missing_ok=True)    # an interrupted update must not leave old metrics as finished
@@ -194,7 +197,8 @@ def restore_record(spec: dict, cfg: Config) -> bool:
     if config_changes(cfg, src / "config.yaml"):
         return False
     # the metrics last: with them the run counts as finished (every rank under torchrun restores alike)
-    for n in sorted([*_record_grids(read_metrics(src)), *RECORD_FILES], key=lambda n: n == "metrics.jsonl"):
+    for n in sorted([*_record_grids(spec, cfg, read_metrics(src)), *RECORD_FILES],
+                    key=lambda n: n == "metrics.jsonl"):
         if (src / n).is_file():
             atomic_write_bytes(dst / n, (src / n).read_bytes())
     return True

@@ -354,9 +354,10 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     spec["records"] = str(tmp_path / "rec")
     cfg.write_text(yaml.safe_dump(spec))
     assert run("--report-only").returncode == 0
-    rec = tmp_path / "rec" / "mnist" / "ddpo_seed1"
-    assert {p.name for p in rec.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.md", "rounds"}
-    assert len(list(rec.glob("rounds/*/eval_grid.png"))) == 2
+    rec = tmp_path / "rec" / "mnist"
+    assert {p.name for p in (rec / "ddpo_seed0").iterdir()} == {"config.yaml", "metrics.jsonl", "summary.md", "rounds"}
+    assert len(list(rec.glob("ddpo_seed0/rounds/*/eval_grid.png"))) == 2    # the first seed's grids: the report's
+    assert {p.name for p in (rec / "ddpo_seed1").iterdir()} == {"config.yaml", "metrics.jsonl", "summary.md"}
     shutil.rmtree(tmp_path / "cmp")
     r = run("--no-restore", "--report-only")
     assert r.returncode == 0 and "restored" not in r.stdout and "0 finished and reused" in r.stdout
