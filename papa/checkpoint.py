@@ -209,7 +209,11 @@ def load_state_dict(path: str | Path, weights: str = "auto", dataset: str | None
     reference state dict; `module.` prefixes stripped, floating tensors cast to float32. `weights` picks from a round
     checkpoint: 'policy' the trained model, 'ema' its moving average (train.ema_decay > 0), 'auto' the EMA where the
     run kept one (the model its evaluations judged), else the policy."""
-    obj = load(path)
+    return state_dict_of(load(path), path, weights, dataset)
+
+
+def state_dict_of(obj, path: str | Path, weights: str = "auto", dataset: str | None = None) -> dict[str, torch.Tensor]:
+    """`load_state_dict` of a checkpoint already read (`obj`, from `load(path)`)."""
     check_dataset(path, dataset, obj)
     sd = _select(obj, path, weights)[1]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -1,6 +1,8 @@
 """Low-rank adapters on the shared base UNet (papa.adapters): they start at the base, stay small, save and load every
 key (a missing or renamed key is an error, not a partial load), keep the base as the reference, and a tiny adapter run
 trains, resumes exactly and samples through papa.sample."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -113,6 +115,17 @@ def test_a_tiny_adapter_run_trains_resumes_and_samples(tiny, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="holds a low-rank adapter") as e:
         sample_main(["--checkpoint", str(ck), "--num", "4", "--out", str(tmp_path / "t"), "--quiet"])
     assert "\n" not in str(e.value) and not (tmp_path / "t").exists()
+    # loading the adapter run's checkpoint reads it once (its weights and its saved settings from the same read)
+    import papa.models as models
+    from papa.config import load_config
+    reads, real = [], models.load
+    models.load = lambda path, *a, **k: (reads.append(Path(path).name), real(path, *a, **k))[1]
+    try:
+        c = load_config(cfg)
+        models.load_unet(c.model, ck, adapter=c.adapter, base=c.checkpoints.base)
+    finally:
+        models.load = real
+    assert reads.count("round_002.pt") == 1, reads
 
 
 @pytest.mark.parametrize("bad,key", [(["adapter.rank=-1"], "adapter.rank"), (["adapter.rank=2", "adapter.alpha=0"],

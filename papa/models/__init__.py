@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from papa.checkpoint import CheckpointError, load_state_dict
+from papa.checkpoint import CheckpointError, load, load_state_dict, state_dict_of
 from papa.models.classifier import CLASSIFIERS, EvaluatorCNN, OracleCNN
 from papa.models.unet import UNet, build_unet
 
@@ -44,14 +44,15 @@ def load_unet(model_cfg, path, weights: str = "auto", dataset: str | None = None
     another dataset is refused. A round checkpoint of an adapter run (adapter.rank > 0) holds the adapter alone: with
     the run's `adapter` settings and its `base` checkpoint, the adapter is loaded onto the base and merged into its
     weights. Returns it in eval mode."""
-    sd = load_state_dict(path, weights, dataset)
+    obj = load(path)   # read once: its state dict, and for an adapter its saved settings
+    sd = state_dict_of(obj, path, weights, dataset)
     from papa.adapters import is_adapter_state
     if not is_adapter_state(sd):
         return _load_into(build_unet(model_cfg), path, "UNet", weights, dataset, sd=sd).eval()
     if adapter is None or adapter.rank == 0 or base is None:
         raise CheckpointError(f"'{path}' holds a low-rank adapter, not a whole UNet; pass the config of the run that "
                               "trained it (--config <run>/config.yaml), whose adapter section says its shape")
-    check_adapter_settings(path, adapter)
+    check_adapter_settings(path, adapter, obj)
     from papa.adapters import load_adapter_state, wrap
     model = wrap(load_unet(model_cfg, base, dataset=dataset), adapter)
     try:
@@ -61,10 +62,11 @@ def load_unet(model_cfg, path, weights: str = "auto", dataset: str | None = None
     return model.merge_and_unload().eval()
 
 
-def check_adapter_settings(path, adapter) -> None:
-    """An adapter checkpoint's saved shape settings (rank, alpha, targets) must be the config's."""
-    from papa.checkpoint import load
-    saved = load(path).get("adapter")   # the adapter settings the run saved with its checkpoints
+def check_adapter_settings(path, adapter, obj=None) -> None:
+    """An adapter checkpoint's saved shape settings (rank, alpha, targets) must be the config's (`obj`: the file
+    already read, else it is read here)."""
+    obj = load(path) if obj is None else obj
+    saved = obj.get("adapter") if isinstance(obj, dict) else None   # the settings the run saved with its checkpoints
     if isinstance(saved, dict):
         for key in ("rank", "alpha", "targets"):
             want = getattr(adapter, key)
@@ -78,11 +80,12 @@ def load_adapter(path, adapter, dataset: str | None = None) -> dict:
     """The adapter weights of an adapter checkpoint (a round checkpoint of an adapter run, its EMA where it has one;
     or a mixture file), checked to hold an adapter made with the config's `adapter` settings."""
     from papa.adapters import is_adapter_state
-    sd = load_state_dict(path, "auto", dataset)
+    obj = load(path)
+    sd = state_dict_of(obj, path, "auto", dataset)
     if not is_adapter_state(sd):
         raise CheckpointError(f"'{path}' holds a whole UNet, not a low-rank adapter; adapter.init must be an adapter "
                               "run's checkpoint")
-    check_adapter_settings(path, adapter)
+    check_adapter_settings(path, adapter, obj)
     return sd
 
 
