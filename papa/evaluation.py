@@ -29,7 +29,8 @@ from papa.schedule import NoiseSchedule
 TARGET_RATE = {"mnist": 0.90, "fashion_mnist": 0.85}
 REJECT_MAX, PRECISION_MIN, FID_MAX = 1.5, 0.9, 1.5
 BOUNDS = ("rate", "liked", "rejected", "precision", "fid")
-QUALITY_BOUNDS = BOUNDS[1:]
+QUALITY_BOUNDS = ("rejected", "precision", "fid")   # how the images look, whatever their classes
+SHARE_BOUNDS = ("liked",) + QUALITY_BOUNDS            # and no liked class starved
 
 
 def bounds_met(final: dict, base: dict, n_liked: int, target: float) -> dict[str, bool | None]:
