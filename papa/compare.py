@@ -493,7 +493,8 @@ def plot(by_method: dict, task: str, budget: int) -> bytes:
     ax.set_title(f"{task}: legible preferred rate, mean ± std over seeds", fontsize=10)
     ax2.set_ylabel("FID of preferred-class samples (evaluator features)")
     ax2.set_yscale("log")
-    ax2.set_title("quality: FID against real test images of the preferred classes", fontsize=10)
+    ax2.set_title("quality: FID against real test images of the preferred classes\n(points between the first and the "
+                  "last use eval.num samples: their FID reads high)", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
