@@ -5,9 +5,9 @@ with the same base model, evaluator, evaluation seed and feedback budget (labels
 before anything runs), then writes `<output_dir>/<task>/compare.md` (final legible preferred rate, rejected rate,
 smallest liked share, precision, recall, diversity, FID, KL to the base, feedback used, training and wall time, peak
 memory: mean ± std over seeds; the seeds meeting each bound of docs/ALIGNMENT.md; each method's diagnostics),
-`compare.png` (rate and FID against feedback used, per method) and `compare_grids.png` (the base's evaluation
-samples beside each method's final ones). Finished runs are reused, interrupted ones resumed (`papa.train
---resume`), so rerunning the command continues where it stopped.
+`compare.png` (rate and FID against feedback used, per method), `compare_grids.png` (the base's evaluation samples
+beside each method's final ones) and `compare.json` (every run's summary). Finished runs are reused, interrupted ones
+resumed (`papa.train --resume`), so rerunning the command continues where it stopped.
 
 On one process, runs are launched as `python -m papa.train` children, `--jobs` at a time (each with
 `--threads` torch threads), so each child's peak RSS is its own. Under `torchrun --nproc_per_node=N -m papa.compare`
@@ -428,6 +428,11 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
         lines += ["![the base's samples beside each method's](compare_grids.png)", ""]
     md = out_dir / "compare.md"
     atomic_write_text(md, "\n".join(lines))
+    atomic_write_text(out_dir / "compare.json", json.dumps(
+        {"preference": preference, "budget": spec["budget"], "target": spec["target"], "seeds": spec["seeds"],
+         "base": {k: base[0].get(k) for k in ("legible_preferred_rate", "rejected_rate", "min_liked_share",
+                                              "precision", "recall", "fid_preferred", "diversity")} if base else None,
+         "methods": by_method}, indent=1, default=str))
     return md, png
 
 
