@@ -156,8 +156,9 @@ def finished(cfg: Config) -> bool:
 
 
 # A run's record: the few small files its report needs (config, metrics, summary; for the first seed also the base's
-# and the final evaluation grids), kept under the compare config's `records` directory so that a comparison too long for one sitting can be
-# committed run by run and finished on another machine. Checkpoints are not kept: a recorded run is finished.
+# and the final evaluation grids), kept under the compare config's `records` directory, so that a comparison too long
+# for one sitting can be committed run by run and finished on another machine. Checkpoints are not kept: a recorded
+# run is finished.
 RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.md")
 
 
