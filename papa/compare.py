@@ -166,12 +166,16 @@ def record_dir(spec: dict, cfg: Config) -> Path:
     return Path(spec["records"]) / cfg.task_name / cfg.train.sample_path
 
 
+def first_last_grids(rows: list[dict]) -> tuple[str, str] | None:
+    """A run's first and last evaluation grids, relative to its directory (None before any evaluation)."""
+    evals = [r for r in rows if "preferred_rate" in r]
+    return tuple(f"rounds/{r['round']:03d}/eval_grid.png" for r in (evals[0], evals[-1])) if evals else None
+
+
 def _record_grids(spec: dict, cfg: Config, rows: list[dict]) -> list[str]:
     """The grids a record keeps: the first and last evaluation's, of the first seed's run (the report shows those)."""
-    evals = [r for r in rows if "preferred_rate" in r]
-    if not evals or cfg.train.seed != spec["seeds"][0]:
-        return []
-    return sorted({f"rounds/{r['round']:03d}/eval_grid.png" for r in (evals[0], evals[-1])})
+    grids = first_last_grids(rows)
+    return sorted(set(grids)) if grids and cfg.train.seed == spec["seeds"][0] else []
 
 
 def save_record(spec: dict, cfg: Config) -> None:
@@ -447,14 +451,13 @@ def grid_figure(dirs: dict[str, Path], title: str) -> bytes | None:
     import matplotlib.pyplot as plt
     panels = []
     for method, d in dirs.items():
-        rows = [r for r in read_metrics(d) if "preferred_rate" in r]
-        grids = {r["round"]: d / "rounds" / f"{r['round']:03d}" / "eval_grid.png" for r in (rows[0], rows[-1])}
-        if not all(p.is_file() for p in grids.values()):
+        rows = read_metrics(d)
+        first, last = (d / g for g in first_last_grids(rows))
+        if not (first.is_file() and last.is_file()):
             continue
         if not panels:
-            panels.append(("base (round 0)", grids[rows[0]["round"]]))
-        panels.append((f"{method}, {rows[-1]['labels_used']} units, {d.name.rsplit('_', 1)[-1]}",
-                       grids[rows[-1]["round"]]))
+            panels.append(("base (round 0)", first))
+        panels.append((f"{method}, {rows[-1]['labels_used']} units, {d.name.rsplit('_', 1)[-1]}", last))
     if not panels:
         return None
     cols = min(4, len(panels))
