@@ -22,7 +22,9 @@ Compare config (YAML):
     common: {eval.every: 10}               # overrides for every method
     methods: {epapa: {}, d3po: {train.algo: d3po}, ...}   # name -> overrides
     records: docs/results/compare_mnist    # optional: each finished run's small files are copied here (config,
-                                           # metrics, summary, grids), and a run found here is restored, not rerun
+                                           # metrics, summary, grids), and a run found here is restored, not rerun;
+                                           # once every run is finished, the report (compare.md, .png, _grids.png,
+                                           # .json) is copied here too
 """
 from __future__ import annotations
 
@@ -81,10 +83,19 @@ def load_compare(path: str | Path) -> dict:
     for k in ("base_config", "seeds", "budget", "methods"):
         if k not in spec:
             raise ConfigError(f"compare config '{path}' needs the key '{k}'")
-    if not (isinstance(spec["seeds"], list) and spec["seeds"] and all(isinstance(s, int) for s in spec["seeds"])):
-        raise ConfigError(f"compare config key 'seeds' must be a non-empty list of integers, got {spec['seeds']!r}")
+    seeds = spec["seeds"]
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+            and len(set(seeds)) == len(seeds)):
+        raise ConfigError(f"compare config key 'seeds' must be a non-empty list of distinct integers, got {seeds!r}")
+    b = spec["budget"]
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise ConfigError(f"compare config key 'budget' must be a positive integer (feedback units per run), got {b!r}")
     if not isinstance(spec["methods"], dict) or not spec["methods"]:
         raise ConfigError("compare config key 'methods' must map method names to overrides")
+    for where, ov in [("common", spec.get("common")), *((f"methods.{m}", o) for m, o in spec["methods"].items())]:
+        if ov is not None and not isinstance(ov, dict):
+            raise ConfigError(f"compare config key '{where}' must map config keys to values (e.g. {{train.lr: 1.0e-5}}"
+                              f"), got a {type(ov).__name__}")
     spec.setdefault("output_dir", "runs/compare")
     spec.setdefault("target", 0.9)
     if isinstance(spec["target"], bool) or not isinstance(spec["target"], (int, float)) or not 0 < spec["target"] <= 1:
@@ -95,8 +106,20 @@ def load_compare(path: str | Path) -> dict:
     return spec
 
 
+def _dotted(ov: dict | None, prefix: str = "") -> dict:
+    """Overrides with nested sections spelled out ({train: {lr: 1e-5}} -> {train.lr: 1e-5}): a nested section sets
+    only the keys it names, never the whole section."""
+    out = {}
+    for k, v in (ov or {}).items():
+        if isinstance(v, dict):
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def overrides_for(spec: dict, method: str, seed: int) -> list[str]:
-    ov = {**(spec["common"] or {}), **(spec["methods"][method] or {})}
+    ov = {**_dotted(spec["common"]), **_dotted(spec["methods"][method])}
     ov.update({"train.seed": seed, "train.output_dir": spec["output_dir"], "train.sample_path": f"{method}_seed{seed}"})
     return [f"{k}={json.dumps(v)}" for k, v in ov.items()]
 
@@ -119,7 +142,24 @@ def plan(spec: dict) -> list[tuple[str, int, Config, list[str]]]:
                                   f"samples_per_round {t.samples_per_round} × {per_unit} per "
                                   f"unit), not the budget {spec['budget']}; change its rounds or samples_per_round")
             runs.append((method, seed, cfg, ov))
+            first = runs[0][2]
+            for key in EQUAL_TERMS:
+                mine, theirs = _get(cfg, key), _get(first, key)
+                if mine != theirs:
+                    raise ConfigError(f"compare method '{method}' sets {key} to {mine!r}, but '{runs[0][0]}' has "
+                                      f"{theirs!r}; every method must share it (set it under 'common')")
     return runs
+
+
+# what every run of a comparison must share, or the report's "on equal terms" would not hold
+EQUAL_TERMS = ("task_name", "data.dataset", "feedback.preference", "checkpoints.base", "checkpoints.evaluator",
+               "eval.seed", "eval.final_num")
+
+
+def _get(cfg: Config, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def run_dir(cfg: Config) -> Path:
@@ -160,6 +200,7 @@ def finished(cfg: Config) -> bool:
 # for one sitting can be committed run by run and finished on another machine. Checkpoints are not kept: a recorded
 # run is finished.
 RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.md")
+REPORT_FILES = ("compare.md", "compare.png", "compare_grids.png", "compare.json")  # also kept under `records`
 
 
 def record_dir(spec: dict, cfg: Config) -> Path:
@@ -210,20 +251,27 @@ def restore_record(spec: dict, cfg: Config) -> bool:
     return True
 
 
-def train_args(spec: dict, cfg: Config, ov: list[str], threads: int) -> list[str]:
+def start_mode(cfg: Config, say: bool = True) -> str:
+    """How a planned run starts: 'resume' (an interrupted run of this config), 'overwrite' (a directory made with
+    another config, or one without checkpoints: its old files go, so they can never pass as this run's) or 'fresh'."""
     d = run_dir(cfg)
+    changed = config_changes(cfg)
+    if changed:  # made with another config (e.g. the default changed): start it afresh
+        if say:
+            print(f"[compare] {d} was made with another config ({', '.join(changed)}); rerunning it", flush=True)
+        return "overwrite"
+    if (d / "checkpoints").is_dir() and any((d / "checkpoints").glob("round_*.pt")):
+        return "resume"
+    return "overwrite" if d.exists() else "fresh"
+
+
+def train_args(spec: dict, cfg: Config, ov: list[str], threads: int) -> list[str]:
     args = ["--config", spec["base_config"], "--threads", str(threads)]
     for o in ov:
         args += ["--set", o]
-    changed = config_changes(cfg)
-    if changed:  # made with another config (e.g. the default changed): start it afresh
-        print(f"[compare] {d} was made with another config ({', '.join(changed)}); rerunning it", flush=True)
-        args += ["--overwrite"]
-    elif (d / "checkpoints").is_dir() and any((d / "checkpoints").glob("round_*.pt")):
-        args += ["--resume", str(d)]
-    elif d.exists():
-        args += ["--overwrite"]
-    return args
+    mode = start_mode(cfg)
+    return args + (["--resume", str(run_dir(cfg))] if mode == "resume" else ["--overwrite"] if mode == "overwrite"
+                   else [])
 
 
 def run_children(spec: dict, todo: list, jobs: int, threads: int, log_dir: Path) -> list[str]:
@@ -263,16 +311,13 @@ def run_in_process(spec: dict, todo: list) -> None:
     try:
         for method, seed, cfg, ov in todo:
             d = run_dir(cfg)
-            resume = (d / "checkpoints").is_dir() and any((d / "checkpoints").glob("round_*.pt"))
-            if resume and config_changes(cfg):  # made with another config: start it afresh
-                resume = False
-                if rank == 0:
-                    for p in (d / "checkpoints").glob("round_*.pt"):
-                        p.unlink()
-                dist.barrier(world)
+            mode = start_mode(cfg, say=rank == 0)  # every rank decides before rank 0 changes anything
+            dist.barrier(world)
             if rank == 0:
                 print(f"[compare] {method} seed {seed} on {world} ranks", flush=True)
-            Engine.from_config(cfg, d, rank, world, device).run(resume=resume)
+            # the engine clears an overwritten directory on rank 0 under its lock, then every rank waits for it
+            Engine.from_config(cfg, d, rank, world, device).run(resume=mode == "resume",
+                                                                overwrite=mode == "overwrite")
             dist.barrier(world)
             if rank == 0 and spec.get("records") and finished(cfg):
                 save_record(spec, cfg)
@@ -336,6 +381,15 @@ def _mean(res: list[dict], key: str) -> float:
     return _mean_std([r[key] for r in res])[0]
 
 
+def _finite(x):
+    """x with every non-finite float as None: compare.json is strict JSON (NaN is not), for jq and browsers alike."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
     """compare.md (the table, the bounds each method meets, diagnostics, the verdicts), compare.png (rate and FID
     against feedback) and compare_grids.png (the base's evaluation samples beside each method's final ones)."""
@@ -365,7 +419,7 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
                      f" | {res[0]['labels_used']} | {_fmt(_mean_std([r['train_s'] for r in res]), '{:.0f}')} | "
                      f"{_fmt(_mean_std([r['wall_s'] for r in res]), '{:.0f}')} | {_fmt(per_label, '{:.2f}')} | "
                      f"{_fmt(_mean_std([r['peak_rss_mb'] for r in res]), '{:.0f}')} |")
-    base = read_metrics(run_dir(runs[0][2]))
+    base = next((read_metrics(run_dir(c)) for _, _, c, _ in runs if finished(c)), [])  # round 0 of a finished run
     if base:
         b = base[0]
         lines += ["", f"Base model (round 0): legible preferred rate {_rate(b):.3f}, rejected "
@@ -397,26 +451,33 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
             diag.append(f"- {method}: " + ", ".join(parts) + " (mean over rounds)")
     if diag:
         lines += ["", "Diagnostics:", *diag]
-    if by_method:
-        best = max(by_method, key=lambda m: _mean(by_method[m], "legible_preferred_rate"))
-        fast = min(by_method, key=lambda m: _mean_std([r["train_s"] / max(1, r["labels_used"])
-                                                       for r in by_method[m]])[0])
+    complete = {m: res for m, res in by_method.items() if len(res) == len(spec["seeds"])}
+    if complete:  # every verdict counts only the methods with every seed finished
+        best = max(complete, key=lambda m: _mean(complete[m], "legible_preferred_rate"))
+        fast = min(complete, key=lambda m: _mean_std([r["train_s"] / max(1, r["labels_used"])
+                                                      for r in complete[m]])[0])
         lines += ["", f"Highest final legible preferred rate at this budget, quality aside: **{best}**. "
                       f"Fastest per label (training seconds per feedback unit, evaluation excluded): **{fast}**."]
-        complete = {m: res for m, res in by_method.items() if len(res) == len(spec["seeds"])}
         for keys, what in ((QUALITY_BOUNDS, "the quality bounds (rejected, precision, FID)"),
                            (SHARE_BOUNDS, "the quality bounds with every liked class at half its fair share")):
             ok = [m for m, res in complete.items() if all(within(r["bounds"], keys) for r in res)]
-            if ok:
-                kept = max(ok, key=lambda m: _mean(by_method[m], "legible_preferred_rate"))
-                lines.append(f"Most label-efficient within {what} on every seed (then the highest mean rate): "
-                             f"**{kept}** ({_mean(by_method[kept], 'legible_preferred_rate'):.3f}; inside on every "
+            # a method that stays inside the bounds by not moving has learnt nothing: it must beat the base's rate
+            moved = [m for m in ok if not base or _mean(complete[m], "legible_preferred_rate") > _rate(base[0])]
+            base_note = f", base {_rate(base[0]):.3f}" if base else ""
+            if moved:
+                kept = max(moved, key=lambda m: _mean(complete[m], "legible_preferred_rate"))
+                lines.append(f"Most label-efficient within {what} (the highest mean rate at equal feedback among "
+                             f"the methods inside them on every seed): **{kept}** "
+                             f"({_mean(complete[kept], 'legible_preferred_rate'):.3f}{base_note}; inside on every "
                              f"seed: {', '.join(ok)}).")
-            elif complete:
+            elif ok:
+                lines.append(f"No method inside {what} on every seed ({', '.join(ok)}) raised the rate above the "
+                             f"base's{base_note}.")
+            else:
                 lines.append(f"No method kept every seed within {what}.")
-        if len(complete) < len(by_method):
-            lines.append("Not in that verdict, for want of seeds: "
-                         f"{', '.join(m for m in by_method if m not in complete)}.")
+    if len(complete) < len(by_method):
+        lines += ([] if complete else [""]) + ["Not in any verdict, for want of seeds: "
+                                               f"{', '.join(m for m in by_method if m not in complete)}."]
     missing = [f"{m} seed {s}" for m, s, c, _ in runs if not finished(c)]
     if missing:
         lines += ["", f"Not finished (excluded): {', '.join(missing)}."]
@@ -431,13 +492,15 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
     if grids is not None:
         atomic_write_bytes(out_dir / "compare_grids.png", grids)
         lines += ["![the base's samples beside each method's](compare_grids.png)", ""]
+    else:  # no grids to show: an older figure must not pass for this report's
+        (out_dir / "compare_grids.png").unlink(missing_ok=True)
     md = out_dir / "compare.md"
     atomic_write_text(md, "\n".join(lines))
-    atomic_write_text(out_dir / "compare.json", json.dumps(
+    atomic_write_text(out_dir / "compare.json", json.dumps(_finite(
         {"preference": preference, "budget": spec["budget"], "target": spec["target"], "seeds": spec["seeds"],
          "base": {k: base[0].get(k) for k in ("legible_preferred_rate", "rejected_rate", "min_liked_share",
                                               "precision", "recall", "fid_preferred", "diversity")} if base else None,
-         "methods": by_method}, indent=1, default=str))
+         "methods": by_method}), indent=1, default=str, allow_nan=False))
     return md, png
 
 
@@ -567,6 +630,13 @@ def main(argv: list[str] | None = None) -> int:
                     save_record(spec, c)
         md, png = report(spec, runs, command)
         print(f"[compare] wrote {md} and {png}")
+        if spec.get("records") and all(finished(c) for _, _, c, _ in runs):
+            # the whole report beside the records, so that a clone shows it as it was made (a partial one is not
+            # kept: the records' report always covers every planned run)
+            from papa.checkpoint import atomic_write_bytes
+            for name in REPORT_FILES:
+                if (md.parent / name).is_file():
+                    atomic_write_bytes(Path(spec["records"]) / name, (md.parent / name).read_bytes())
     return 1 if failed else 0
 
 

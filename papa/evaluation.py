@@ -36,19 +36,22 @@ SHARE_BOUNDS = ("liked",) + QUALITY_BOUNDS            # and no liked class starv
 def bounds_met(final: dict, base: dict, n_liked: int, target: float) -> dict[str, bool | None]:
     """Which bounds one final evaluation meets (metrics.jsonl rows: `final` of the aligned model, `base` of round 0);
     None where a bound does not apply: its metric is missing from either row (an argmax-only evaluator has no rejected
-    rate)."""
+    rate), or the base's is not finite. A final value that is there but not finite fails its bound: the FID and
+    precision are NaN when too few samples are in a preferred class to measure them, which is a failure, not a pass."""
     def value(row, k):
         v = row.get(k)
-        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
     def holds(k, ok):
         f, b = value(final, k), value(base, k)
-        return None if f is None or b is None else bool(ok(f, b))
+        if f is None or b is None or not math.isfinite(b):
+            return None
+        return bool(math.isfinite(f) and ok(f, b))
 
     rate = value(final, "legible_preferred_rate")
     rate = value(final, "preferred_rate") if rate is None else rate
     liked = value(final, "min_liked_share")
-    return {"rate": None if rate is None else rate >= target,
+    return {"rate": None if rate is None else rate >= target,     # NaN >= x is False
             "liked": None if liked is None else liked >= 0.5 / max(1, n_liked),
             "rejected": holds("rejected_rate", lambda f, b: f <= REJECT_MAX * max(b, 1e-9)),
             "precision": holds("precision", lambda f, b: f >= PRECISION_MIN * b),

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the extension (CUDA kernels included), run the GPU tests and the GPU benchmarks,
 # and write everything under $OUT (default ./out): build.log, tests.log, bench.log, bench.json, env.txt.
-# Used through the device tool:  run command="bash scripts/gpu_check.sh"  (about 5-8 minutes on an H100).
-# The GPU image has torch/triton/pytest-benchmark installed system-wide and no package registry: nothing is installed.
+# Run it from the repository root on the GPU machine:  OUT=gpu_out bash scripts/gpu_check.sh  (about 5-8 minutes on an
+# H100). It installs nothing: torch, triton and pytest-benchmark must already be importable by `python`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}

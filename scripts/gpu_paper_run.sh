@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The reference setting on a GPU: configs/mnist_paper.yaml end to end on one GPU (the reference UNet, T = 1000, 1000-step
-# ancestral sampling, 30 rounds x 10 samples, batch 1, every timestep), in device calls of at most 10 minutes.
+# ancestral sampling, 30 rounds x 10 samples, batch 1, every timestep), in invocations of BUDGET_S seconds each.
 #
-#   # once, on the CPU machine (MNIST as four gzipped IDX files, 11 MB; the GPU machine has no data source):
-#   .venv/bin/python -m papa.data export mnist data/mnist
-#   # then, through the device tool, repeated until it prints DONE (each call continues where the last one stopped
-#   # while the machine stays warm; a fresh machine starts over):
-#   run command="bash scripts/gpu_paper_run.sh" carry=["data"]
+#   # once, on a machine with the data (MNIST as four gzipped IDX files, 11 MB), for a GPU machine that has none:
+#   .venv/bin/python -m papa.data export mnist data/mnist    # then copy data/mnist to the GPU machine's checkout
+#   # then, on the GPU machine, repeated until it prints DONE (each invocation continues where the last one stopped,
+#   # as long as runs/ is kept between them):
+#   OUT=gpu_out bash scripts/gpu_paper_run.sh
 #
 # 1. Pretrains the reference UNet (it is not shipped) for PRETRAIN_STEPS steps with the recipe's cosine schedule over
-#    that many steps (default 6000 of the recipe's 37500: the whole recipe does not fit 30 minutes of device time;
+#    that many steps (default 6000 of the recipe's 37500, to keep one GPU run within half an hour;
 #    the base's own rate and FID are the round-0 evaluation, so its quality is measured, not assumed). Resumable.
 # 2. Runs `python -m papa.train --config configs/mnist_paper.yaml` on it (round checkpoints; resumed when killed).
 # Writes env.txt, timings.txt, the pretraining log and the run's log, metrics, summary and curves under $OUT.
@@ -47,7 +47,7 @@ trap collect EXIT
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 [ -d "$DATA" ] || { echo "error: no MNIST IDX files at $DATA; run '.venv/bin/python -m papa.data export mnist $DATA'" \
-  "on the CPU machine and carry it (carry=[\"data\"])" >&2; exit 2; }
+  "on a machine with the data and copy $DATA here (or set DATA_ROOT)" >&2; exit 2; }
 
 if [ ! -f "$BASE" ]; then
   resume=(); [ -f "$PT/state.pt" ] && resume=(--resume)

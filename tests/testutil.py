@@ -11,8 +11,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-REFERENCE = SHARED / "reference"
 
 # Triton kernels run under the interpreter on CPU tensors when there is no GPU; it must be set before the kernel
 # modules are imported (test code may query CUDA; papa itself never does at import time).
@@ -40,10 +38,8 @@ class Poisoned:
 
 
 def reference_layout(name: str) -> list[tuple[str, tuple[int, ...]]]:
-    """Parse shared/reference/<name>.tsv, or a copy under tests/data when shared/ is not beside the repo."""
-    path = REFERENCE / name
-    if not path.is_file():
-        path = ROOT / "tests" / "data" / name
+    """Parse tests/data/<name>.tsv: the reference implementation's parameter names and shapes, one per line."""
+    path = ROOT / "tests" / "data" / name
     rows = []
     for line in path.read_text().splitlines():
         if not line or line.startswith("#"):

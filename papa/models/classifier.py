@@ -4,7 +4,7 @@ Either may have an 11th output, `REJECT_CLASS`: "not a member of any class" (tra
 synthetic negatives from papa.negatives, with style augmentation so that thin, bold, slanted and shifted images stay
 accepted).
 
-The oracle is the PyTorch MNIST-example CNN of the reference (keys as in `shared/reference/oracle_classifier_state_dict.tsv`),
+The oracle is the PyTorch MNIST-example CNN of the reference (keys as in `tests/data/oracle_classifier_state_dict.tsv`),
 so reference `mnist_classifier.pt` files load directly. The evaluator is a different architecture (batch-normalised
 VGG-style CNN) trained with a different seed and optimiser, so that alignment is never judged by the network that gave
 the feedback. Both take 1×28×28 inputs in [−1, 1] and return log-probabilities; `features()` gives the penultimate

@@ -1,7 +1,7 @@
 """The denoising UNet ε_θ(x_t, t): the paper's reference architecture and papa's fast CPU default, one class.
 
 `arch: reference` rebuilds the PAPA reference UNet exactly (module names, state-dict keys and shapes as in
-`shared/reference/unet_state_dict.tsv`, 10,188,081 parameters, same forward), so checkpoints trained by the reference
+`tests/data/unet_state_dict.tsv`, 10,188,081 parameters, same forward), so checkpoints trained by the reference
 code load directly. The fast default keeps the same blocks but drops self-attention where it is expensive: attention
 over 784 tokens at 28×28 dominates the reference's CPU cost, while attention in the 7×7 mid block is cheap. Which
 blocks carry attention is a per-block switch (`down_attention`; up blocks mirror it; mid blocks always have it).
