@@ -466,8 +466,8 @@ def report(spec: dict, runs: list, command: str) -> tuple[Path, Path]:
             base_note = f", base {_rate(base[0]):.3f}" if base else ""
             if moved:
                 kept = max(moved, key=lambda m: _mean(complete[m], "legible_preferred_rate"))
-                lines.append(f"Most label-efficient within {what} (the highest mean rate at equal feedback among "
-                             f"the methods inside them on every seed): **{kept}** "
+                lines.append(f"Most label-efficient within {what}, by the highest mean rate at equal feedback among "
+                             f"the methods inside them on every seed: **{kept}** "
                              f"({_mean(complete[kept], 'legible_preferred_rate'):.3f}{base_note}; inside on every "
                              f"seed: {', '.join(ok)}).")
             elif ok:
