@@ -58,7 +58,7 @@ class Person:
     """An httpx client on a served run: waits for a round, answers it, submits, and fetches the next round."""
 
     def __init__(self, base: str, token: str):
-        # TCP_NODELAY, as browsers set it: without it every request waits ~40 ms for a delayed ACK (timed by hand)
+        # TCP_NODELAY, as browsers set it, so the transfer part times the images, not a wait for a delayed ACK
         nodelay = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self.http = httpx.Client(base_url=base, headers={"X-Papa-Token": token}, timeout=600, transport=nodelay)
 
@@ -94,8 +94,8 @@ class Person:
 
 
 def start_server(ovs: list[str], log: Path) -> tuple[subprocess.Popen, str, str]:
-    """`python -m papa.serve` as a person starts it (the engine in the process's main thread: in a second thread
-    torch's CPU kernels ran 1.4-2.3x slower here, timed by hand on this machine), on a free port; (process, URL, token)."""
+    """`python -m papa.serve` as a person starts it, so the wait measured is the real process's (the engine in its main
+    thread, the HTTP server beside it), on a free port; (process, URL, token)."""
     proc = subprocess.Popen([sys.executable, "-m", "papa.serve", "--config", MNIST, "--port", "0", "--exit-when-done",
                              "--threads", str(bench_threads()), *[a for o in ovs for a in ("--set", o)]],
                             cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,

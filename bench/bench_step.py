@@ -4,10 +4,10 @@
 
 Floors (medians of alternated per-pair ratios, set to hold with a second job on the 2-core machine): the fused C++
 step ≥ 1.5× the eager composition (`NoiseSchedule.step`) at batch 256 of 28×28; the C++ step log-prob forward +
-registered backward ≥ 1× the torch reference (`papa.ops_ref.step_log_prob_ref`, the tests' oracle). The original target was 2×
-of the fused step: it read 3.9× when first recorded (eager 1.05 ms), 1.9–2.3× in 2026-12 runs, the previous
-min-of-reps version of this benchmark included (eager 0.5–0.66 ms, fused 0.26–0.29 ms; why the eager step got faster
-is not established), so 2× is not a floor that holds here (bench/README.md).
+registered backward ≥ 1× the torch reference (`papa.ops_ref.step_log_prob_ref`, the tests' oracle). The original
+target was 2× of the fused step: it read 3.9× when first recorded (2026-11-22, eager 1.05 ms), 1.9–2.3× in the
+2026-12-01 runs, the previous min-of-reps version of this benchmark included (eager 0.5–0.66 ms, fused 0.26–0.29 ms;
+why the eager step got faster is not established), so 2× is not a floor that holds here (bench/README.md).
 """
 import pytest
 import torch

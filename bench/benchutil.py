@@ -2,7 +2,7 @@
 
 Every gate is the median of per-pair ratios reference time / fast time, the two timed in alternation in the same run
 (reference, fast, reference, fast, …): load that comes and goes on the shared 2-core machine then hits both members
-of a pair alike, and the median drops the pairs it hit unevenly. Never an absolute time (these machines drift 20–30 %
+of a pair alike, and the median drops the pairs it hit unevenly. Never an absolute time (absolute times drift 20–30 %
 between runs and 2–7× with a second job beside them).
 """
 from __future__ import annotations

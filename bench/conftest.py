@@ -1,5 +1,5 @@
 """Benchmarks: fast path against its reference in the same run; every gate is the median of per-pair ratios timed in
-alternation (benchutil.alternated) with floors that hold on a loaded machine, never an absolute time (these machines
+alternation (benchutil.alternated) with floors that hold on a loaded machine, never an absolute time (absolute times
 drift 20-30% between runs). One thread, fixed seeds; set MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ to
 1073741824 before starting (as .ci/run does) to avoid bimodal eager timings. PAPA_BENCH_LONG=1 adds the long
 benchmarks, PAPA_BENCH_THREADS the thread count of those that take one (bench/README.md)."""
