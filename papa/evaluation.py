@@ -95,8 +95,11 @@ class RunEvaluator:
 
     @torch.no_grad()
     def kl_to_base(self, net: torch.nn.Module, base: torch.nn.Module) -> float:
-        """Mean per-step KL(p_θ ‖ p_base) of the sampling chain on the fixed probe, nats per pixel (pixel mean)."""
+        """Mean per-step KL(p_θ ‖ p_base) of the sampling chain on the fixed probe, nats per pixel (pixel mean); NaN
+        for a deterministic sampler (DDIM with η = 0), whose steps have no density to compare."""
         x, t, coef = self.probe
+        if not bool((coef[:, 2] > 0).all()):
+            return math.nan
         d = net(x, t) - base(x, t)
         return float((coef[:, 1] ** 2 * d.square().flatten(1).mean(1) / (2 * coef[:, 2] ** 2)).mean())
 
