@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -235,14 +236,23 @@ def save_record(spec: dict, cfg: Config) -> None:
 
 
 def restore_record(spec: dict, cfg: Config) -> bool:
-    """Bring a recorded run back into a run directory that holds no metrics yet, when it was made with the planned
-    config; True when restored."""
+    """Bring a recorded run back, when it was made with the planned config, into a run directory that holds no
+    metrics yet, or only a run that would be rerun anyway (unfinished with nothing to resume, or made with another
+    config); True when restored."""
     from papa.checkpoint import atomic_write_bytes
+    from papa.rundir import RUN_FILES
     src, dst = record_dir(spec, cfg), run_dir(cfg)
-    if (dst / "metrics.jsonl").is_file() or not all((src / n).is_file() for n in RECORD_FILES):
+    if not all((src / n).is_file() for n in RECORD_FILES) or config_changes(cfg, src / "config.yaml"):
         return False
-    if config_changes(cfg, src / "config.yaml"):
-        return False
+    if (dst / "metrics.jsonl").is_file():
+        if finished(cfg) or start_mode(cfg, say=False) == "resume" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # a finished run is reused as it is, an interrupted one of this config resumed; under torchrun every
+            # rank restores, and clearing is not idempotent as the copies are, so a stale run there is rerun
+            return False
+        for name in RUN_FILES:  # the stale run's files go, so none of them can pass for the record's
+            (dst / name).unlink(missing_ok=True)
+        for sub in ("rounds", "checkpoints"):
+            shutil.rmtree(dst / sub, ignore_errors=True)
     # the metrics last: with them the run counts as finished (every rank under torchrun restores alike)
     for n in sorted([*_record_grids(spec, cfg, read_metrics(src)), *RECORD_FILES],
                     key=lambda n: n == "metrics.jsonl"):

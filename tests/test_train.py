@@ -447,3 +447,19 @@ def test_compare_in_process_never_reuses_a_stale_directory(tiny, tmp_path, monke
     with pytest.raises(RuntimeError, match="killed in round 0"):
         compare.run_in_process(spec, [run])
     assert not (d / "metrics.jsonl").exists() and not (d / "summary.md").exists() and not compare.finished(cfg)
+    # a record of the planned config replaces such a stale directory (the copies under `records` are restored),
+    # but never a finished run of the planned config or an interrupted one that can resume
+    rec = tmp_path / "rec"
+    spec["records"] = str(rec)
+    src = compare.record_dir(spec, cfg)
+    src.mkdir(parents=True)
+    (src / "config.yaml").write_text(dump_yaml(cfg))
+    (src / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "labels_used": 4 * r, "recorded": True}) + "\n"
+                                               for r in (0, 1, 2)))
+    (src / "summary.md").write_text("recorded run\n")
+    (d / "config.yaml").write_text(dump_yaml(old))
+    (d / "metrics.jsonl").write_text(json.dumps({"round": 0}) + "\n")
+    assert compare.restore_record(spec, cfg) and compare.finished(cfg)
+    assert (d / "summary.md").read_text() == "recorded run\n"
+    (d / "summary.md").write_text("the local finished run\n")
+    assert not compare.restore_record(spec, cfg) and (d / "summary.md").read_text() == "the local finished run\n"
