@@ -280,8 +280,10 @@ def train_args(spec: dict, cfg: Config, ov: list[str], threads: int) -> list[str
     for o in ov:
         args += ["--set", o]
     mode = start_mode(cfg)
-    return args + (["--resume", str(run_dir(cfg))] if mode == "resume" else ["--overwrite"] if mode == "overwrite"
-                   else [])
+    # --force on resume: start_mode has found every config value equal to the run's, so a checkpoint whose config
+    # hash differs was written before papa gained a key (it takes its default), not under another config
+    return args + (["--resume", str(run_dir(cfg)), "--force"] if mode == "resume" else
+                   ["--overwrite"] if mode == "overwrite" else [])
 
 
 def run_children(spec: dict, todo: list, jobs: int, threads: int, log_dir: Path) -> list[str]:
@@ -326,7 +328,7 @@ def run_in_process(spec: dict, todo: list) -> None:
             if rank == 0:
                 print(f"[compare] {method} seed {seed} on {world} ranks", flush=True)
             # the engine clears an overwritten directory on rank 0 under its lock, then every rank waits for it
-            Engine.from_config(cfg, d, rank, world, device).run(resume=mode == "resume",
+            Engine.from_config(cfg, d, rank, world, device).run(resume=mode == "resume", force=mode == "resume",
                                                                 overwrite=mode == "overwrite")
             dist.barrier(world)
             if rank == 0 and spec.get("records") and finished(cfg):

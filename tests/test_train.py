@@ -463,3 +463,13 @@ def test_compare_in_process_never_reuses_a_stale_directory(tiny, tmp_path, monke
     assert (d / "summary.md").read_text() == "recorded run\n"
     (d / "summary.md").write_text("the local finished run\n")
     assert not compare.restore_record(spec, cfg) and (d / "summary.md").read_text() == "the local finished run\n"
+    # an interrupted run of the planned config resumes; with --force, as its values all equal the planned ones (a
+    # checkpoint's config hash differs only when papa gained a key since, which takes its default)
+    (d / "config.yaml").write_text(dump_yaml(cfg))
+    (d / "checkpoints").mkdir(exist_ok=True)
+    (d / "checkpoints" / "round_001.pt").write_bytes(b"")
+    (d / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n")
+    assert compare.start_mode(cfg, say=False) == "resume"
+    args = compare.train_args(spec, cfg, run[3], 1)
+    assert args[-3:] == ["--resume", str(d), "--force"]
+    assert not compare.restore_record(spec, cfg)   # an interrupted run that can resume is not replaced
