@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -240,7 +239,7 @@ def restore_record(spec: dict, cfg: Config) -> bool:
     metrics yet, or only a run that would be rerun anyway (unfinished with nothing to resume, or made with another
     config); True when restored."""
     from papa.checkpoint import atomic_write_bytes
-    from papa.rundir import RUN_FILES
+    from papa.rundir import clear_run
     src, dst = record_dir(spec, cfg), run_dir(cfg)
     if not all((src / n).is_file() for n in RECORD_FILES) or config_changes(cfg, src / "config.yaml"):
         return False
@@ -249,10 +248,7 @@ def restore_record(spec: dict, cfg: Config) -> bool:
             # a finished run is reused as it is, an interrupted one of this config resumed; under torchrun every
             # rank restores, and clearing is not idempotent as the copies are, so a stale run there is rerun
             return False
-        for name in RUN_FILES:  # the stale run's files go, so none of them can pass for the record's
-            (dst / name).unlink(missing_ok=True)
-        for sub in ("rounds", "checkpoints"):
-            shutil.rmtree(dst / sub, ignore_errors=True)
+        clear_run(dst)  # the stale run's files go, so none of them can pass for the record's
     # the metrics last: with them the run counts as finished (every rank under torchrun restores alike)
     for n in sorted([*_record_grids(spec, cfg, read_metrics(src)), *RECORD_FILES],
                     key=lambda n: n == "metrics.jsonl"):

@@ -19,6 +19,14 @@ from papa.config import config_hash
 RUN_FILES = ("config.yaml", "log.txt", "metrics.jsonl", "metrics.csv", "summary.md", "curves.png")
 
 
+def clear_run(path: Path) -> None:
+    """Remove a run's files (records, rounds, checkpoints) from its directory, the directory itself kept."""
+    for name in RUN_FILES:
+        (path / name).unlink(missing_ok=True)
+    for sub in ("rounds", "checkpoints"):
+        shutil.rmtree(path / sub, ignore_errors=True)
+
+
 class RunDir:
     def __init__(self, path: str | Path, log: Callable[[str], None] = print):
         self.path, self.log = Path(path), log
@@ -32,10 +40,7 @@ class RunDir:
         for d in (self.path, self.ckpt_dir, *sorted((self.path / "rounds").glob("*"))):
             checkpoint.remove_stale_temps(d)
         if overwrite:
-            for name in RUN_FILES:
-                (self.path / name).unlink(missing_ok=True)
-            for sub in ("rounds", "checkpoints"):
-                shutil.rmtree(self.path / sub, ignore_errors=True)
+            clear_run(self.path)
 
     def release(self) -> None:
         if self.lock is not None:
