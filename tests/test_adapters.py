@@ -153,14 +153,17 @@ def test_a_batch_that_mixes_users_equals_sampling_each_user_alone():
     kw = dict(steps=8, seed=3, batch_size=len(who), progress=False)
     mixed = sample(users.for_users(who), sched, len(who), **kw)
     alone = torch.cat([sample(users.for_users([u]), sched, 1, first_index=i, **kw) for i, u in enumerate(who)])
-    assert torch.allclose(mixed, alone, atol=1e-4), (mixed - alone).abs().max()
+    # peft runs each user's rows as a sub-batch, and a convolution's float32 rounding depends on its batch size
+    # (oneDNN picks its algorithm by shape, per CPU): over 8 steps that is up to a few 1e-4, so 2e-3 is the bound,
+    # against differences between users of 1e-2 and more (checked next)
+    assert torch.allclose(mixed, alone, atol=2e-3), (mixed - alone).abs().max()
     base = sample(unet(), sched, len(who), **kw)
-    assert torch.allclose(mixed[2], base[2], atol=1e-4) and not torch.allclose(mixed[0], base[0], atol=1e-2)
+    assert torch.allclose(mixed[2], base[2], atol=2e-3) and not torch.allclose(mixed[0], base[0], atol=1e-2)
     # a user's adapter saved and loaded into another user's slot makes the two sample alike
     users.load("bo", users.state("ann"))
     same = sample(users.for_users(["ann", "bo"]), sched, 2, **{**kw, "batch_size": 2})
     both = sample(users.for_users(["ann", "ann"]), sched, 2, **{**kw, "batch_size": 2})
-    assert torch.allclose(same, both, atol=1e-4)
+    assert torch.allclose(same, both, atol=2e-3)
     with pytest.raises(KeyError, match="no adapter for user 'dee'"):
         users.forward(torch.zeros(1, 1, 28, 28), torch.tensor([1]), ["dee"])
 
