@@ -569,7 +569,10 @@ def plot(by_method: dict, task: str, budget: int) -> bytes:
         a.grid(alpha=0.3)
     ax.set_ylabel("legible preferred rate (evaluator)")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8)
+    if by_method:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no finished runs yet", transform=ax.transAxes, ha="center")
     ax.set_title(f"{task}: legible preferred rate, mean ± std over seeds", fontsize=10)
     ax2.set_ylabel("FID of preferred-class samples (evaluator features)")
     ax2.set_yscale("log")

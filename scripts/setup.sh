@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import torch, torchvision, yaml, tqdm, matplotlib, pytest_benchmark, starlette, uvicorn, httpx, playwright, peft" 2>/dev/null; then
+if ! python -c "import torch, torchvision, yaml, tqdm, matplotlib, pytest_benchmark, xdist, starlette, uvicorn, httpx, playwright, peft" 2>/dev/null; then
   echo "[setup] installing requirements (from the package index, or the wheelhouse that PIP_FIND_LINKS names)"
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements.txt

@@ -341,6 +341,16 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
                                     capture_output=True, text=True, cwd=ROOT)
     r = run("--jobs", "2", "--threads", "1")
     assert r.returncode == 0, r.stderr[-2000:]
+
+    def run(*a):  # what follows launches no run: papa.compare's main in this process (no interpreter start each)
+        import contextlib
+        import io
+        import types
+        from papa.compare import main
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["--config", str(cfg), *a])
+        return types.SimpleNamespace(returncode=code, stdout=out.getvalue())
     md = (tmp_path / "cmp" / "mnist" / "compare.md").read_text()
     assert "| epapa | 2 |" in md and "| ddpo | 2 |" in md and "Highest final legible preferred rate" in md
     assert ("Most label-efficient within the quality bounds (rejected" in md) or \
@@ -401,7 +411,8 @@ def test_compare_runs_reuses_and_reports(tiny, tmp_path):
     # a budget mismatch is refused before any work, naming the method
     spec["methods"]["ddpo"]["train.rounds"] = 3
     cfg.write_text(yaml.safe_dump(spec))
-    r = run()
+    r = subprocess.run([sys.executable, "-m", "papa.compare", "--config", str(cfg)], capture_output=True, text=True,
+                       cwd=ROOT)
     assert r.returncode == 2 and "compare method 'ddpo'" in r.stderr and "budget 8" in r.stderr
 
 
