@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchutil import LONG, ROOT, bench_threads
+from benchutil import LONG, ROOT, TINY_MODEL, bench_threads, tiny_checkpoints
 from papa.algos import METHODS
 from papa.config import load_config
 
@@ -36,22 +36,9 @@ httpx = pytest.importorskip("httpx")
 MNIST = str(ROOT / "configs" / "mnist.yaml")
 POLL_S = 0.25  # as the page polls while the model works (papa/web/app.js): faster polling steals the engine's CPU
 PARTS = ("update_s", "evaluate_s", "checkpoint_s", "sampling_s", "encode_s")
-TINY = ["model.down_channels=[8,16,16,16]", "model.mid_channels=[16,16,16]", "model.time_emb_dim=16",
-        "train.samples_per_round=4", "train.batch_size=2", "papa.timesteps_per_sample=6", "train.timestep_chunk=5",
-        "diffusion.sample_steps=4", "eval.num=6", "eval.every=2", "feedback.preference=[1]", "train.ema_decay=0"]
-
-
-def tiny_checkpoints(d):
-    from papa import checkpoint
-    from papa.config import load_config
-    from papa.models import EvaluatorCNN, OracleCNN, build_unet
-    torch.manual_seed(0)
-    cfg = load_config(MNIST, TINY[:3])
-    checkpoint.atomic_save({"state_dict": build_unet(cfg.model).state_dict()}, d / "base.pt")
-    checkpoint.atomic_save({"state_dict": OracleCNN(num_classes=11).state_dict()}, d / "oracle.pt")
-    checkpoint.atomic_save({"state_dict": EvaluatorCNN().state_dict()}, d / "evaluator.pt")
-    return [f"checkpoints.base={d / 'base.pt'}", f"checkpoints.oracle={d / 'oracle.pt'}",
-            f"checkpoints.evaluator={d / 'evaluator.pt'}"]
+TINY = [*TINY_MODEL, "train.samples_per_round=4", "train.batch_size=2", "papa.timesteps_per_sample=6",
+        "train.timestep_chunk=5", "diffusion.sample_steps=4", "eval.num=6", "eval.every=2", "feedback.preference=[1]",
+        "train.ema_decay=0"]
 
 
 class Person:

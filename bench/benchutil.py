@@ -19,6 +19,26 @@ ROOT = Path(__file__).resolve().parents[1]
 LONG = os.environ.get("PAPA_BENCH_LONG", "") not in ("", "0")  # opt-in long benchmarks (bench/README.md)
 
 
+# a tiny UNet for the benchmarks' quick mode, which checks a measurement in seconds (tiny_checkpoints)
+TINY_MODEL = ["model.down_channels=[8,16,16,16]", "model.mid_channels=[16,16,16]", "model.time_emb_dim=16"]
+
+
+def tiny_checkpoints(d: Path) -> list[str]:
+    """Untrained tiny base model, 11-class oracle and evaluator files in `d`; the overrides that point a config at
+    them (with TINY_MODEL)."""
+    import torch
+    from papa import checkpoint
+    from papa.config import load_config
+    from papa.models import EvaluatorCNN, OracleCNN, build_unet
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs" / "mnist.yaml", TINY_MODEL)
+    checkpoint.atomic_save({"state_dict": build_unet(cfg.model).state_dict()}, d / "base.pt")
+    checkpoint.atomic_save({"state_dict": OracleCNN(num_classes=11).state_dict()}, d / "oracle.pt")
+    checkpoint.atomic_save({"state_dict": EvaluatorCNN().state_dict()}, d / "evaluator.pt")
+    return [f"checkpoints.base={d / 'base.pt'}", f"checkpoints.oracle={d / 'oracle.pt'}",
+            f"checkpoints.evaluator={d / 'evaluator.pt'}"]
+
+
 def bench_threads() -> int:
     """Threads for the benchmarks that take a thread count: PAPA_BENCH_THREADS, default 1 (a second job on the
     2-core machine slows a 2-thread run 5×, a 1-thread run far less)."""

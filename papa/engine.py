@@ -394,6 +394,21 @@ class Engine:
                 "unet_items": part["n_items"], **m.summarize(stats)}
 
     # ------------------------------------------------------------------ the loop
+    def train_round(self, r: int) -> tuple[RoundData, dict]:
+        """Round r's feedback and update, without its evaluation or checkpoint: (the round's data, the update's
+        totals). What a feedback unit costs is this call's time over `data.queries` (bench/bench_methods.py)."""
+        m, s = self.method, self.state
+        # 1-2. draw from the current policy, save, ask (rank 0; all ranks agree), build the training tensors
+        self.policy.eval()
+        early, part = (m.replayed(s.history, r) if m.keeps_history else None), {}
+        data = self.collect(r, None if early is None else lambda: self.update(early, r, part))
+        self.records.round_labels(r + 1, data.labels)
+        s.history.append(data.tensors if m.keeps_history else {})
+        # 3. update on this round's feedback, or on it plus earlier rounds' (the method's training set), or on
+        # it after the replayed units' steps, taken while the answers were awaited
+        upd = self.update(m.training_set(data.tensors, s.history, r), r, part if early is not None else None)
+        return data, upd
+
     def _record_eval(self, row: dict, num: int, tag: str) -> None:
         t0 = time.time()
         ev, imgs, pred = self.evaluate(num)
@@ -447,15 +462,7 @@ class Engine:
             self.records.line(row)
         for r in range(s.round, t.rounds):
             t0 = time.time()
-            # 1-2. draw from the current policy, save, ask (rank 0; all ranks agree), build the training tensors
-            self.policy.eval()
-            early, part = (m.replayed(s.history, r) if m.keeps_history else None), {}
-            data = self.collect(r, None if early is None else lambda: self.update(early, r, part))
-            self.records.round_labels(r + 1, data.labels)
-            s.history.append(data.tensors if m.keeps_history else {})
-            # 3. update on this round's feedback, or on it plus earlier rounds' (the method's training set), or on
-            # it after the replayed units' steps, taken while the answers were awaited
-            upd = self.update(m.training_set(data.tensors, s.history, r), r, part if early is not None else None)
+            data, upd = self.train_round(r)
             # 4. evaluate (first and last on final_num samples), 5. record, 6. checkpoint
             used = (s.metrics[-1]["labels_used"] if s.metrics else 0) + data.queries
             row = {"round": r + 1, "labels_used": used, **data.stats, **upd}
