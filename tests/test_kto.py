@@ -249,3 +249,46 @@ def test_a_tiny_run_trains_on_likes_dislikes_and_skips(tmp_path):
     assert all(0 <= r["implicit_accuracy"] <= 1 and r["reference_point"] >= 0 for r in rows[1:])
     answers = {f"r001_{i:03d}": [1, -1, 0, 1][i] for i in range(4)}
     assert json.loads((rd / "rounds/001/labels.json").read_text()) == answers
+
+
+# ----------------------------------------------------------------------------- the reference point over the round
+
+
+def test_round_reference_point_is_the_rounds_labelled_images_mean():
+    """reference_over: round: z_ref is the clipped mean r_θ of every labelled image of the round (skips left out) at
+    D fresh draws each, under the current policy, whichever images the step holds; the step's items keep their own
+    reference errors and loss."""
+    x = images(4)
+    y = torch.tensor([1.0, -1.0, 0.0, 1.0])
+    data = {"x": x, "y": y}
+    m = kto(TinyEps(), perturb=0.3, beta=200.0, timesteps_per_sample=3, reference_over="round", reference_draws=5)
+    net, ref = m.policy.module, m.policy.reference_module
+    for units in (torch.tensor([3]), torch.tensor([1, 0])):
+        gen = torch.Generator().manual_seed(7)
+        z, items = m.step_items(data, units, gen)
+        # the same draws by hand: the step's items first, then the round's
+        g = torch.Generator().manual_seed(7)
+        n = int((y[units] != 0).sum())
+        torch.randint(0, SCHED.T, (n * 3,), generator=g), torch.randn((n * 3, 1, 8, 8), generator=g)
+        xr = x[[0, 1, 3]].repeat_interleave(5, 0)
+        t, eps = torch.randint(0, SCHED.T, (15,), generator=g), torch.randn(xr.shape, generator=g)
+        with torch.no_grad():
+            x_t = SCHED.add_noise(xr, eps, t)
+            se = lambda f: (eps - f(x_t, t)).square().flatten(1).mean(1)
+            want_z = torch.clamp(-(se(net) - se(ref)).mean(), min=0)
+        assert z == pytest.approx(want_z.item(), rel=1e-5, abs=1e-9)
+        got, _ = chunked_loss(m, z, items, 2)
+        # the step's loss: the formula's sum over its items with the round's z_ref
+        total = 0.0
+        for k in range(len(items)):
+            x0, tk, ek = items.x[k:k + 1], items.t[k:k + 1], items.eps[k:k + 1]
+            xt = SCHED.add_noise(x0, ek, tk)
+            r = -((ek - net(xt, tk)).square().mean() - (ek - ref(xt, tk)).square().mean())
+            total = total + (1 - torch.sigmoid(items.y[k] * m.s.beta * (r - z))) / (len(units) * 3)
+        assert got.item() == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_reference_settings_are_checked():
+    for bad in ("diffusion_kto.reference_over=batch", "diffusion_kto.reference_draws=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(ROOT / "configs" / "mnist.yaml", ["train.algo=diffusion_kto", bad])
