@@ -533,14 +533,14 @@ def grid_figure(dirs: dict[str, Path], title: str) -> bytes | None:
         return None
     cols = min(4, len(panels))
     nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.6 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (name, path) in zip(axes.flat, panels):
         ax.imshow(mpimg.imread(path), cmap="gray")
         ax.set_title(name, fontsize=8)
     fig.suptitle(f"{title}: the first evaluation samples (fixed seed), base and each method at the end", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.5)  # room for each row's titles above its grids
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
@@ -576,8 +576,8 @@ def plot(by_method: dict, task: str, budget: int) -> bytes:
     ax.set_title(f"{task}: legible preferred rate, mean ± std over seeds", fontsize=10)
     ax2.set_ylabel("FID of preferred-class samples (evaluator features)")
     ax2.set_yscale("log")
-    ax2.set_title("quality: FID against real test images of the preferred classes\n(points between the first and the "
-                  "last use eval.num samples: their FID reads high)", fontsize=9)
+    ax2.set_title("quality: FID against real test images of the preferred classes\n(the points between the first "
+                  "and the last use eval.num samples,\nso their FID reads high)", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
