@@ -10,10 +10,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import torch, torchvision, yaml, tqdm, matplotlib, pytest_benchmark, xdist, starlette, uvicorn, httpx, playwright, peft" 2>/dev/null; then
+if ! python -c "import torch, torchvision, yaml, tqdm, matplotlib, pytest_benchmark, xdist, starlette, uvicorn, httpx, playwright, peft, transformers; assert transformers.__version__ == '5.24.0'" 2>/dev/null; then
   echo "[setup] installing requirements (from the package index, or the wheelhouse that PIP_FIND_LINKS names)"
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements.txt
+  # a newer transformers brought the PyPI package `kernels`, which this repository's kernels/ shadows (requirements.txt)
+  python -m pip uninstall -y -q kernels 2>/dev/null || true
 fi
 # rebuild the extension only when its sources changed
 stamp=$(cat setup.py pyproject.toml $(find csrc -type f | sort) | sha256sum | cut -c1-16)
