@@ -10,16 +10,17 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import torch, torchvision, yaml, tqdm, matplotlib, pytest_benchmark, xdist, starlette, uvicorn, httpx, playwright, peft, transformers; assert transformers.__version__ == '5.24.0'" 2>/dev/null; then
+# the check fails too where a newer transformers brought the PyPI package `kernels`, which this repository's kernels/
+# shadows (requirements.txt): the install below pins transformers and removes it
+if ! python -c "import torch, torchvision, yaml, tqdm, matplotlib, pytest_benchmark, xdist, starlette, uvicorn, httpx, playwright, peft, transformers; import importlib.metadata as md; assert transformers.__version__ == '5.24.0' and 'kernels' not in {d.metadata['Name'] for d in md.distributions()}" 2>/dev/null; then
   echo "[setup] installing requirements (from the package index, or the wheelhouse that PIP_FIND_LINKS names)"
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements.txt
-  # a newer transformers brought the PyPI package `kernels`, which this repository's kernels/ shadows (requirements.txt)
   python -m pip uninstall -y -q kernels 2>/dev/null || true
 fi
 # rebuild the extension only when its sources changed
 stamp=$(cat setup.py pyproject.toml $(find csrc -type f | sort) | sha256sum | cut -c1-16)
-if [ "$(cat build/.ext_stamp 2>/dev/null)" != "$stamp" ] || ! python -c "import papa._C" 2>/dev/null; then
+if [ "$(cat build/.ext_stamp 2>/dev/null)" != "$stamp" ] || ! python -c "import torch, papa._C" 2>/dev/null; then
   echo "[setup] building papa and its extension (pip install --no-build-isolation -e .)"
   MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation --no-deps -e .
   mkdir -p build && echo "$stamp" > build/.ext_stamp

@@ -28,8 +28,8 @@ Skipped images are not in the mean. Over which images (`diffusion_kto.reference_
             typical sample, and the implicit accuracy measures only how r_θ spreads over t within one image.
     round   every labelled image of the round, D = `diffusion_kto.reference_draws` fresh (t, ε) draws each, under the
             current policy at every optimiser step: the code's batch mean over several images, for steps of one.
-            Measured against `step` on MNIST (docs/COMPARE.md, "The sweeps"): the same rates and FIDs within a few
-            per cent, so the comparisons keep the code's `step`.
+            Measured against `step` on MNIST (one seed, docs/COMPARE.md, "The sweeps"): rates and FIDs within about
+            the spread between seeds, so the comparisons keep the code's `step`.
 
 Either way z_ref is computed over the whole work list before the engine splits it into chunks and ranks, so it, and
 with it the maths, does not depend on the chunk size or the world size.
