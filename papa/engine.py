@@ -450,7 +450,7 @@ class Engine:
             self.dir.release()
 
     def _run(self, resume: bool, force: bool, overwrite: bool) -> RunState:
-        cfg, t, m = self.cfg, self.cfg.train, self.method
+        cfg, t = self.cfg, self.cfg.train
         self._open(resume, force, overwrite)
         if self.main:
             checkpoint.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
