@@ -60,9 +60,10 @@ def images(n, seed=0):
     return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def reference_loss(m, data, units, items):
-    """The formula, item by item, from the work list's draws: which images, labels and weights it should hold is
-    checked separately (`test_work_list_holds_the_labelled_images`)."""
+def reference_loss(m, data, units, items, z=None):
+    """The formula, item by item, from the work list's draws, with the reference point from those items (or `z`):
+    which images, labels and weights the work list should hold is checked separately
+    (`test_work_list_holds_the_labelled_images`)."""
     s, net, ref = m.s, m.policy.module, m.policy.reference_module
     rs, ys = [], []
     for k in range(len(items)):
@@ -72,7 +73,7 @@ def reference_loss(m, data, units, items):
         rs.append(-(se(net) - se(ref).detach()))
         ys.append(float(items.y[k]))
     r = torch.stack(rs)
-    z = torch.clamp(r.detach().mean(), min=0)
+    z = torch.clamp(r.detach().mean(), min=0) if z is None else torch.tensor(z)
     total = 0.0
     for r_k, y in zip(r, ys):
         lam = s.desirable_weight if y > 0 else s.undesirable_weight
@@ -285,12 +286,7 @@ def test_round_reference_point_is_the_rounds_labelled_images_mean():
         assert z_step != pytest.approx(z, rel=1e-3)  # the default estimator is another number here
         got, _ = chunked_loss(m, z, items, 2)
         # the step's loss: the formula's sum over its items with the round's z_ref
-        total = 0.0
-        for k in range(len(items)):
-            x0k, tk, ek = items.x[k:k + 1], items.t[k:k + 1], items.eps[k:k + 1]
-            xt = SCHED.add_noise(x0k, ek, tk)
-            r = -((ek - net(xt, tk)).square().mean() - (ek - ref(xt, tk)).square().mean())
-            total = total + (1 - torch.sigmoid(items.y[k] * m.s.beta * (r - z))) / (len(units) * 3)
+        total, _ = reference_loss(m, data, units, items, z=z)
         assert got.item() == pytest.approx(total.item(), rel=1e-5)
 
 
