@@ -79,6 +79,13 @@ cross erosions when too many pixels sit at the peak, with a plain scale-down onl
   edge. When that is more ink than the target (a thin source), first the pen is thinned (to ×0.5), then only 2
   strokes of 2 segments are kept, then the drawing is shrunk about the centre (to ×0.4) — never dimmed. Not a
   digit: several unrelated crossing strokes with random turns — a tangle, not the stroke layout of any class.
+- `flat`: a saturated slab over nearly the whole canvas, drawn from scratch: a rectangle whose margins sum to at
+  most `FLAT_MAX_MARGIN` = 1.5 px per axis, brightness ~ U(0.95, 1), edges made ragged by smooth noise (±0.75 px)
+  and 0.5–4 % of the pixels dark specks. It is the one kind whose ink is not matched to the batch: it stands for the
+  collapse a policy can fall into when it is pushed away from everything shown to it (SDPO on every seed and PAPA
+  on one, on Fashion-MNIST [5, 7, 9], docs/COMPARE.md), which no real image resembles: its mean ink is at least
+  `FLAT_MIN_INK` = 0.8 of the canvas, and the brightest real training image reaches 0.752 on Fashion-MNIST and 0.398
+  on MNIST. The shipped judges were trained without it (`TRAINED_KINDS`); it is measured in their reject report.
 
 Limits, honestly: these are heuristics. A small share of negatives can still read as a digit (a blob elongated like
 a bold 1, a scribble that happens to form a 7, a blend whose second digit is mostly hidden, a blur of a 0 or a 1 whose
@@ -86,8 +93,8 @@ silhouette a person can still guess, a fragment that reads as a short stroke). F
 confidence is the caller's option; none is done here.
 
 `negative_batch(x, y, gen, kinds=None)` returns one negative per input image, kinds drawn uniformly from `kinds`
-(default all of `KIND_NAMES`), with their kind indices (into `KIND_NAMES`); a caller mixes them into classifier
-training with target `REJECT_CLASS`.
+(default `TRAINED_KINDS`, the kinds the shipped judges were trained on: all but `flat`), with their kind indices
+(into `KIND_NAMES`); a caller mixes them into classifier training with target `REJECT_CLASS`.
 
 Distance from the sources: no negative is a copy of a real image; the tests check that every negative's L2
 distance (in [−1, 1] units, over 784 pixels) to every image of its source batch is at least `MIN_L2_TO_SOURCE` = 4
@@ -106,8 +113,8 @@ import torch.nn.functional as F
 __all__ = [
     "REJECT_CLASS", "DEFAULT_P", "STYLE_OPS", "THIN_MIN_INK", "FRAGMENT_MAX_KEEP", "ONE_ELONGATION",
     "MIN_L2_TO_SOURCE", "ink", "ink_area", "thin", "thick", "affine", "contrast", "augment_style",
-    "noise", "blend", "blur", "fragment", "broken", "scribble", "NEGATIVE_KINDS", "KIND_NAMES", "make_negatives",
-    "negative_batch",
+    "noise", "blend", "blur", "fragment", "broken", "scribble", "flat", "FLAT_MAX_MARGIN", "FLAT_MIN_INK",
+    "NEGATIVE_KINDS", "KIND_NAMES", "TRAINED_KINDS", "make_negatives", "negative_batch",
 ]
 
 REJECT_CLASS = 10
@@ -119,6 +126,8 @@ FRAGMENT_MAX_KEEP = 0.6
 FRAGMENT_MIN_KEEP = 0.3
 ONE_ELONGATION = 10.0
 MIN_L2_TO_SOURCE = 4.0
+FLAT_MAX_MARGIN = 1.5
+FLAT_MIN_INK = 0.8
 
 
 # --------------------------------------------------------------------------- helpers
@@ -678,10 +687,37 @@ def scribble(x: torch.Tensor, gen: torch.Generator, y: torch.Tensor | None = Non
     return _to_x(_fit_ink(render(lam, rho, few), target))
 
 
+def flat(x: torch.Tensor, gen: torch.Generator, y: torch.Tensor | None = None,
+         index: torch.Tensor | None = None) -> torch.Tensor:
+    """A saturated slab over nearly the whole canvas (margins ≤ `FLAT_MAX_MARGIN` px per axis), ragged edges, a few
+    dark specks; drawn from scratch, its ink deliberately above any real image's."""
+    p, _, index, _, _, _ = _setup(x, y, index)
+    m, h, dev = len(index), p.shape[-1], p.device
+    if m == 0:
+        return x[:0].clone()
+    margin = _rand(gen, (m, 2), dev, 0.0, FLAT_MAX_MARGIN)          # per axis: the two margins' sum
+    split = _rand(gen, (m, 2), dev)
+    lo = margin * split                                               # top / left
+    hi = (h - 1) - margin * (1 - split)                               # bottom / right
+    yy, xx = _coords(h, dev)
+    inside = torch.minimum(torch.minimum(yy[None] - lo[:, 0, None, None], hi[:, 0, None, None] - yy[None]),
+                           torch.minimum(xx[None] - lo[:, 1, None, None], hi[:, 1, None, None] - xx[None]))
+    rough = torch.randn((m, 1, h, h), generator=gen, device=gen.device).to(dev, p.dtype)
+    rough = _gauss_blur(rough, torch.full((m,), 1.5, device=dev))
+    rough = rough / rough.flatten(1).abs().amax(1).clamp(min=1e-6)[:, None, None, None]   # in [−1, 1]
+    q = (inside[:, None] + 1.0 + 0.75 * rough).clamp(0, 1) * _rand(gen, m, dev, 0.95, 1.0)[:, None, None, None]
+    rate = _rand(gen, m, dev, 0.005, 0.04)[:, None, None, None]
+    speck = _rand(gen, (m, 1, h, h), dev) < rate
+    q = torch.where(speck, torch.minimum(q, _rand(gen, (m, 1, h, h), dev, 0.0, 0.5)), q)
+    return _to_x(q)
+
+
 NEGATIVE_KINDS: dict[str, Callable[..., torch.Tensor]] = {
     "noise": noise, "blend": blend, "blur": blur, "fragment": fragment, "broken": broken, "scribble": scribble,
+    "flat": flat,
 }
 KIND_NAMES: tuple[str, ...] = tuple(NEGATIVE_KINDS)
+TRAINED_KINDS: tuple[str, ...] = ("noise", "blend", "blur", "fragment", "broken", "scribble")
 
 
 def make_negatives(x: torch.Tensor, kind: str, gen: torch.Generator, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -693,10 +729,11 @@ def make_negatives(x: torch.Tensor, kind: str, gen: torch.Generator, y: torch.Te
 
 def negative_batch(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator,
                    kinds: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One negative per input image, its kind drawn uniformly from `kinds` (default all). Returns (images (N, 1, H,
-    W), kind indices (N,) int64 into `KIND_NAMES`). The whole batch is every kind's pool of sources and ink range."""
+    """One negative per input image, its kind drawn uniformly from `kinds` (default `TRAINED_KINDS`). Returns (images
+    (N, 1, H, W), kind indices (N,) int64 into `KIND_NAMES`). The whole batch is every kind's pool of sources and ink
+    range."""
     _check(x)
-    names = list(KIND_NAMES if kinds is None else kinds)
+    names = list(TRAINED_KINDS if kinds is None else kinds)
     if not names:
         raise ValueError("kinds is empty")
     bad = [k for k in names if k not in NEGATIVE_KINDS]

@@ -1,7 +1,7 @@
 """papa.negatives: style augmentations keep digits legible-looking in the measurable ways (stroke width moves the
 expected way, shift / slant keep the inked area), and every synthetic negative kind is in range, deterministic, no
 copy of a real image, inside the real ink range, and built the way its docstring says (fragment ≤ 60 % of a source,
-blend of two distinct sources). Real-digit tests use 64 MNIST test images and skip when the data is not available."""
+blend of two distinct sources, flat a saturated slab above any real image's ink). Real-digit tests use 64 MNIST test images and skip when the data is not available."""
 import math
 
 import pytest
@@ -66,7 +66,10 @@ def test_shapes_range_and_kinds(synth):
     assert imgs.shape == x.shape and kinds.shape == (len(x),) and kinds.dtype == torch.int64
     assert set(kinds.tolist()) == {ng.KIND_NAMES.index("blur"), ng.KIND_NAMES.index("scribble")}
     assert ng.REJECT_CLASS == 10 and set(ng.NEGATIVE_KINDS) == set(ng.KIND_NAMES) == {
-        "noise", "blend", "blur", "fragment", "broken", "scribble"}
+        "noise", "blend", "blur", "fragment", "broken", "scribble", "flat"}
+    assert set(ng.TRAINED_KINDS) == set(ng.KIND_NAMES) - {"flat"}
+    drawn = ng.negative_batch(torch.cat([x] * 4), torch.cat([y] * 4), _gen(2))[1]   # the default: trained kinds only
+    assert set(drawn.tolist()) == {ng.KIND_NAMES.index(k) for k in ng.TRAINED_KINDS}
     with pytest.raises(ValueError, match="unknown negative kind"):
         ng.make_negatives(x, "smudge", _gen(0))
     with pytest.raises(ValueError, match="unknown negative kind"):
@@ -162,13 +165,26 @@ def test_negative_ink_within_the_real_range(real):
     ink = ng.ink(x)
     lo, hi = ink.min() - 0.5, ink.max() + 0.5          # half a pixel of ink of tolerance
     for seed in (0, 1):
-        for k in ng.KIND_NAMES:
+        for k in ng.TRAINED_KINDS:          # flat is the one kind above the real range on purpose (the next test)
             v = ng.ink(ng.make_negatives(x, k, _gen(seed), y))
             assert ((v >= lo) & (v <= hi)).all(), (k, v.min(), v.max(), lo, hi)
         # ink-matched kinds follow their own source's ink (so ink alone cannot tell them from digits)
         for k in ("noise", "blur", "broken", "scribble"):
             v = ng.ink(ng.make_negatives(x, k, _gen(seed), y))
             assert torch.allclose(v, ink, rtol=0.02, atol=0.5), (k, (v - ink).abs().max())
+
+
+def test_flat_is_a_saturated_slab_brighter_than_any_real_image(real, synth):
+    for x, y in (real, synth):
+        p = (ng.flat(x, _gen(4), y) + 1) / 2
+        cover = p.flatten(1).mean(1)
+        assert (cover >= ng.FLAT_MIN_INK).all(), cover.min()          # the docstring's bound
+        assert (cover > 3 * ((x + 1) / 2).flatten(1).mean(1).max()).all()   # MNIST digits: under a third of that
+        assert ((p > 0.9).flatten(1).float().mean(1) >= 0.7).all()     # mostly saturated, not a grey field
+        assert (p < 0.5).any((1, 2, 3)).all()                         # ragged edges and specks: never a pure block
+    # built from nothing of the source but its count: other sources, same generator → same slabs
+    x, y = synth
+    assert torch.equal(ng.flat(x, _gen(4)), ng.flat(-x.flip(0), _gen(4)))
 
 
 def test_fragment_keeps_at_most_60_percent_of_one_source(real):
@@ -215,7 +231,8 @@ def test_negative_batch_draws_every_kind_once_per_image(real):
     x, y = real
     imgs, kinds = ng.negative_batch(x, y, _gen(21))
     counts = torch.bincount(kinds, minlength=len(ng.KIND_NAMES))
-    assert (counts > 0).all() and counts.sum() == len(x), counts
+    trained = torch.tensor([k in ng.TRAINED_KINDS for k in ng.KIND_NAMES])
+    assert (counts[trained] > 0).all() and (counts[~trained] == 0).all() and counts.sum() == len(x), counts
     # a single-kind batch is that kind's negatives (same construction, whole batch as the pool)
     only, k = ng.negative_batch(x, y, _gen(22), kinds=["fragment"])
     assert (k == ng.KIND_NAMES.index("fragment")).all()
