@@ -1,7 +1,8 @@
 """papa.negatives: style augmentations keep digits legible-looking in the measurable ways (stroke width moves the
 expected way, shift / slant keep the inked area), and every synthetic negative kind is in range, deterministic, no
 copy of a real image, inside the real ink range, and built the way its docstring says (fragment ≤ 60 % of a source,
-blend of two distinct sources, flat a saturated slab above any real image's ink). Real-digit tests use 64 MNIST test images and skip when the data is not available."""
+blend of two distinct sources, flat a saturated slab above any real image's ink). Real-digit tests use 64 MNIST test
+images and skip when the data is not available."""
 import math
 
 import pytest
