@@ -69,6 +69,11 @@ class PretrainConfig:
     seed: int = 0
 
 
+def _trained_kinds() -> tuple[str, ...]:
+    from papa.negatives import TRAINED_KINDS   # imported when needed: papa.negatives imports torch
+    return TRAINED_KINDS
+
+
 @dataclass
 class ClassifierTrainConfig:
     epochs: int = 3
@@ -79,6 +84,9 @@ class ClassifierTrainConfig:
     reject: bool = False              # add the "not a member of any class" output, trained on synthetic negatives
                                       # (papa.negatives, drawn from this seed) beside style-augmented real images
     negative_fraction: float = 0.5    # reject training: negatives per real image in each batch
+    # the kinds of negative (papa.negatives.KIND_NAMES), each negative's kind drawn uniformly from this list (a kind
+    # named twice is drawn twice as often); default: papa.negatives.TRAINED_KINDS, what the shipped judges saw
+    negative_kinds: list[str] = field(default_factory=lambda: list(_trained_kinds()))
     init: str = ""                    # start from this 10-class classifier file (its head gains the reject row)
 
 
@@ -328,6 +336,10 @@ def validate(cfg: Config) -> Config:
         _require(c.batch_size >= 1, f"{sec}.batch_size", "must be >= 1")
         _require(c.lr > 0, f"{sec}.lr", "must be > 0")
         _require(0 < c.negative_fraction <= 4, f"{sec}.negative_fraction", "must be in (0, 4]")
+        from papa.negatives import KIND_NAMES
+        bad = [k for k in c.negative_kinds if k not in KIND_NAMES]
+        _require(bool(c.negative_kinds) and not bad, f"{sec}.negative_kinds",
+                 f"must be a non-empty list of {list(KIND_NAMES)}, got {bad or c.negative_kinds}")
     s = cfg.sample
     _require(s.num >= 1, "sample.num", "must be >= 1")
     _require(s.batch_size >= 1, "sample.batch_size", "must be >= 1")

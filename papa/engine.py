@@ -413,7 +413,9 @@ class Engine:
         t0 = time.time()
         ev, imgs, pred = self.evaluate(num)
         row.update(ev)
-        self.records.eval_grid(tag, imgs, pred, self.cfg.feedback.preference)
+        # the images of the first and last evaluations (eval.final_num of them) are kept for re-judging
+        self.records.eval_grid(tag, imgs, pred, self.cfg.feedback.preference,
+                               keep_images=num == self.cfg.eval.final_num)
         row["eval_seconds"] = round(time.time() - t0, 2)
 
     def _round0(self) -> dict:
@@ -425,13 +427,16 @@ class Engine:
         if ev is not None:
             row.update(ev)
             row["eval_cached"] = True
-            if self.main and self.base_eval.grid.is_file():
-                checkpoint.atomic_write_bytes(grid, self.base_eval.grid.read_bytes())
+            for kept, mine in ((self.base_eval.grid, grid), (self.base_eval.images, grid.with_name("eval_images.pt"))):
+                if self.main and kept.is_file():
+                    checkpoint.atomic_write_bytes(mine, kept.read_bytes())
             return row
         self._record_eval(row, self.cfg.eval.final_num, "000")
         if self.main:
+            images = grid.with_name("eval_images.pt")
             self.base_eval.write({k: v for k, v in row.items()
-                                  if k not in ("round", "labels_used", "elapsed", "eval_seconds")}, grid.read_bytes())
+                                  if k not in ("round", "labels_used", "elapsed", "eval_seconds")}, grid.read_bytes(),
+                                 images.read_bytes() if images.is_file() else None)
         return row
 
     def _open(self, resume: bool, force: bool, overwrite: bool) -> None:

@@ -112,6 +112,14 @@ class RunEvaluator:
                              base: torch.nn.Module) -> tuple[dict, torch.Tensor]:
         """`judge`, and the evaluator's decision per image ((N,) class index; `REJECT_CLASS` for "not a member of
         any class" when the evaluator has a reject option)."""
+        out, pred = self.judge_images(images)
+        out["kl_to_base"] = self.kl_to_base(net, base)
+        out["eval_num"] = len(images)
+        return out, pred
+
+    def judge_images(self, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Every metric of `judge_with_decisions` that needs only the images (all but the KL to the base), and the
+        decisions: how a run's kept evaluation images are judged again by another evaluator (scripts/rejudge.py)."""
         probs, feats = classify(self.net, images.to(self.device))
         out = class_stats(probs.cpu(), self.preference)
         pred = probs.argmax(1).cpu()
@@ -128,6 +136,4 @@ class RunEvaluator:
             out.update({k: rep[k] for k in FIDELITY_KEYS})
         except ValueError:  # too few preferred samples for the k-nearest-neighbour radii, or non-finite ones
             out.update({k: math.nan for k in FIDELITY_KEYS})
-        out["kl_to_base"] = self.kl_to_base(net, base)
-        out["eval_num"] = len(images)
         return out, pred

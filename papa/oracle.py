@@ -87,7 +87,7 @@ def train_classifier(kind: str, tcfg, x: torch.Tensor, y: torch.Tensor,
             if tcfg.reject:
                 m = max(1, round(len(idx) * tcfg.negative_fraction))
                 src = torch.randint(0, len(x), (m,), generator=neg_gen)
-                neg, _ = negative_batch(x[src], y[src], neg_gen)
+                neg, _ = negative_batch(x[src], y[src], neg_gen, kinds=tcfg.negative_kinds)
                 xb = torch.cat([reject_style(xb, gen), neg])
                 yb = torch.cat([yb, torch.full((m,), REJECT_CLASS, dtype=yb.dtype)])
             loss = F.nll_loss(model(xb), yb)

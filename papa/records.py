@@ -70,14 +70,19 @@ class Records:
             checkpoint.atomic_write_text(round_dir(self.run_dir, r) / "labels.json", json.dumps(labels, indent=1))
 
     def eval_grid(self, tag: str, images: torch.Tensor, decisions: torch.Tensor | None = None,
-                  preference: list[int] | None = None) -> None:
+                  preference: list[int] | None = None, keep_images: bool = False) -> None:
         """The evaluation's first 64 samples; with the evaluator's decisions, also the samples it rejects as no
         member of any class (`eval_rejected.png`) beside those it accepts in a preferred class (`eval_accepted.png`),
-        up to 64 each in sample order."""
+        up to 64 each in sample order. With `keep_images`, every sample too (`eval_images.pt`, float32, as judged), so
+        that another evaluator can judge the same images later without sampling them again (scripts/rejudge.py)."""
         if not self.main:
             return
         d = self.run_dir / "rounds" / tag
         save_grid(images[:64], d / "eval_grid.png", nrow=8)
+        if keep_images:
+            buf = io.BytesIO()
+            torch.save(images.detach().to("cpu", torch.float32).clone(), buf)
+            checkpoint.atomic_write_bytes(d / "eval_images.pt", buf.getvalue())
         if decisions is None:
             return
         for name, keep in (("rejected", decisions == REJECT_CLASS),

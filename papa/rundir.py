@@ -122,9 +122,16 @@ class BaseEvalCache:
             return None
         return ev
 
-    def write(self, ev: dict, grid_png: bytes) -> None:
+    @property
+    def images(self) -> Path | None:
+        """The evaluation's images (a run's `rounds/000/eval_images.pt`), kept beside the metrics for re-judging."""
+        return self.path.with_suffix(".images.pt") if self.path is not None else None
+
+    def write(self, ev: dict, grid_png: bytes, images_pt: bytes | None = None) -> None:
         if self.path is None:
             return
         checkpoint.atomic_write_bytes(self.grid, grid_png)
+        if images_pt is not None:
+            checkpoint.atomic_write_bytes(self.images, images_pt)
         checkpoint.atomic_write_text(self.path, json.dumps({"key": self.key, "metrics": ev,
                                                             "digest": config_hash({"key": self.key, "metrics": ev})}))

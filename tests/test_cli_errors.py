@@ -227,3 +227,13 @@ def test_compare_nested_overrides_set_only_their_keys(tmp_path):
     assert cfg.train.algo == "ddpo" and cfg.train.batch_size == 1
     assert (cfg.train.lr, cfg.train.ema_decay, cfg.train.rounds) == (base.train.lr, base.train.ema_decay,
                                                                       base.train.rounds)
+
+
+# ----------------------------------------------------------------------------- papa.rejudge
+@pytest.mark.parametrize("problem, fragments", [
+    ("not a run", ("has no config.yaml", "run directory")),
+    ("no such evaluator", ("--evaluator", "no such file")),
+])
+def test_rejudge_bad_input_is_one_line(tmp_path, problem, fragments):
+    args = [str(tmp_path)] + (["--evaluator", str(tmp_path / "missing.pt")] if problem == "no such evaluator" else [])
+    one_line_error(run_cli("rejudge", *args, cwd=tmp_path), *fragments)

@@ -24,6 +24,8 @@ def test_shipped_configs_load(cfg):
     ("data.dataset=cifar", "data.dataset"),
     ("diffusion.eta=true", "diffusion.eta"),
     ("train.lr_decay=step", "train.lr_decay"),
+    ("evaluator.negative_kinds=[noise,smudge]", "evaluator.negative_kinds"),
+    ("oracle.negative_kinds=[]", "oracle.negative_kinds"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

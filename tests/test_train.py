@@ -484,3 +484,34 @@ def test_compare_in_process_never_reuses_a_stale_directory(tiny, tmp_path, monke
     args = compare.train_args(spec, cfg, run[3], 1)
     assert args[-3:] == ["--resume", str(d), "--force"]
     assert not compare.restore_record(spec, cfg)   # an interrupted run that can resume is not replaced
+
+
+def test_rejudge_reproduces_the_recorded_evaluation_and_judges_anew(tiny, tmp_path):
+    """Each run keeps its first and last evaluations' images (also through the base-evaluation cache); judged again
+    by the run's own evaluator they give the recorded metrics exactly, by another evaluator other ones."""
+    from papa.config import ConfigError
+    from papa.rejudge import main as rejudge_main, rejudge
+    from papa.train import main
+    assert main(args_for(overrides(tiny, tmp_path, rounds=2))) == 0
+    assert main(args_for(overrides(tiny, tmp_path, rounds=2, extra=["train.sample_path=second", "train.seed=1"]))) == 0
+    first, second = run_dir(tmp_path), run_dir(tmp_path).with_name("second")
+    base_row = json.loads((second / "metrics.jsonl").read_text().splitlines()[0])
+    assert base_row.get("eval_cached") is True                         # its base evaluation came from the cache
+    for rd in (first, second):
+        for tag in ("000", "002"):
+            assert torch.load(rd / "rounds" / tag / "eval_images.pt").shape == (8, 1, 28, 28)
+    res = rejudge(second)
+    rows = metrics(second)
+    for name, row in (("base", rows[0]), ("final", rows[-1])):
+        for k, v in res[name].items():
+            assert row[k] == pytest.approx(v, rel=1e-6, abs=1e-9, nan_ok=True), (name, k)
+    torch.manual_seed(5)
+    checkpoint.atomic_save({"state_dict": EvaluatorCNN().state_dict()}, tmp_path / "other.pt")
+    other = rejudge(second, str(tmp_path / "other.pt"))
+    assert other["final"]["class_fraction"] != res["final"]["class_fraction"]
+    assert rejudge_main([str(first), str(second), "--evaluator", str(tmp_path / "other.pt"),
+                         "--out", str(tmp_path / "r.json")]) == 0
+    assert [r["run"] for r in json.loads((tmp_path / "r.json").read_text())] == [str(first), str(second)]
+    (first / "rounds" / "002" / "eval_images.pt").unlink()
+    with pytest.raises(ConfigError, match="eval_images.pt is missing"):
+        rejudge(first)

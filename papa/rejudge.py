@@ -1,0 +1,101 @@
+"""Judge finished runs' evaluation images again, with another evaluator (or with their own, as a check).
+
+    python -m papa.rejudge RUN_DIR [RUN_DIR ...] [--evaluator FILE] [--out FILE.json] [--threads N]
+
+A run keeps the images of its first and last evaluations (`rounds/000/eval_images.pt`, the base model's, and
+`rounds/<last>/eval_images.pt`; eval.final_num of each). This judges both with `--evaluator` (default: the run's own
+`checkpoints.evaluator`) as the run's evaluation did (`RunEvaluator.judge_images`: every metric but the KL to the
+base, which needs the weights), and prints per run the recorded and the new legible preferred rate, rejected rate,
+smallest liked share, precision and FID of the last evaluation, and the bounds of docs/ALIGNMENT.md it meets against
+the base judged by the same evaluator. Judged by the run's own evaluator, the figures equal the recorded ones
+(tests/test_rejudge.py), so any difference is the evaluator's. A run made before evaluation images were kept, or
+whose round-0 evaluation came from a cache without them, is a one-line error naming what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from papa import checkpoint
+from papa.cli import run_main
+from papa.config import ConfigError, load_config
+
+SHOWN = (("legible_preferred_rate", "rate"), ("rejected_rate", "rejected"), ("min_liked_share", "smallest liked"),
+         ("precision", "precision"), ("fid_preferred", "FID"))
+
+
+def _images(path: Path) -> torch.Tensor:
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the run kept no images of that evaluation (it was made before papa "
+                          "kept them, or its base evaluation came from a cache without them); rerun it to judge it")
+    x = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ConfigError(f"{path} is not a tensor of images (N, C, H, W); rerun the run to write it again")
+    return x
+
+
+def rejudge(run: Path, evaluator: str | None = None) -> dict:
+    """The run's base and last evaluations judged again: {"run", "evaluator", "base", "final", "recorded_base",
+    "recorded_final", "bounds"} (metric dicts as in metrics.jsonl, without the KL)."""
+    from papa.data import load_dataset
+    from papa.evaluation import RunEvaluator, TARGET_RATE, bounds_met
+    from papa.models import load_classifier
+    from papa.compare import read_metrics
+    from papa.schedule import NoiseSchedule
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run} has no config.yaml: pass a run directory of papa.train")
+    cfg = load_config(run / "config.yaml")
+    rows = [r for r in read_metrics(run) if "legible_preferred_rate" in r or "preferred_rate" in r]
+    if not rows or rows[-1]["round"] != cfg.train.rounds:
+        raise ConfigError(f"{run} is not finished (no final evaluation in its metrics.jsonl); finish it first")
+    base_row, last_row = rows[0], rows[-1]
+    path = evaluator or cfg.checkpoints.evaluator
+    net = load_classifier("evaluator", path, cfg.data.dataset)
+    xte, yte = load_dataset(cfg.data.dataset, "test", root=cfg.data.root or None)
+    ev = RunEvaluator(net, xte, yte, cfg, NoiseSchedule.from_config(cfg.diffusion))
+    judged = {}
+    for name, row in (("base", base_row), ("final", last_row)):
+        judged[name] = ev.judge_images(_images(run / "rounds" / f"{row['round']:03d}" / "eval_images.pt"))[0]
+    target = TARGET_RATE.get(cfg.data.dataset, 0.9)
+    return {"run": str(run), "evaluator": str(path), "evaluator_sha256": checkpoint.sha256_file(path),
+            **judged, "recorded_base": base_row, "recorded_final": last_row,
+            "bounds": bounds_met(judged["final"], judged["base"], len(cfg.feedback.preference), target)}
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "—"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m papa.rejudge", description=__doc__.splitlines()[0],
+                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished papa.train run directories")
+    ap.add_argument("--evaluator", default=None, help="evaluator file (default: each run's checkpoints.evaluator)")
+    ap.add_argument("--out", default="", help="also write every result to this JSON file")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.evaluator and not Path(args.evaluator).is_file():
+        raise ConfigError(f"--evaluator {args.evaluator}: no such file")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    print("| run | " + " | ".join(f"{label} (recorded → now)" for _, label in SHOWN) + " | bounds failed |")
+    print("|---" * (len(SHOWN) + 2) + "|")
+    for run in args.runs:
+        res = rejudge(Path(run), args.evaluator)
+        results.append(res)
+        failed = [k for k, ok in res["bounds"].items() if ok is False]
+        print(f"| {run} | " + " | ".join(f"{_fmt(res['recorded_final'].get(k))} → {_fmt(res['final'].get(k))}"
+                                         for k, _ in SHOWN) + f" | {', '.join(failed) or 'none'} |", flush=True)
+    if args.out:
+        checkpoint.atomic_write_text(Path(args.out), json.dumps(results, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
