@@ -7,7 +7,10 @@
 `run` trains `python -m papa.train --config configs/<dataset>.yaml` once per set and seed, one after the other (time
 them on an otherwise idle machine), into `<out>/<tag>/<dataset>/<set>_s<seed>/`; the config is the dataset's default,
 changed only in `feedback.preference`, `train.seed` and any `--set` (a `--set` names a variant: give it its own
-`--tag`). A finished run is skipped, a stopped one resumed. Its wall time is kept in `wall.json` beside it.
+`--tag`). A finished run is skipped, a stopped one resumed. Its wall time is kept in `wall.json` beside it, and its
+record (config, metrics, summary, wall time, first and last evaluation grids) under `--records`
+(docs/results/preference_sets: committed; a run recorded there is not run again). `report --out
+docs/results/preference_sets` makes the table from the records.
 
 `report` writes `<out>/<tag>/<dataset>.md` (and `.json`): per set, the final evaluation over seeds (mean ± std and
 the worst seed) of the legible preferred rate, the rejected rate, the smallest liked class's share, precision,
@@ -67,8 +70,13 @@ def cmd_run(args) -> int:
     for seed in args.seeds:
         for name in names:
             d = run_dir(args, name, seed)
+            rec = record_dir(args, name, seed)
+            if rec is not None and finished(rec):
+                print(f"recorded already: {rec}")
+                continue
             if finished(d):
                 print(f"done already: {d}")
+                save_record(d, rec)
                 continue
             cmd = [sys.executable, "-m", "papa.train", "--config", f"configs/{args.dataset}.yaml",
                    "--threads", str(args.threads),
@@ -86,7 +94,30 @@ def cmd_run(args) -> int:
             prev = json.loads((d / "wall.json").read_text())["seconds"] if (d / "wall.json").is_file() else 0.0
             (d / "wall.json").write_text(json.dumps({"seconds": round(prev + time.perf_counter() - t0, 1),
                                                      "threads": args.threads}))
+            save_record(d, rec)
     return 0
+
+
+# A finished run's record: the small files `report` reads (and its first and last evaluation grids), kept under
+# `--records` (committed), so that a table can be made, and a set of runs finished, on another machine. `report --out
+# <records>` reads them as it reads runs.
+RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.md")
+
+
+def record_dir(args, name: str, seed: int) -> Path | None:
+    return Path(args.records) / args.tag / args.dataset / f"{name}_s{seed}" if args.records else None
+
+
+def save_record(d: Path, rec: Path | None) -> None:
+    if rec is None:
+        return
+    from papa.checkpoint import atomic_write_bytes
+    rows = rows_of(d)
+    grids = [f"rounds/{r['round']:03d}/eval_grid.png" for r in (rows[0], rows[-1])]
+    for n in [*RECORD_FILES, *grids, "wall.json"]:      # wall.json last: with it the record counts as finished
+        if (d / n).is_file():
+            atomic_write_bytes(rec / n, (d / n).read_bytes())
+    print(f"recorded in {rec}", flush=True)
 
 
 def rows_of(d: Path) -> list[dict]:
@@ -263,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--seeds", nargs="*", type=int, default=[0])
             p.add_argument("--threads", type=int, default=2)
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+            p.add_argument("--records", default="docs/results/preference_sets",
+                           help="keep each finished run's small files here (skip a run recorded there); '' : none")
         if name == "curves":
             p.add_argument("--tags", nargs="+", required=True, help="the variants to set side by side")
             p.add_argument("--labels", type=int, default=150, help="the label budget the curves stop at")
