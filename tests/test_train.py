@@ -515,3 +515,31 @@ def test_rejudge_reproduces_the_recorded_evaluation_and_judges_anew(tiny, tmp_pa
     (first / "rounds" / "002" / "eval_images.pt").unlink()
     with pytest.raises(ConfigError, match="eval_images.pt is missing"):
         rejudge(first)
+
+
+def test_preference_sets_keeps_records_and_reports_from_them(tiny, tmp_path):
+    """scripts/preference_sets.py: a finished run's record (config, metrics, summary, wall time, first and last grids)
+    goes under --records; a recorded run is not run again; `report --out <records>` makes the table from records."""
+    torch.manual_seed(3)   # the report reads the legible preferred rate: an evaluator with the reject output
+    checkpoint.atomic_save({"state_dict": EvaluatorCNN(num_classes=11).state_dict()}, tmp_path / "evaluator11.pt")
+    mine = [o for o in overrides(tiny, tmp_path, rounds=2, extra=[f"checkpoints.evaluator={tmp_path / 'evaluator11.pt'}"])
+            if not o.startswith(("train.output_dir=", "train.sample_path=", "feedback.preference="))]
+    script = [sys.executable, str(ROOT / "scripts" / "preference_sets.py")]
+    run = script + ["run", "--dataset", "mnist", "--tag", "t", "--sets", "single", "--seeds", "0", "--threads", "1",
+                    "--out", str(tmp_path / "runs"), "--records", str(tmp_path / "rec")]
+    run += [a for o in mine for a in ("--set", o)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = tmp_path / "rec" / "t" / "mnist" / "single_s0"
+    for f in ("config.yaml", "metrics.jsonl", "summary.md", "wall.json", "rounds/000/eval_grid.png",
+              "rounds/002/eval_grid.png"):
+        assert (rec / f).is_file(), f
+    assert (rec / "metrics.jsonl").read_bytes() == (tmp_path / "runs/t/mnist/single_s0/metrics.jsonl").read_bytes()
+    shutil.rmtree(tmp_path / "runs")
+    again = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and "recorded already" in again.stdout and not (tmp_path / "runs").exists()
+    rep = subprocess.run(script + ["report", "--dataset", "mnist", "--tag", "t", "--out", str(tmp_path / "rec")],
+                         cwd=ROOT, capture_output=True, text=True, env=env)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert "| single | [2] | 1 |" in (tmp_path / "rec" / "t" / "mnist.md").read_text()
