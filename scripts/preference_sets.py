@@ -151,7 +151,9 @@ def cmd_report(args) -> int:
                       "min_liked_share", "precision", "recall", "fid_preferred")},
                       "final": [{k: m.get(k) for k in ("labels_used", "legible_preferred_rate", "rejected_rate",
                                 "min_liked_share", "precision", "recall", "fid_preferred", "ink_drift",
-                                "stroke_drift", "preferred_rate")} for m in last],
+                                "stroke_drift", "preferred_rate", "class_fraction")} for m in last],
+                      "curves": [[(r["labels_used"], r["legible_preferred_rate"]) for r in rows_of(d)] for d in runs],
+                      "every_bound": [all(v is not False for v in m.values()) for m in met],
                       "wall_seconds": walls, "meets": ok})
         grids.append((name, pref, group, runs[0]))
     if not table:
@@ -180,6 +182,25 @@ def cmd_report(args) -> int:
             f"{b['precision']:.3f} → {_ms(col('precision'))} | {_ms(col('recall'))} | {b['fid_preferred']:.2f} → "
             f"{_ms(col('fid_preferred'), '{:.2f}')} | {_ms(t['wall_seconds'], '{:.0f}')} | "
             + " / ".join(mark(t["meets"][k]) for k in ("rate", "liked", "rejected", "precision", "fid")) + " |")
+    lines += ["", "Where the samples go: the rate after 100 / 200 / 300 labels (mean over seeds), the largest liked class's "
+              "share at the end (mean; the largest seed's), the classes outside the preference that keep ≥ 3 % of "
+              "the samples at the end (mean share), and the seeds meeting every bound.", "",
+              "| set | rate at 100 / 200 / 300 labels | largest liked class (largest seed) | other classes ≥ 3 % "
+              "| seeds meeting every bound |", "|---|---|---|---|---|"]
+    for t in table:
+        at = []
+        for labels in (100, 200, 300):
+            v = [r for c in t["curves"] for n, r in c if n == labels]
+            at.append(f"{statistics.mean(v):.3f}" if len(v) == len(t["curves"]) else "n/a")
+        shares = [m["class_fraction"] for m in t["final"]]
+        mean = [statistics.mean(col) for col in zip(*shares)]
+        top = max(t["preference"], key=lambda c: mean[c])
+        worst = max(sh[top] for sh in shares)
+        others = sorted((c for c in range(len(mean)) if c not in t["preference"] and mean[c] >= 0.03),
+                        key=lambda c: -mean[c])
+        lines.append(f"| {t['set']} | {' / '.join(at)} | {top}: {mean[top]:.2f} ({worst:.2f}) | "
+                     + (", ".join(f"{c}: {mean[c]:.3f}" for c in others) or "none")
+                     + f" | {sum(t['every_bound'])}/{len(t['every_bound'])} |")
     out_md = base_dir / f"{args.dataset}.md"
     out_md.write_text("\n".join(lines) + "\n")
     (base_dir / f"{args.dataset}.json").write_text(json.dumps(table, indent=1))
