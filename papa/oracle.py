@@ -7,8 +7,9 @@ evaluator: a batch-normalised VGG-style CNN, Adam, another seed: every papa metr
 
 With `<section>.reject: true` (the shipped configs) the classifier gets an 11th output, "not a member of any class":
 each batch holds style-augmented real images (thin, bold, slanted, rotated, scaled, shifted, contrast:
-`papa.negatives.augment_style`) with their class, and `negative_fraction` as many synthetic negatives (noise blobs,
-blends of two images, blurs, fragments, broken strokes, scribbles: `papa.negatives`) with the reject class, drawn from a
+`papa.negatives.augment_style`) with their class, and `negative_fraction` as many synthetic negatives with the reject
+class, their kinds drawn from `negative_kinds` (default the shipped judges' six: noise blobs, blends of two images,
+blurs, fragments, broken strokes, scribbles; `flat`, the saturated slab, is the seventh: `papa.negatives`), from a
 generator of the section's own seed, so the oracle and the evaluator see different negatives. `<section>.init` starts
 from a 10-class file (its head gains the reject row). After training, `reject_report` measures on held-out data what
 the manifest ships: the rejected share of the real test images of every class, plain, thinned and thickened by a
