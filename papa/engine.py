@@ -424,16 +424,16 @@ class Engine:
         # every rank reads the same file and reaches the same verdict, so they evaluate (collectively) or not together
         ev = self.base_eval.read(self.cfg.eval.final_num)
         grid = self.run_dir / "rounds" / "000" / "eval_grid.png"
+        images = grid.with_name("eval_images.pt")
         if ev is not None:
             row.update(ev)
             row["eval_cached"] = True
-            for kept, mine in ((self.base_eval.grid, grid), (self.base_eval.images, grid.with_name("eval_images.pt"))):
+            for kept, mine in ((self.base_eval.grid, grid), (self.base_eval.images, images)):
                 if self.main and kept.is_file():
                     checkpoint.atomic_write_bytes(mine, kept.read_bytes())
             return row
         self._record_eval(row, self.cfg.eval.final_num, "000")
         if self.main:
-            images = grid.with_name("eval_images.pt")
             self.base_eval.write({k: v for k, v in row.items()
                                   if k not in ("round", "labels_used", "elapsed", "eval_seconds")}, grid.read_bytes(),
                                  images.read_bytes() if images.is_file() else None)

@@ -119,7 +119,7 @@ class RunEvaluator:
 
     def judge_images(self, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """Every metric of `judge_with_decisions` that needs only the images (all but the KL to the base), and the
-        decisions: how a run's kept evaluation images are judged again by another evaluator (scripts/rejudge.py)."""
+        decisions: how a run's kept evaluation images are judged again by another evaluator (papa.rejudge)."""
         probs, feats = classify(self.net, images.to(self.device))
         out = class_stats(probs.cpu(), self.preference)
         pred = probs.argmax(1).cpu()

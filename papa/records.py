@@ -74,7 +74,7 @@ class Records:
         """The evaluation's first 64 samples; with the evaluator's decisions, also the samples it rejects as no
         member of any class (`eval_rejected.png`) beside those it accepts in a preferred class (`eval_accepted.png`),
         up to 64 each in sample order. With `keep_images`, every sample too (`eval_images.pt`, float32, as judged), so
-        that another evaluator can judge the same images later without sampling them again (scripts/rejudge.py)."""
+        that another evaluator can judge the same images later without sampling them again (papa.rejudge)."""
         if not self.main:
             return
         d = self.run_dir / "rounds" / tag

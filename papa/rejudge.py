@@ -8,7 +8,7 @@ A run keeps the images of its first and last evaluations (`rounds/000/eval_image
 base, which needs the weights), and prints per run the recorded and the new legible preferred rate, rejected rate,
 smallest liked share, precision and FID of the last evaluation, and the bounds of docs/ALIGNMENT.md it meets against
 the base judged by the same evaluator. Judged by the run's own evaluator, the figures equal the recorded ones
-(tests/test_rejudge.py), so any difference is the evaluator's. A run made before evaluation images were kept, or
+(tests/test_train.py), so any difference is the evaluator's. A run made before evaluation images were kept, or
 whose round-0 evaluation came from a cache without them, is a one-line error naming what is missing.
 """
 from __future__ import annotations

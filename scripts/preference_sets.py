@@ -98,12 +98,9 @@ def cmd_run(args) -> int:
     return 0
 
 
-# A finished run's record: the small files `report` reads (and its first and last evaluation grids), kept under
-# `--records` (committed), so that a table can be made, and a set of runs finished, on another machine. `report --out
-# <records>` reads them as it reads runs.
-RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.md")
-
-
+# A finished run's record: the small files `report` reads (papa.compare's RECORD_FILES, its first and last evaluation
+# grids and wall.json), kept under `--records` (committed), so that a table can be made, and a set of runs finished,
+# on another machine. `report --out <records>` reads them as it reads runs.
 def record_dir(args, name: str, seed: int) -> Path | None:
     return Path(args.records) / args.tag / args.dataset / f"{name}_s{seed}" if args.records else None
 
@@ -112,9 +109,8 @@ def save_record(d: Path, rec: Path | None) -> None:
     if rec is None:
         return
     from papa.checkpoint import atomic_write_bytes
-    rows = rows_of(d)
-    grids = [f"rounds/{r['round']:03d}/eval_grid.png" for r in (rows[0], rows[-1])]
-    for n in [*RECORD_FILES, *grids, "wall.json"]:      # wall.json last: with it the record counts as finished
+    from papa.compare import RECORD_FILES, first_last_grids
+    for n in [*RECORD_FILES, *first_last_grids(rows_of(d)), "wall.json"]:  # wall.json last: it marks the record finished
         if (d / n).is_file():
             atomic_write_bytes(rec / n, (d / n).read_bytes())
     print(f"recorded in {rec}", flush=True)
@@ -140,8 +136,9 @@ def cmd_report(args) -> int:
         runs = [d for d in runs if finished(d)]
         if not runs:
             continue
-        first = [rows_of(d)[0] for d in runs]
-        last = [rows_of(d)[-1] for d in runs]
+        rows = [rows_of(d) for d in runs]
+        first = [r[0] for r in rows]
+        last = [r[-1] for r in rows]
         walls = [json.loads((d / "wall.json").read_text())["seconds"] for d in runs]
         b = first[0]                          # the base's round 0 (the same for every seed: a fixed eval seed)
         met = [bounds_met(m, b, len(pref), TARGET_RATE[args.dataset]) for m in last]
@@ -152,7 +149,7 @@ def cmd_report(args) -> int:
                       "final": [{k: m.get(k) for k in ("labels_used", "legible_preferred_rate", "rejected_rate",
                                 "min_liked_share", "precision", "recall", "fid_preferred", "ink_drift",
                                 "stroke_drift", "preferred_rate", "class_fraction")} for m in last],
-                      "curves": [[(r["labels_used"], r["legible_preferred_rate"]) for r in rows_of(d)] for d in runs],
+                      "curves": [[(r["labels_used"], r["legible_preferred_rate"]) for r in rs] for rs in rows],
                       "every_bound": [all(v is not False for v in m.values()) for m in met],
                       "wall_seconds": walls, "meets": ok})
         grids.append((name, pref, group, runs[0]))
