@@ -46,13 +46,15 @@ def register(cls):
 
 @torch.no_grad()
 def unet_features(unet: torch.nn.Module, sched, images: torch.Tensor, t: int, seed: int = 0, pool: int = 3,
-                  batch_size: int = 256) -> torch.Tensor:
+                  batch_size: int = 256, shared_noise: bool = False) -> torch.Tensor:
     """(N, D) features of images in [−1, 1]: the frozen UNet's bottleneck (after its middle blocks) on the image noised
-    to step t with noise fixed by `seed` and the image's position, average-pooled to pool × pool and flattened."""
+    to step t with noise fixed by `seed` and the image's position, average-pooled to pool × pool and flattened.
+    `shared_noise`: one noise draw for every image instead, so an image's feature does not depend on its position."""
     out = []
     for b0 in range(0, len(images), batch_size):
         x0 = images[b0:b0 + batch_size]
-        gens = sample_generators(seed, range(b0, b0 + len(x0)))  # the samplers' per-index seeding
+        # the samplers' per-index seeding, or index 0's draw for every image
+        gens = sample_generators(seed, [0] * len(x0) if shared_noise else range(b0, b0 + len(x0)))
         noise = draw_noise(gens, 1, tuple(x0.shape[1:]))[:, 0].to(x0.device)
         xt = sched.add_noise(x0, noise, torch.full((len(x0),), t, device=x0.device))
         out.append(F.adaptive_avg_pool2d(unet.features(xt, t), pool).flatten(1).float().cpu())

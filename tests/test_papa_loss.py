@@ -186,6 +186,47 @@ def test_liked_balance_weights_crowded_likes_down(sched):
     torch.testing.assert_close(weighted.w_qpde, plain.w_qpde)
 
 
+def test_liked_balance_power_and_standardising_follow_the_formula():
+    """weight ∝ (Σ_j k(x_i, p_j))^−power, normalised to mean 1: power 2 squares the unnormalised power-1 weights, so a
+    class that took over (three times as many liked as the other) loses more of its share; `standardise` equals
+    scaling each dimension by the pool's statistics by hand."""
+    from papa.algos.papa import liked_weights
+    g = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[0.0, 0.0], [4.0, 0.0]])
+    cls = torch.tensor([0] * 12 + [1] * 4)
+    x = centres[cls] + 0.5 * torch.randn(16, 2, generator=g)
+    y = torch.ones(16)
+    one = liked_weights(x, y, x, 0.5, max_weight=100.0)
+    two = liked_weights(x, y, x, 0.5, max_weight=100.0, power=2.0)
+    torch.testing.assert_close(two, one.square() / one.square().mean())
+    share = [float(w[cls == 0].sum() / w.sum()) for w in (torch.ones(16), one, two)]
+    assert share[0] == pytest.approx(0.75) and share[0] > share[1] > share[2]
+    scaled = torch.stack([x[:, 0] * 10, x[:, 1]], 1)  # one dimension in other units
+    mu, sd = scaled.mean(0), scaled.std(0)
+    torch.testing.assert_close(liked_weights(scaled, y, scaled, 0.5, standardise=True),
+                               liked_weights((scaled - mu) / sd, y, (scaled - mu) / sd, 0.5))
+
+
+def test_balance_features_depend_on_the_image_alone(sched):
+    """The features for balancing share one noise draw, so an image gets the same vector wherever it stands in a batch
+    (this round's liked image and its copy in the pool match); different images differ."""
+    from papa.algos.papa import balance_features
+    from papa.models import build_unet
+    from papa.config import ModelConfig
+    torch.manual_seed(0)
+    net = build_unet(ModelConfig(down_channels=[8, 16, 16], mid_channels=[16, 16, 16], time_emb_dim=16,
+                                 num_heads=2)).eval()
+    imgs = torch.rand(3, 1, 28, 28) * 2 - 1
+    a = balance_features(net, sched, imgs, 200)
+    b = balance_features(net, sched, imgs.flip(0), 200)
+    assert a.shape == (3, 16 * 9)
+    torch.testing.assert_close(a, b.flip(0), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(a[0], a[1], atol=1e-3)
+    from papa.select import unet_features  # per-position noise, as the selectors draw it: the order matters
+    assert not torch.allclose(unet_features(net, sched, imgs, 200), unet_features(net, sched, imgs.flip(0), 200).flip(0),
+                              atol=1e-3)
+
+
 def test_noise_per_timestep_draws_independent_noise_and_lowers_the_estimator_variance(sched):
     """`noise_per_timestep`: every (sample, t) item gets its own ε (the reference reuses one ε per sample for every t).
     Both estimate the same ELBO-weighted sum; independent draws decorrelate the terms, so the per-sample loss varies

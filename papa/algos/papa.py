@@ -15,8 +15,9 @@ base model does. Without it a run whose samples turn all-negative pushes the los
 (measured: MNIST seed 1 of the default config went to 100 % eights by round 10, docs/ALIGNMENT.md).
 
 Balanced likes (`liked_balance` = f > 0): each liked sample's term is weighted by its inverse density among every
-liked image so far (a Gaussian kernel on pixels, bandwidth f × their median distance), normalised to mean 1 (clipped
-at 3). An easy liked class that the policy draws ever more often (MNIST's ones: alike, so close together) then gets
+liked image so far (a Gaussian kernel, bandwidth f × their median distance), raised to `balance_power`, normalised to
+mean 1 (clipped at 3). The density is taken on pixels or (`balance_space: features`) on the frozen base UNet's
+features, where images of one class lie close together; scripts/balance_probe.py measures both. An easy liked class that the policy draws ever more often (MNIST's ones: alike, so close together) then gets
 less weight per sample, instead of more training the more it is drawn (the rich-get-richer swings of docs/ALIGNMENT.md).
 
 Liked samples get their likelihood bound raised, disliked ones lowered; QPDE keeps liked samples near the base model.
@@ -78,23 +79,36 @@ def trained_steps(s: PAPASettings, T: int, lam: torch.Tensor) -> torch.Tensor:
 
 
 def liked_weights(x: torch.Tensor, y: torch.Tensor, pool: torch.Tensor, f: float,
-                  max_weight: float = 3.0) -> torch.Tensor:
+                  max_weight: float = 3.0, standardise: bool = False, power: float = 1.0) -> torch.Tensor:
     """Per-sample weights (N,) of a training set x (N, …) with labels y: 1 for disliked and unlabeled samples; for liked
-    ones 1 / Σ_j k(x_i, p_j) over the pool of every liked image so far p (k Gaussian on pixels, bandwidth f × the pool's
-    median pairwise distance), normalised to mean 1 over the liked, clipped at `max_weight` (an isolated, often odd,
-    sample must not dominate a step) and normalised again."""
+    ones (Σ_j k(x_i, p_j))^−power over the pool of every liked image so far p (k Gaussian, bandwidth f × the pool's median
+    pairwise distance), normalised to mean 1 over the liked, clipped at `max_weight` (an isolated, often odd, sample
+    must not dominate a step) and normalised again. x and pool are pixels or feature vectors (`balance_features`);
+    `standardise` first scales each dimension by the pool's mean and standard deviation."""
     w = torch.ones(len(y), dtype=torch.float64)
     liked = y > 0
     if f <= 0 or len(pool) < 3 or not liked.any():
         return w
     p = pool.flatten(1).double()
+    if standardise:
+        mu, sd = p.mean(0), p.std(0).clamp_min(1e-6)
+        p, x = (p - mu) / sd, (x.flatten(1).double() - mu) / sd
     dp = torch.cdist(p, p)
     h = f * dp[~torch.eye(len(p), dtype=torch.bool)].median().clamp_min(1e-8)
     d = torch.cdist(x[liked].flatten(1).double(), p)
-    inv = 1.0 / torch.exp(-d.square() / (2 * h * h)).sum(1)
+    inv = torch.exp(-d.square() / (2 * h * h)).sum(1).pow(-power)
     inv = (inv / inv.mean()).clamp_max(max_weight)
     w[liked] = inv / inv.mean()
     return w
+
+
+def balance_features(unet: torch.nn.Module, sched: NoiseSchedule, images: torch.Tensor, t: int) -> torch.Tensor:
+    """(N, 576) features for balancing likes: the frozen base UNet's bottleneck at step t, pooled 3 × 3 (the selectors'
+    features, papa.select.unet_features), with one noise draw shared by every image so that an image's feature is a
+    function of the image alone (the same liked image in this round and in the pool gets the same vector)."""
+    from papa.select import unet_features
+    dev = next(unet.parameters()).device
+    return unet_features(unet, sched, images.to(dev), t, shared_noise=True).double()
 
 
 def plan_items(x0: torch.Tensor, y: torch.Tensor, sched: NoiseSchedule, cfg_train: PAPASettings, lam: torch.Tensor,
@@ -189,8 +203,12 @@ class PAPASettings:
     qpde_placement: str = "last"      # last (t = T-1, as the reference on one GPU) | random (one trained t) | every
     qpde_on_negatives: bool = False   # also keep disliked samples close to the base model
     negative_cap: float = 0.0         # kappa > 0 bounds it: min(err, (1 + kappa) err_base); 0: unbounded (reference)
-    liked_balance: float = 0.0        # f > 0: weight liked samples by inverse pixel-kernel density among all liked
+    liked_balance: float = 0.0        # f > 0: weight liked samples by inverse kernel density among all liked
                                       # images so far (bandwidth f x median distance), mean 1; 0: off (reference)
+    balance_space: str = "pixels"     # where that density is taken: pixels | features (the frozen base UNet's
+                                      # bottleneck at balance_t, pooled 3x3: close for images of one class)
+    balance_t: int = 200              # the noise step of those features
+    balance_power: float = 1.0        # weight = density^-power (2 undoes a 2:1 takeover that the kernel sees as 1.4:1)
     replay: bool = False              # train on all feedback so far (paper figure) or this round's only (code)
     replay_size: int = 0              # with replay: this round's units plus this many drawn (seeded, without
                                       # replacement) from earlier rounds' feedback; 0: all of them
@@ -211,6 +229,9 @@ class PAPASettings:
             require(getattr(self, k) >= 0, k, "must be >= 0")
         require(self.negative_cap >= 0, "negative_cap", "must be >= 0 (0: unbounded, as the reference)")
         require(self.liked_balance >= 0, "liked_balance", "must be >= 0 (0: off)")
+        require(self.balance_space in ("pixels", "features"), "balance_space", "must be pixels or features")
+        require(0 <= self.balance_t < T, "balance_t", f"must be in [0, diffusion.num_timesteps={T})")
+        require(self.balance_power > 0, "balance_power", "must be > 0 (1: inverse density)")
         require(self.replay_size >= 0, "replay_size", "must be >= 0 (0: replay all earlier feedback)")
         require(self.replay or self.replay_size == 0, "replay_size", "applies with papa.replay: true; set it to 0")
         require(self.replay_order in ("mixed", "first"), "replay_order", "must be mixed or first")
@@ -269,8 +290,13 @@ class PAPA(ImageLabels, Method):
     def prepare(self, data: dict, history: list[dict]) -> dict:
         if self.s.liked_balance <= 0:
             return data
+        s = self.s
         seen = self.merge(history)
-        return {**data, "w": liked_weights(data["x"], data["y"], seen["x"][seen["y"] > 0], self.s.liked_balance)}
+        x, pool = data["x"], seen["x"][seen["y"] > 0]
+        if s.balance_space == "features" and len(pool) >= 3 and (data["y"] > 0).any():
+            net = self.policy.reference_module
+            x, pool = (balance_features(net, self.sched, v, s.balance_t) for v in (x, pool))
+        return {**data, "w": liked_weights(x, data["y"], pool, s.liked_balance, power=s.balance_power)}
 
     def step_items(self, data: dict, units: torch.Tensor, gen: torch.Generator):
         x0 = data["x"][units]

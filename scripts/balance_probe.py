@@ -1,0 +1,81 @@
+"""Which space and bandwidth let PAPA's balanced likes (`papa.liked_balance`) undo a liked class taking over.
+
+    .venv/bin/python scripts/balance_probe.py [--dataset mnist] [--threads 2]
+
+Real test images stand in for a run's liked images. For each preference set of configs/preference_sets.yaml, a pool
+of 150 liked images is drawn with one liked class taking over (half the pool; the others share the rest evenly), as
+the runs of the default showed (docs/ALIGNMENT.md); of a pair, three quarters. Each liked image gets PAPA's weight (papa.algos.papa.liked_weights:
+inverse Gaussian-kernel density among the pool, bandwidth f × the median distance, mean 1, clipped at 3) in one of
+three spaces: pixels (the weighting as first shipped), or the frozen base UNet's bottleneck at `--t` (pooled 3 × 3,
+one shared noise draw: the selectors' features), raw or standardised per dimension over the pool. The table gives the weight share of the
+class that took over (its count share is 0.50, of a pair 0.75; an even share is 1 / number of liked classes) and the smallest liked
+class's share, per space and f, over every class of the set taking over in turn (mean over classes and 3 draws).
+Weights that undo the takeover bring the first column to 1 / n without starving the second.
+"""
+import argparse
+
+import torch
+import yaml
+
+from papa.algos.papa import balance_features, liked_weights
+from papa.config import REPO_ROOT, load_config
+from papa.data import load_dataset
+from papa.models import load_unet
+from papa.schedule import NoiseSchedule
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="mnist", choices=("mnist", "fashion_mnist"))
+    ap.add_argument("--t", type=int, default=200, help="noise step of the UNet features (default 200)")
+    ap.add_argument("--pool", type=int, default=150, help="liked images in a pool (default 150)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(REPO_ROOT / "configs" / f"{args.dataset}.yaml")
+    unet = load_unet(cfg.model, cfg.checkpoints.base, dataset=args.dataset).eval()
+    sched = NoiseSchedule.from_config(cfg.diffusion)
+    x, y = load_dataset(args.dataset, "test")
+    x = torch.from_numpy(x[:3000]).float().div(127.5).sub(1).unsqueeze(1)
+    y = torch.from_numpy(y[:3000].astype("int64"))
+    uf = balance_features(unet, sched, x, args.t)
+    spaces = {"pixels": (x.flatten(1), False, 1.0), f"UNet t={args.t}": (uf, False, 1.0),
+              f"UNet t={args.t}, standardised": (uf, True, 1.0), "pixels, power 2": (x.flatten(1), False, 2.0),
+              f"UNet t={args.t}, power 2": (uf, False, 2.0)}
+    spec = yaml.safe_load((REPO_ROOT / "configs" / "preference_sets.yaml").read_text())[args.dataset]
+    sets = {n: p for g in ("tuned", "held_out") for n, p in spec[g].items()}
+    fs = (0.2, 0.3, 0.4, 0.6, 1.0)
+    print("\n| set | even share | space | " + " | ".join(f"f = {f}" for f in fs) + " |")
+    print("|---|---|---|" + "---|" * len(fs))
+    for name, pref in sets.items():
+        if len(pref) < 2:
+            continue  # one liked class: nothing to balance
+        n = len(pref)
+        top_share = max(0.5, 1.5 / n)  # a pair: 3 to 1
+        for sname, (feats, std, power) in spaces.items():
+            cells = []
+            for f in fs:
+                top, low = [], []
+                for big in pref:
+                    for s in range(3):
+                        gen = torch.Generator().manual_seed(s)
+                        idx = []
+                        for c in pref:
+                            k = round(args.pool * top_share) if c == big else \
+                                round(args.pool * (1 - top_share) / (n - 1))
+                            members = torch.nonzero(y == c).flatten()
+                            idx.append(members[torch.randperm(len(members), generator=gen)[:k]])
+                        idx = torch.cat(idx)
+                        p = feats[idx]
+                        w = liked_weights(p, torch.ones(len(p)), p, f, standardise=std, power=power)
+                        share = torch.stack([w[y[idx] == c].sum() for c in pref]) / w.sum()
+                        top.append(float(share[pref.index(big)]))
+                        low.append(float(share.min()))
+                cells.append(f"{sum(top) / len(top):.2f} / {sum(low) / len(low):.2f}")
+            print(f"| {name} {pref} | {1 / n:.2f} | {sname} | " + " | ".join(cells) + " |", flush=True)
+    print("\ncells: weight share of the class that took over (count share 0.50, of a pair 0.75) / smallest liked class's share")
+
+
+if __name__ == "__main__":
+    main()
