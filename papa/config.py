@@ -154,13 +154,13 @@ class SelectConfig:
     """Active querying (papa.select): each round a pool of candidates, of which a selector picks the
     train.samples_per_round that the feedback source is asked about (and the label budget counts)."""
     selector: str = "none"            # none: every drawn sample is asked about | random | exploit | uncertainty |
-                                      # diversity | uncertainty_diversity | thompson
+                                      # diversity | uncertainty_diversity | exploit_diversity | thompson
     pool_size: int = 64               # candidates drawn per round (>= train.samples_per_round)
     pool_sample_steps: int = 0        # sampling steps for the pool; 0: diffusion.sample_steps
     ensemble: int = 5                 # preference-model members (bootstrap resamples of the labels)
     l2: float = 0.1                   # their L2 penalty on standardised features
     feature_t: int = 200              # the noise step at which the frozen base UNet's bottleneck is read
-    diversity_weight: float = 1.0     # uncertainty_diversity: weight of the distance term (each term in [0, 1])
+    diversity_weight: float = 1.0     # uncertainty_ / exploit_diversity: weight of the distance term (each in [0, 1])
 
 
 @dataclass

@@ -19,6 +19,8 @@ Selectors (`select.selector`), each one small class in `SELECTORS`:
 - `diversity`: greedy k-center on the features, the labelled images counting as centres already chosen.
 - `uncertainty_diversity`: greedy, BALD plus `select.diversity_weight` × the distance to the nearest chosen or
   labelled image, each scaled to [0, 1] over the pool (the BAL-PM recipe: uncertain and unlike what was asked).
+- `exploit_diversity`: greedy, mean p(like) plus `select.diversity_weight` × the distance to the nearest image
+  picked this round: the likely liked, spread over the liked classes rather than the surest one.
 - `thompson`: for each of the k picks, one ensemble member drawn at random, and its most likely liked candidate.
 
 Everything random derives from (train.seed, round), so a resumed run selects exactly as an uninterrupted one.
@@ -213,6 +215,20 @@ class UncertaintyDiversity(Selector):
 
     def pick(self, pool, k):
         return _greedy(pool.feats, pool.labelled, k, bald(pool.probs), self.s.diversity_weight, 0)
+
+
+@register
+class ExploitDiversity(Selector):
+    """The likely liked, spread out: greedy, mean p(like) plus `diversity_weight` × the distance to the nearest image
+    picked this round (each scaled to [0, 1] over the pool). Exploit alone asks about the surest likes, mostly of one
+    class; here a second pick from the same cluster loses to a likely like from another, so the likes asked about
+    (and trained on) cover the liked classes, and once they are covered the far, unlikely ones (dislikes that teach
+    what is not wanted) come in. Earlier rounds' images do not count as picked, unlike `uncertainty_diversity`'s."""
+    name = "exploit_diversity"
+
+    def pick(self, pool, k):
+        none = torch.zeros(0, pool.feats.shape[1])
+        return _greedy(pool.feats, none, k, pool.probs.mean(0), self.s.diversity_weight, 0)
 
 
 @register

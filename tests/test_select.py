@@ -24,7 +24,8 @@ def pick(name, p, k, **settings):
 
 
 def test_registry_holds_every_selector():
-    assert set(SELECTORS) == {"random", "exploit", "uncertainty", "diversity", "uncertainty_diversity", "thompson"}
+    assert set(SELECTORS) == {"random", "exploit", "uncertainty", "diversity", "uncertainty_diversity",
+                              "exploit_diversity", "thompson"}
 
 
 def test_exploit_picks_the_most_likely_liked():
@@ -53,6 +54,17 @@ def test_uncertainty_diversity_prefers_the_uncertain_one_far_from_the_labels():
     p = pool([[0.2], [8.0], [9.0]], probs, labelled=[[0.0]])
     assert pick("uncertainty_diversity", p, 1) == [1]
     assert pick("uncertainty_diversity", p, 1, diversity_weight=0.0) in ([0], [1])
+
+
+def test_exploit_diversity_spreads_the_likes_over_the_liked_clusters():
+    # a big liked cluster near 0 (the class taking over), a smaller liked one near 10, disliked ones near 5
+    feats = [[0.0], [0.1], [0.2], [0.3], [10.0], [10.1], [5.0], [5.1]]
+    probs = [[0.95, 0.94, 0.93, 0.92, 0.85, 0.84, 0.05, 0.04]]
+    p = pool(feats, probs, labelled=[[10.0]])            # earlier rounds' images are not counted as picked
+    assert pick("exploit", p, 2) == [0, 1]               # exploit: the surest two, both of the big cluster
+    assert pick("exploit_diversity", p, 2) == [0, 4]     # one like from each liked cluster
+    assert pick("exploit_diversity", p, 3)[2] == 6       # both covered: the far, unlikely one (a dislike) next
+    assert pick("exploit_diversity", p, 3, diversity_weight=0.0) == [0, 1, 2]   # weight 0: exploit
 
 
 def test_thompson_takes_each_drawn_members_favourite():
