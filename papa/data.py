@@ -297,6 +297,13 @@ def _from_cache(name: str, split: str, failures: list[str]):
         return None
 
 
+def model_images(name: str, split: str, n: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The first n images of a split as the models see them ((n, 1, 28, 28) in [−1, 1]) and their labels (int64)."""
+    import torch
+    x, y = load_dataset(name, split)
+    return to_model_range(torch.from_numpy(x[:n])), torch.from_numpy(y[:n].astype("int64"))
+
+
 def load_dataset(name: str, split: str = "train", root: str | None = None, verbose: bool = False,
                  use_registries: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Return verified (x uint8 (N,28,28), y uint8 (N,)) from the first source that works; cache both splits.

@@ -18,10 +18,9 @@ import torch
 import yaml
 
 from papa.algos.papa import balance_features, liked_weights
-from papa.config import REPO_ROOT, load_config
-from papa.data import load_dataset
-from papa.models import load_unet
-from papa.schedule import NoiseSchedule
+from papa.config import REPO_ROOT
+from papa.data import model_images
+from papa.models import shipped_base
 
 
 def main() -> None:
@@ -33,12 +32,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(REPO_ROOT / "configs" / f"{args.dataset}.yaml")
-    unet = load_unet(cfg.model, cfg.checkpoints.base, dataset=args.dataset).eval()
-    sched = NoiseSchedule.from_config(cfg.diffusion)
-    x, y = load_dataset(args.dataset, "test")
-    x = torch.from_numpy(x[:3000]).float().div(127.5).sub(1).unsqueeze(1)
-    y = torch.from_numpy(y[:3000].astype("int64"))
+    _, unet, sched = shipped_base(args.dataset)
+    x, y = model_images(args.dataset, "test", 3000)
     uf = balance_features(unet, sched, x, args.t)
     spaces = {"pixels": (x.flatten(1), False, 1.0), f"UNet t={args.t}": (uf, False, 1.0),
               f"UNet t={args.t}, standardised": (uf, True, 1.0), "pixels, power 2": (x.flatten(1), False, 2.0),

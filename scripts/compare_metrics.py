@@ -3,6 +3,7 @@
 Prints the largest absolute difference of every numeric key the two runs share (timings and memory left out) and
 exits 1 unless every shared evaluation number is equal. Used to show that a change of code leaves a run's numbers as
 they were (the same seeds, threads and machine)."""
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -11,11 +12,20 @@ VOLATILE = ("elapsed", "round_seconds", "eval_seconds", "peak_rss_mb", "peak_cud
 
 
 def rows(run: str) -> list[dict]:
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    f = Path(run) / "metrics.jsonl"
+    if not f.is_file():
+        print(f"error: {f} does not exist; give two run directories (each holding a metrics.jsonl)", file=sys.stderr)
+        sys.exit(2)
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
 
 def main() -> int:
-    a, b = rows(sys.argv[1]), rows(sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_a")
+    ap.add_argument("run_b")
+    args = ap.parse_args()
+    a, b = rows(args.run_a), rows(args.run_b)
     if [r["round"] for r in a] != [r["round"] for r in b]:
         print(f"different rounds: {[r['round'] for r in a]} vs {[r['round'] for r in b]}")
         return 1

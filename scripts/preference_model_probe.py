@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from papa.config import REPO_ROOT, load_config
-from papa.data import load_dataset
-from papa.models import load_unet
-from papa.schedule import NoiseSchedule
+from papa.config import REPO_ROOT
+from papa.data import model_images
+from papa.models import shipped_base
 from papa.select import PreferenceModel, unet_features
 
 
@@ -29,12 +28,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(REPO_ROOT / "configs" / f"{args.dataset}.yaml")
-    unet = load_unet(cfg.model, cfg.checkpoints.base, dataset=args.dataset).eval()
-    sched = NoiseSchedule.from_config(cfg.diffusion)
-    x, y = load_dataset(args.dataset, "test")
-    x = torch.from_numpy(x[:1200]).float().div(127.5).sub(1).unsqueeze(1)
-    y = torch.from_numpy(y[:1200].astype("int64"))
+    cfg, unet, sched = shipped_base(args.dataset)
+    x, y = model_images(args.dataset, "test", 1200)
     feats = {}
     for t in (50, 200, 400):
         for pool in (1, 3):

@@ -237,3 +237,12 @@ def test_compare_nested_overrides_set_only_their_keys(tmp_path):
 def test_rejudge_bad_input_is_one_line(tmp_path, problem, fragments):
     args = [str(tmp_path)] + (["--evaluator", str(tmp_path / "missing.pt")] if problem == "no such evaluator" else [])
     one_line_error(run_cli("rejudge", *args, cwd=tmp_path), *fragments)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
+def test_every_script_imports_and_explains_itself(script):
+    """Each script under scripts/ answers --help (exit 0, a usage line): its imports resolve after a refactor."""
+    import os
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "usage" in r.stdout.lower(), r.stderr[-2000:]

@@ -97,3 +97,13 @@ def load_classifier(kind: str, path, dataset: str | None = None) -> torch.nn.Mod
     bias = sd.get(f"{cls.head_key}.bias")
     n = int(bias.shape[0]) if isinstance(bias, torch.Tensor) and bias.ndim == 1 and bias.shape[0] in (10, 11) else 10
     return _load_into(cls(num_classes=n), path, kind, sd=sd).eval()
+
+
+def shipped_base(dataset: str):
+    """(config, frozen base UNet in eval mode, noise schedule) of a dataset's shipped config (configs/<dataset>.yaml):
+    what the probes read features from."""
+    from papa.config import REPO_ROOT, load_config
+    from papa.schedule import NoiseSchedule
+    cfg = load_config(REPO_ROOT / "configs" / f"{dataset}.yaml")
+    unet = load_unet(cfg.model, cfg.checkpoints.base, dataset=dataset).eval()
+    return cfg, unet, NoiseSchedule.from_config(cfg.diffusion)
