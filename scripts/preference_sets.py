@@ -20,6 +20,15 @@ recall, FID and the wall time, beside the base model's (round 0) and the bounds 
     .venv/bin/python scripts/preference_sets.py curves --dataset mnist --tags default40 pool_random pool_exploit
                                                        [--labels 150] [--name selectors]
 
+    .venv/bin/python scripts/preference_sets.py asked --dataset mnist --tag exploit_diversity
+
+`asked` says what each run's user was asked about: the evaluator's class of every labelled image, among the likes
+and among the dislikes, in the first and the second half of the rounds.
+
+    .venv/bin/python scripts/preference_sets.py user RUN_DIR
+
+`user` says how a run's simulated user answers the base model's samples, per class the evaluator puts them in.
+
 `curves` sets variants (tags) side by side, up to `--labels` labels: per set, the legible preferred rate against
 the labels used (mean and band of ± 1 std over seeds, one line per tag) in `<out>/<name>_<dataset>.png`, and in
 `<out>/<name>_<dataset>.md` the rate at every evaluation, the labels until it first reaches the dataset's target
@@ -298,12 +307,97 @@ def cmd_curves(args) -> int:
     return 0
 
 
+def cmd_asked(args) -> int:
+    """What each run asked the user about: the evaluator's class of every labelled image (rounds/NNN/images.pt with its
+    labels.json), counted among the likes and among the dislikes, over the first and the second half of the rounds."""
+    import torch
+
+    from papa.config import load_config
+    from papa.metrics import classify
+    from papa.models import load_classifier
+    base = Path(args.out) / args.tag / args.dataset
+    runs = sorted(d for d in base.glob("*_s*") if (d / "rounds").is_dir())
+    if not runs:
+        print(f"error: no run with rounds/ under {base}; run `scripts/preference_sets.py run` with this --tag first",
+              file=sys.stderr)
+        return 2
+    lines = ["| run | rounds | likes | likes by class (share) | dislikes by class (share) |", "|---|---|---|---|---|"]
+    nets: dict[str, torch.nn.Module] = {}
+    for d in runs:
+        cfg = load_config(d / "config.yaml")
+        path = str(cfg.checkpoints.evaluator)
+        if path not in nets:
+            nets[path] = load_classifier("evaluator", path, dataset=args.dataset).eval()
+        rounds = sorted(r for r in (d / "rounds").iterdir() if (r / "labels.json").is_file() and r.name != "000")
+        halves = (("first half", rounds[:len(rounds) // 2]), ("second half", rounds[len(rounds) // 2:]))
+        for part, sel in (h for h in halves if h[1]):
+            counts = {1: torch.zeros(11), -1: torch.zeros(11)}
+            for r in sel:
+                labels = json.loads((r / "labels.json").read_text())
+                y = torch.tensor([labels[k] for k in sorted(labels)])
+                probs, _ = classify(nets[path], torch.load(r / "images.pt", weights_only=True))
+                pred = probs.argmax(1)
+                for v in (1, -1):
+                    counts[v] += torch.bincount(pred[y == v], minlength=11)[:11].float()
+            cells = []
+            for v in (1, -1):
+                n = counts[v].sum().clamp_min(1)
+                top = [(i, c / n) for i, c in enumerate(counts[v].tolist()) if c / n >= 0.05]
+                cells.append(", ".join(f"{'reject' if i == 10 else i}: {f:.2f}" for i, f in sorted(top, key=lambda t: -t[1])))
+            lines.append(f"| {d.name} | {part} ({sel[0].name}–{sel[-1].name}) | {int(counts[1].sum())} | {cells[0]} | "
+                         f"{cells[1]} |")
+    print("\n".join(lines))
+    print("\nclasses under 5 % of the likes or dislikes left out; the evaluator's decision, 'reject': not a member")
+    return 0
+
+
+def cmd_user(args) -> int:
+    """How the run's simulated user answers the base model's samples (the run's round-0 evaluation images), per class
+    the evaluator puts them in: the share the user is sure is that class (so would like it when the class is
+    preferred), the share it skips as unsure, and the rest (another class or no digit: disliked)."""
+    import torch
+
+    from papa.config import load_config
+    from papa.feedback import OracleFeedback
+    from papa.metrics import classify
+    from papa.models import load_classifier
+    d = Path(args.run)
+    images = d / "rounds" / "000" / "eval_images.pt"
+    if not images.is_file() or not (d / "config.yaml").is_file():
+        print(f"error: {d} has no config.yaml and rounds/000/eval_images.pt; give a run directory made by papa.train "
+              "(runs keep their first evaluation's images)", file=sys.stderr)
+        return 2
+    cfg = load_config(d / "config.yaml")
+    ds, fb = cfg.data.dataset, cfg.feedback
+    x = torch.load(images, weights_only=True)
+    pred = classify(load_classifier("evaluator", cfg.checkpoints.evaluator, dataset=ds).eval(), x)[0].argmax(1)
+    user = OracleFeedback(load_classifier("oracle", cfg.checkpoints.oracle, dataset=ds), list(range(10)),
+                          skip_below=fb.skip_below, reject=fb.reject)
+    with torch.no_grad():
+        top, arg = user.probs(x).max(1)
+    sure = top >= fb.skip_below
+    lines = [f"{d} ({len(x)} base samples; skip_below {fb.skip_below}, reject {fb.reject})", "",
+             "| evaluator's class | samples | user sure it is that class | skipped | another class or no digit |",
+             "|---|---|---|---|---|"]
+    for c in range(11):
+        m = pred == c
+        if m.any():
+            agree, skip = float(((arg[m] == c) & sure[m]).float().mean()), float((~sure[m]).float().mean())
+            lines.append(f"| {'no digit (reject)' if c == 10 else c} | {int(m.sum())} | {agree:.2f} | {skip:.2f} | "
+                         f"{1 - agree - skip:.2f} |")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/preference_sets.py", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "report", "curves"):
+    for name in ("run", "report", "curves", "asked", "user"):
         p = sub.add_parser(name)
+        if name == "user":
+            p.add_argument("run", help="a run directory (its config and round-0 evaluation images)")
+            continue
         p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion_mnist"))
         p.add_argument("--out", default="runs/preference_sets")
         p.add_argument("--tag", default="default", help="a name for this variant of the config")
@@ -319,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--labels", type=int, default=150, help="the label budget the curves stop at")
             p.add_argument("--name", default="selectors", help="the output files' name")
     args = ap.parse_args(argv)
-    return {"run": cmd_run, "report": cmd_report, "curves": cmd_curves}[args.cmd](args)
+    return {"run": cmd_run, "report": cmd_report, "curves": cmd_curves, "asked": cmd_asked,
+            "user": cmd_user}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -538,6 +538,21 @@ def test_preference_sets_keeps_records_and_reports_from_them(tiny, tmp_path):
               "rounds/002/eval_grid.png"):
         assert (rec / f).is_file(), f
     assert (rec / "metrics.jsonl").read_bytes() == (tmp_path / "runs/t/mnist/single_s0/metrics.jsonl").read_bytes()
+    # `asked`: the likes it counts are the run's +1 answers; `user`: every base sample is counted once
+    done = tmp_path / "runs/t/mnist/single_s0"
+    likes = [sum(v == 1 for v in json.loads((done / "rounds" / f"{r:03d}" / "labels.json").read_text()).values())
+             for r in (1, 2)]
+    asked = subprocess.run(script + ["asked", "--dataset", "mnist", "--tag", "t", "--out", str(tmp_path / "runs")],
+                           cwd=ROOT, capture_output=True, text=True, env=env)
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    assert [int(line.split("|")[3]) for line in asked.stdout.splitlines() if line.startswith("| single_s0")] == likes
+    user = subprocess.run(script + ["user", str(done)], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert user.returncode == 0, user.stderr[-2000:]
+    n_base = len(torch.load(done / "rounds" / "000" / "eval_images.pt", weights_only=True))
+    assert sum(int(line.split("|")[2]) for line in user.stdout.splitlines() if line.startswith("| ")
+               and line.split("|")[2].strip().isdigit()) == n_base
+    bad = subprocess.run(script + ["user", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
     shutil.rmtree(tmp_path / "runs")
     again = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, env=env)
     assert again.returncode == 0 and "recorded already" in again.stdout and not (tmp_path / "runs").exists()
