@@ -3,14 +3,15 @@
     .venv/bin/python scripts/balance_probe.py [--dataset mnist] [--threads 2]
 
 Real test images stand in for a run's liked images. For each preference set of configs/preference_sets.yaml, a pool
-of 150 liked images is drawn with one liked class taking over (half the pool; the others share the rest evenly), as
-the runs of the default showed (docs/ALIGNMENT.md); of a pair, three quarters. Each liked image gets PAPA's weight (papa.algos.papa.liked_weights:
-inverse Gaussian-kernel density among the pool, bandwidth f × the median distance, mean 1, clipped at 3) in one of
-three spaces: pixels (the weighting as first shipped), or the frozen base UNet's bottleneck at `--t` (pooled 3 × 3,
-one shared noise draw: the selectors' features), raw or standardised per dimension over the pool. The table gives the weight share of the
-class that took over (its count share is 0.50, of a pair 0.75; an even share is 1 / number of liked classes) and the smallest liked
-class's share, per space and f, over every class of the set taking over in turn (mean over classes and 3 draws).
-Weights that undo the takeover bring the first column to 1 / n without starving the second.
+of 150 liked images is drawn with one liked class taking over (half the pool, of a pair three quarters; the others
+share the rest evenly), as the runs of the default showed (docs/ALIGNMENT.md). Each liked image gets PAPA's weight
+(papa.algos.papa.liked_weights: inverse Gaussian-kernel density among the pool raised to a power, bandwidth f × the
+median distance, mean 1, clipped at 3) in one of three spaces: pixels (the weighting as first shipped), or the frozen
+base UNet's bottleneck at `--t` (pooled 3 × 3, one shared noise draw: the selectors' features), raw or standardised
+per dimension over the pool; power 1 and 2. Each cell gives the weight share of the class that took over (its count
+share is 0.50, of a pair 0.75; an even share is 1 / the number of liked classes) / the smallest liked class's share,
+per space and f, mean over every class of the set taking over in turn and 3 draws. Weights that undo the takeover
+bring the first number to 1 / n without starving the second.
 """
 import argparse
 
@@ -69,7 +70,8 @@ def main() -> None:
                         low.append(float(share.min()))
                 cells.append(f"{sum(top) / len(top):.2f} / {sum(low) / len(low):.2f}")
             print(f"| {name} {pref} | {1 / n:.2f} | {sname} | " + " | ".join(cells) + " |", flush=True)
-    print("\ncells: weight share of the class that took over (count share 0.50, of a pair 0.75) / smallest liked class's share")
+    print("\ncells: weight share of the class that took over (count share 0.50, of a pair 0.75)"
+          " / the smallest liked class's share")
 
 
 if __name__ == "__main__":

@@ -343,7 +343,8 @@ def cmd_asked(args) -> int:
             for v in (1, -1):
                 n = counts[v].sum().clamp_min(1)
                 top = [(i, c / n) for i, c in enumerate(counts[v].tolist()) if c / n >= 0.05]
-                cells.append(", ".join(f"{'reject' if i == 10 else i}: {f:.2f}" for i, f in sorted(top, key=lambda t: -t[1])))
+                top.sort(key=lambda t: -t[1])
+                cells.append(", ".join(f"{'reject' if i == 10 else i}: {f:.2f}" for i, f in top))
             lines.append(f"| {d.name} | {part} ({sel[0].name}–{sel[-1].name}) | {int(counts[1].sum())} | {cells[0]} | "
                          f"{cells[1]} |")
     print("\n".join(lines))

@@ -17,8 +17,9 @@ base model does. Without it a run whose samples turn all-negative pushes the los
 Balanced likes (`liked_balance` = f > 0): each liked sample's term is weighted by its inverse density among every
 liked image so far (a Gaussian kernel, bandwidth f × their median distance), raised to `balance_power`, normalised to
 mean 1 (clipped at 3). The density is taken on pixels or (`balance_space: features`) on the frozen base UNet's
-features, where images of one class lie close together; scripts/balance_probe.py measures both. An easy liked class that the policy draws ever more often (MNIST's ones: alike, so close together) then gets
-less weight per sample, instead of more training the more it is drawn (the rich-get-richer swings of docs/ALIGNMENT.md).
+features, where images of one class lie closer together than on pixels (scripts/balance_probe.py measures both). An
+easy liked class that the policy draws ever more often (MNIST's ones: alike, so close together) then gets less weight
+per sample, instead of more training the more it is drawn (the rich-get-richer swings of docs/ALIGNMENT.md).
 
 Liked samples get their likelihood bound raised, disliked ones lowered; QPDE keeps liked samples near the base model.
 ePAPA trains only t ∈ [k, T−1]. The sum over trained steps may be replaced by an unbiased stratified estimate with M
@@ -81,9 +82,9 @@ def trained_steps(s: PAPASettings, T: int, lam: torch.Tensor) -> torch.Tensor:
 def liked_weights(x: torch.Tensor, y: torch.Tensor, pool: torch.Tensor, f: float,
                   max_weight: float = 3.0, standardise: bool = False, power: float = 1.0) -> torch.Tensor:
     """Per-sample weights (N,) of a training set x (N, …) with labels y: 1 for disliked and unlabeled samples; for liked
-    ones (Σ_j k(x_i, p_j))^−power over the pool of every liked image so far p (k Gaussian, bandwidth f × the pool's median
-    pairwise distance), normalised to mean 1 over the liked, clipped at `max_weight` (an isolated, often odd, sample
-    must not dominate a step) and normalised again. x and pool are pixels or feature vectors (`balance_features`);
+    ones (Σ_j k(x_i, p_j))^−power over the pool of every liked image so far p (k Gaussian, bandwidth f × the pool's
+    median pairwise distance), normalised to mean 1 over the liked, clipped at `max_weight` (an isolated, often odd,
+    sample must not dominate a step) and normalised again. x and pool are pixels or feature vectors (`balance_features`);
     `standardise` first scales each dimension by the pool's mean and standard deviation."""
     w = torch.ones(len(y), dtype=torch.float64)
     liked = y > 0
@@ -206,9 +207,9 @@ class PAPASettings:
     liked_balance: float = 0.0        # f > 0: weight liked samples by inverse kernel density among all liked
                                       # images so far (bandwidth f x median distance), mean 1; 0: off (reference)
     balance_space: str = "pixels"     # where that density is taken: pixels | features (the frozen base UNet's
-                                      # bottleneck at balance_t, pooled 3x3: close for images of one class)
+                                      # bottleneck at balance_t, pooled 3x3: a class lies closer together there)
     balance_t: int = 200              # the noise step of those features
-    balance_power: float = 1.0        # weight = density^-power (2 undoes a 2:1 takeover that the kernel sees as 1.4:1)
+    balance_power: float = 1.0        # weight = density^-power; > 1 makes up for a kernel that blurs classes together
     replay: bool = False              # train on all feedback so far (paper figure) or this round's only (code)
     replay_size: int = 0              # with replay: this round's units plus this many drawn (seeded, without
                                       # replacement) from earlier rounds' feedback; 0: all of them
