@@ -84,8 +84,8 @@ def liked_weights(x: torch.Tensor, y: torch.Tensor, pool: torch.Tensor, f: float
     """Per-sample weights (N,) of a training set x (N, …) with labels y: 1 for disliked and unlabeled samples; for liked
     ones (Σ_j k(x_i, p_j))^−power over the pool of every liked image so far p (k Gaussian, bandwidth f × the pool's
     median pairwise distance), normalised to mean 1 over the liked, clipped at `max_weight` (an isolated, often odd,
-    sample must not dominate a step) and normalised again. x and pool are pixels or feature vectors (`balance_features`);
-    `standardise` first scales each dimension by the pool's mean and standard deviation."""
+    sample must not dominate a step) and normalised again. x and pool are pixels or feature vectors
+    (`balance_features`); `standardise` first scales each dimension by the pool's mean and standard deviation."""
     w = torch.ones(len(y), dtype=torch.float64)
     liked = y > 0
     if f <= 0 or len(pool) < 3 or not liked.any():
