@@ -55,9 +55,9 @@ def unet_features(unet: torch.nn.Module, sched, images: torch.Tensor, t: int, se
     out = []
     for b0 in range(0, len(images), batch_size):
         x0 = images[b0:b0 + batch_size]
-        # the samplers' per-index seeding, or index 0's draw for every image
-        gens = sample_generators(seed, [0] * len(x0) if shared_noise else range(b0, b0 + len(x0)))
-        noise = draw_noise(gens, 1, tuple(x0.shape[1:]))[:, 0].to(x0.device)
+        # the samplers' per-index seeding, or index 0's draw, drawn once, for every image
+        gens = sample_generators(seed, [0] if shared_noise else range(b0, b0 + len(x0)))
+        noise = draw_noise(gens, 1, tuple(x0.shape[1:]))[:, 0].expand(len(x0), *x0.shape[1:]).to(x0.device)
         xt = sched.add_noise(x0, noise, torch.full((len(x0),), t, device=x0.device))
         out.append(F.adaptive_avg_pool2d(unet.features(xt, t), pool).flatten(1).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)

@@ -315,6 +315,8 @@ def cmd_asked(args) -> int:
     from papa.config import load_config
     from papa.metrics import classify
     from papa.models import load_classifier
+    from papa.models.classifier import NUM_CLASSES, REJECT_CLASS
+    n_out = NUM_CLASSES + 1  # the classes and "no member of any class"
     base = Path(args.out) / args.tag / args.dataset
     runs = sorted(d for d in base.glob("*_s*") if (d / "rounds").is_dir())
     if not runs:
@@ -327,24 +329,24 @@ def cmd_asked(args) -> int:
         cfg = load_config(d / "config.yaml")
         path = str(cfg.checkpoints.evaluator)
         if path not in nets:
-            nets[path] = load_classifier("evaluator", path, dataset=args.dataset).eval()
+            nets[path] = load_classifier("evaluator", path, dataset=args.dataset)
         rounds = sorted(r for r in (d / "rounds").iterdir() if (r / "labels.json").is_file() and r.name != "000")
         halves = (("first half", rounds[:len(rounds) // 2]), ("second half", rounds[len(rounds) // 2:]))
         for part, sel in (h for h in halves if h[1]):
-            counts = {1: torch.zeros(11), -1: torch.zeros(11)}
+            counts = {1: torch.zeros(n_out), -1: torch.zeros(n_out)}
             for r in sel:
                 labels = json.loads((r / "labels.json").read_text())
                 y = torch.tensor([labels[k] for k in sorted(labels)])
                 probs, _ = classify(nets[path], torch.load(r / "images.pt", weights_only=True))
                 pred = probs.argmax(1)
                 for v in (1, -1):
-                    counts[v] += torch.bincount(pred[y == v], minlength=11)[:11].float()
+                    counts[v] += torch.bincount(pred[y == v], minlength=n_out).float()
             cells = []
             for v in (1, -1):
                 n = counts[v].sum().clamp_min(1)
                 top = [(i, c / n) for i, c in enumerate(counts[v].tolist()) if c / n >= 0.05]
                 top.sort(key=lambda t: -t[1])
-                cells.append(", ".join(f"{'reject' if i == 10 else i}: {f:.2f}" for i, f in top))
+                cells.append(", ".join(f"{'reject' if i == REJECT_CLASS else i}: {f:.2f}" for i, f in top))
             lines.append(f"| {d.name} | {part} ({sel[0].name}–{sel[-1].name}) | {int(counts[1].sum())} | {cells[0]} | "
                          f"{cells[1]} |")
     print("\n".join(lines))
@@ -362,6 +364,7 @@ def cmd_user(args) -> int:
     from papa.feedback import OracleFeedback
     from papa.metrics import classify
     from papa.models import load_classifier
+    from papa.models.classifier import NUM_CLASSES, REJECT_CLASS
     d = Path(args.run)
     images = d / "rounds" / "000" / "eval_images.pt"
     if not images.is_file() or not (d / "config.yaml").is_file():
@@ -371,20 +374,20 @@ def cmd_user(args) -> int:
     cfg = load_config(d / "config.yaml")
     ds, fb = cfg.data.dataset, cfg.feedback
     x = torch.load(images, weights_only=True)
-    pred = classify(load_classifier("evaluator", cfg.checkpoints.evaluator, dataset=ds).eval(), x)[0].argmax(1)
-    user = OracleFeedback(load_classifier("oracle", cfg.checkpoints.oracle, dataset=ds), list(range(10)),
+    pred = classify(load_classifier("evaluator", cfg.checkpoints.evaluator, dataset=ds), x)[0].argmax(1)
+    user = OracleFeedback(load_classifier("oracle", cfg.checkpoints.oracle, dataset=ds), list(range(NUM_CLASSES)),
                           skip_below=fb.skip_below, reject=fb.reject)
+    sure = ~user.unsure(x)  # the user's own skip rule
     with torch.no_grad():
-        top, arg = user.probs(x).max(1)
-    sure = top >= fb.skip_below
+        arg = user.probs(x).argmax(1)
     lines = [f"{d} ({len(x)} base samples; skip_below {fb.skip_below}, reject {fb.reject})", "",
              "| evaluator's class | samples | user sure it is that class | skipped | another class or no digit |",
              "|---|---|---|---|---|"]
-    for c in range(11):
+    for c in range(NUM_CLASSES + 1):
         m = pred == c
         if m.any():
             agree, skip = float(((arg[m] == c) & sure[m]).float().mean()), float((~sure[m]).float().mean())
-            lines.append(f"| {'no digit (reject)' if c == 10 else c} | {int(m.sum())} | {agree:.2f} | {skip:.2f} | "
+            lines.append(f"| {'no digit (reject)' if c == REJECT_CLASS else c} | {int(m.sum())} | {agree:.2f} | {skip:.2f} | "
                          f"{1 - agree - skip:.2f} |")
     print("\n".join(lines))
     return 0
