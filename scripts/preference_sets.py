@@ -25,9 +25,10 @@ recall, FID and the wall time, beside the base model's (round 0) and the bounds 
 `asked` says what each run's user was asked about: the evaluator's class of every labelled image, among the likes
 and among the dislikes, in the first and the second half of the rounds.
 
-    .venv/bin/python scripts/preference_sets.py user RUN_DIR
+    .venv/bin/python scripts/preference_sets.py user RUN_DIR [--round 30]
 
-`user` says how a run's simulated user answers the base model's samples, per class the evaluator puts them in.
+`user` says how a run's simulated user answers the base model's samples (or, with `--round`, a later evaluation's),
+per class the evaluator puts them in, and which of them it likes under the run's preference.
 
 `curves` sets variants (tags) side by side, up to `--labels` labels: per set, the legible preferred rate against
 the labels used (mean and band of ± 1 std over seeds, one line per tag) in `<out>/<name>_<dataset>.png`, and in
@@ -355,9 +356,12 @@ def cmd_asked(args) -> int:
 
 
 def cmd_user(args) -> int:
-    """How the run's simulated user answers the base model's samples (the run's round-0 evaluation images), per class
-    the evaluator puts them in: the share the user is sure is that class (so would like it when the class is
-    preferred), the share it skips as unsure, and the rest (another class or no digit: disliked)."""
+    """How the run's simulated user answers one evaluation's images (`--round`, default 0: the base model's samples),
+    per class the evaluator puts them in: the share the user is sure is that class (so would like it when the class
+    is preferred), the share it skips as unsure, the rest (another class or no digit: disliked), and the share it
+    likes under the run's own preference. Round 0 shows which classes the user is surest of; the last round whether
+    the classes the evaluator counts against the preference are ones the user dislikes (so training could remove
+    them) or likes (so the two judges disagree and no training could)."""
     import torch
 
     from papa.config import load_config
@@ -366,10 +370,11 @@ def cmd_user(args) -> int:
     from papa.models import load_classifier
     from papa.models.classifier import NUM_CLASSES, REJECT_CLASS
     d = Path(args.run)
-    images = d / "rounds" / "000" / "eval_images.pt"
+    images = d / "rounds" / f"{args.round:03d}" / "eval_images.pt"
     if not images.is_file() or not (d / "config.yaml").is_file():
-        print(f"error: {d} has no config.yaml and rounds/000/eval_images.pt; give a run directory made by papa.train "
-              "(runs keep their first evaluation's images)", file=sys.stderr)
+        print(f"error: {d} has no config.yaml and rounds/{args.round:03d}/eval_images.pt; give a run directory made by "
+              "papa.train and a round it evaluated (runs keep their first and last evaluations' images)",
+              file=sys.stderr)
         return 2
     cfg = load_config(d / "config.yaml")
     ds, fb = cfg.data.dataset, cfg.feedback
@@ -380,15 +385,19 @@ def cmd_user(args) -> int:
     sure = ~user.unsure(x)  # the user's own skip rule
     with torch.no_grad():
         arg = user.probs(x).argmax(1)
-    lines = [f"{d} ({len(x)} base samples; skip_below {fb.skip_below}, reject {fb.reject})", "",
-             "| evaluator's class | samples | user sure it is that class | skipped | another class or no digit |",
-             "|---|---|---|---|---|"]
+    liked = sure & torch.isin(arg, torch.tensor(list(fb.preference)))
+    lines = [f"{d}, round {args.round} ({len(x)} samples; preference {list(fb.preference)}; skip_below "
+             f"{fb.skip_below}, reject {fb.reject})", "",
+             "| evaluator's class | samples | user sure it is that class | skipped | another class or no digit "
+             "| liked under the preference |", "|---|---|---|---|---|---|"]
     for c in range(NUM_CLASSES + 1):
         m = pred == c
         if m.any():
             agree, skip = float(((arg[m] == c) & sure[m]).float().mean()), float((~sure[m]).float().mean())
-            lines.append(f"| {'no digit (reject)' if c == REJECT_CLASS else c} | {int(m.sum())} | {agree:.2f} | {skip:.2f} | "
-                         f"{1 - agree - skip:.2f} |")
+            star = "*" if c in fb.preference else ""
+            lines.append(f"| {'no digit (reject)' if c == REJECT_CLASS else f'{c}{star}'} | {int(m.sum())} | "
+                         f"{agree:.2f} | {skip:.2f} | {1 - agree - skip:.2f} | {float(liked[m].float().mean()):.2f} |")
+    lines += ["", "(* a preferred class)"]
     print("\n".join(lines))
     return 0
 
@@ -400,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("run", "report", "curves", "asked", "user"):
         p = sub.add_parser(name)
         if name == "user":
-            p.add_argument("run", help="a run directory (its config and round-0 evaluation images)")
+            p.add_argument("run", help="a run directory (its config and an evaluation's images)")
+            p.add_argument("--round", type=int, default=0,
+                           help="the evaluation to read (default 0, the base's samples; runs keep the last one too)")
             continue
         p.add_argument("--dataset", default="mnist", choices=("mnist", "fashion_mnist"))
         p.add_argument("--out", default="runs/preference_sets")

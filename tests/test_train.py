@@ -551,6 +551,12 @@ def test_preference_sets_keeps_records_and_reports_from_them(tiny, tmp_path):
     n_base = len(torch.load(done / "rounds" / "000" / "eval_images.pt", weights_only=True))
     assert sum(int(line.split("|")[2]) for line in user.stdout.splitlines() if line.startswith("| ")
                and line.split("|")[2].strip().isdigit()) == n_base
+    last = subprocess.run(script + ["user", str(done), "--round", "2"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert last.returncode == 0, last.stderr[-2000:]
+    rows = [line.split("|") for line in last.stdout.splitlines() if line.startswith("| ") and line.split("|")[2].strip().isdigit()]
+    assert sum(int(r[2]) for r in rows) == len(torch.load(done / "rounds" / "002" / "eval_images.pt", weights_only=True))
+    assert {r[1].strip() for r in rows if "*" in r[1]} <= {"2*"}  # only the run's preferred class is starred
+    assert all(0 <= float(r[6]) <= 1 for r in rows)
     bad = subprocess.run(script + ["user", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
     shutil.rmtree(tmp_path / "runs")
