@@ -191,3 +191,24 @@ def test_sample_cli_unusable_data_root_fails_before_sampling(tmp_path, monkeypat
         main(_sample_args(tmp_path, "--num", "2", "--set", f"data.root={tmp_path / 'empty'}", "--out",
                           str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
+
+
+def test_identity_probe_finish_replays_the_sampler_from_any_step():
+    """scripts/identity_probe.py restarts a trajectory at step j and finishes it: from step 0 with the deterministic
+    sampler that is the sampler's own image; from the last state it only clamps; fresh noise changes the finish."""
+    import importlib.util
+    from papa.sampling import sample_trajectories
+    spec = importlib.util.spec_from_file_location("identity_probe", ROOT / "scripts" / "identity_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    m, s = _tiny_model(), NoiseSchedule()
+    tr = sample_trajectories(m, s, 2, steps=4, sampler="ddim", eta=0.0, seed=1)
+    ts = tr["t"].tolist()
+    gen = torch.Generator().manual_seed(0)
+    again = probe.finish(m, s, tr["x"][:, 0], ts, 0, "ddim", 0.0, gen)
+    assert torch.allclose(again, tr.images.clamp(-1, 1), atol=1e-5)
+    assert torch.equal(probe.finish(m, s, tr["x"][:, -1], ts, len(ts), "ddim", 0.0, gen), tr.images.clamp(-1, 1))
+    a = probe.finish(m, s, tr["x"][:, 1], ts, 1, "ancestral", 1.0, torch.Generator().manual_seed(0))
+    b = probe.finish(m, s, tr["x"][:, 1], ts, 1, "ancestral", 1.0, torch.Generator().manual_seed(0))
+    c = probe.finish(m, s, tr["x"][:, 1], ts, 1, "ancestral", 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
