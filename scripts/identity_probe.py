@@ -70,7 +70,7 @@ def main() -> None:
     for c in range(NUM_CLASSES + 1):
         m = first == c
         if m.any():
-            name = "no digit (reject)" if c == REJECT_CLASS else str(c)
+            name = "rejected (no class)" if c == REJECT_CLASS else str(c)
             print(f"| {name} | {int(m.sum())} | " + " | ".join(f"{float(flips[k][m].mean()):.2f}" for k in args.ks)
                   + " |")
     print("| all | " + f"{args.num} | " + " | ".join(f"{float(flips[k].mean()):.2f}" for k in args.ks) + " |")
