@@ -166,7 +166,9 @@ def cmd_report(args) -> int:
     if not table:
         sys.exit(f"error: no finished runs under {base_dir / args.dataset}; run them first")
     mark = lambda b: "yes" if b else "**no**"
-    lines = [f"# {args.dataset}: the default config on every preference set", "",
+    what = "the default config" if args.tag == "default" else \
+        f"the variant `{args.tag}` (its settings: each run's config.yaml, the run command's `--set`s)"
+    lines = [f"# {args.dataset}: {what} on every preference set", "",
              f"Runs: `scripts/preference_sets.py run --dataset {args.dataset}` (tag `{args.tag}`); this table: "
              f"`scripts/preference_sets.py report --dataset {args.dataset} --tag {args.tag}`. Final evaluation "
              "(500 fixed-seed samples, judged by the reject-aware evaluator) after 300 labels; mean ± std over seeds; "
