@@ -559,3 +559,15 @@ def config_hash(cfg: Any) -> str:
         if isinstance(data.get(section), dict) and not data[section].get(key) and key in data[section]:
             data = {**data, section: {k: v for k, v in data[section].items() if k != key}}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PREFERENCE_SETS_FILE = REPO_ROOT / "configs" / "preference_sets.yaml"
+
+
+def preference_sets(dataset: str) -> dict[str, tuple[list[int], str]]:
+    """The preference sets a dataset's default config is judged on (configs/preference_sets.yaml): set name ->
+    (liked classes, "tuned" or "held_out"), the tuned sets first."""
+    spec = yaml.safe_load(PREFERENCE_SETS_FILE.read_text())
+    if dataset not in spec:
+        raise ValueError(f"{PREFERENCE_SETS_FILE} has no dataset {dataset!r}; it has {sorted(spec)}")
+    return {name: (list(pref), group) for group in ("tuned", "held_out") for name, pref in spec[dataset][group].items()}

@@ -16,10 +16,9 @@ bring the first number to 1 / n without starving the second.
 import argparse
 
 import torch
-import yaml
 
 from papa.algos.papa import balance_features, liked_weights
-from papa.config import REPO_ROOT
+from papa.config import preference_sets
 from papa.data import model_images
 from papa.models import shipped_base
 
@@ -39,8 +38,7 @@ def main() -> None:
     spaces = {"pixels": (x.flatten(1), False, 1.0), f"UNet t={args.t}": (uf, False, 1.0),
               f"UNet t={args.t}, standardised": (uf, True, 1.0), "pixels, power 2": (x.flatten(1), False, 2.0),
               f"UNet t={args.t}, power 2": (uf, False, 2.0)}
-    spec = yaml.safe_load((REPO_ROOT / "configs" / "preference_sets.yaml").read_text())[args.dataset]
-    sets = {n: p for g in ("tuned", "held_out") for n, p in spec[g].items()}
+    sets = {n: p for n, (p, _) in preference_sets(args.dataset).items()}
     fs = (0.2, 0.3, 0.4, 0.6, 1.0)
     print("\n| set | even share | space | " + " | ".join(f"f = {f}" for f in fs) + " |")
     print("|---|---|---|" + "---|" * len(fs))

@@ -13,9 +13,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from papa.config import REPO_ROOT
+from papa.config import preference_sets
 from papa.data import model_images
 from papa.models import shipped_base
 from papa.select import PreferenceModel, unet_features
@@ -37,8 +36,7 @@ def main() -> None:
             feats[f"UNet t={t}, {pool}x{pool}"] = unet_features(unet, sched, x, t, pool=pool)
             print(f"features t={t} {pool}x{pool}: {time.time() - t0:.1f} s for {len(x)} images", flush=True)
     feats["pixels 14x14"] = F.avg_pool2d(x, 2).flatten(1)
-    spec = yaml.safe_load((REPO_ROOT / "configs" / "preference_sets.yaml").read_text())[args.dataset]
-    sets = {n: p for g in ("tuned", "held_out") for n, p in spec[g].items()}
+    sets = {n: p for n, (p, _) in preference_sets(args.dataset).items()}
     print("\n| set | features | dims | accuracy, 30 labels | accuracy, 100 labels |\n|---|---|---|---|---|")
     for name, pref in sets.items():
         like = torch.where(torch.isin(y, torch.tensor(pref)), 1.0, -1.0)

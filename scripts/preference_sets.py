@@ -47,20 +47,18 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 # the bounds every set is held to (docs/ALIGNMENT.md): on the final evaluation, against the base's round 0
+from papa.config import PREFERENCE_SETS_FILE, preference_sets
 from papa.evaluation import BOUNDS, FID_MAX, PRECISION_MIN, REJECT_MAX, TARGET_RATE, bounds_met
 
 ROOT = Path(__file__).resolve().parent.parent
-SETS_FILE = ROOT / "configs" / "preference_sets.yaml"
 
 
 def load_sets(dataset: str) -> dict[str, tuple[list[int], str]]:
-    spec = yaml.safe_load(SETS_FILE.read_text())
-    if dataset not in spec:
-        sys.exit(f"error: {SETS_FILE} has no dataset {dataset!r}; it has {sorted(spec)}")
-    return {name: (pref, group) for group in ("tuned", "held_out") for name, pref in spec[dataset][group].items()}
+    try:
+        return preference_sets(dataset)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 def run_dir(args, name: str, seed: int) -> Path:
@@ -76,7 +74,7 @@ def cmd_run(args) -> int:
     names = args.sets or list(sets)
     unknown = [n for n in names if n not in sets]
     if unknown:
-        sys.exit(f"error: unknown set(s) {unknown}; {SETS_FILE} has {list(sets)}")
+        sys.exit(f"error: unknown set(s) {unknown}; {PREFERENCE_SETS_FILE} has {list(sets)}")
     for seed in args.seeds:
         for name in names:
             d = run_dir(args, name, seed)

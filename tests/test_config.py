@@ -88,3 +88,15 @@ def test_extends_merges_over_the_named_config_and_refuses_cycles(tmp_path):
     with pytest.raises(ConfigError, match="makes a cycle"):
         load_config(tmp_path / "c.yaml")
     assert load_config(ROOT / "configs" / "mnist_users.yaml").users.population.endswith("users_mnist.yaml")
+
+
+def test_preference_sets_lists_tuned_sets_first_and_refuses_an_unknown_dataset():
+    from papa.config import preference_sets
+    for ds in ("mnist", "fashion_mnist"):
+        sets = preference_sets(ds)
+        groups = [g for _, g in sets.values()]
+        assert groups[0] == "tuned" and set(groups) == {"tuned", "held_out"}
+        assert groups == sorted(groups, key=lambda g: g != "tuned")  # every tuned set before every held-out one
+        assert all(p and all(0 <= c <= 9 for c in p) for p, _ in sets.values())
+    with pytest.raises(ValueError, match="no dataset 'cifar10'"):
+        preference_sets("cifar10")
