@@ -255,3 +255,14 @@ def test_noise_per_timestep_draws_independent_noise_and_lowers_the_estimator_var
     print(f"\nloss variance, noise per timestep / one noise per sample: {(a.var() / b.var()).item():.3f}")  # -s shows it
     assert abs(a.mean() - b.mean()) < 4 * (a.var() / 200 + b.var() / 200).sqrt()  # the same expectation
     assert a.var() < 0.5 * b.var()                                                 # at lower variance
+
+
+def test_label_weights_give_likes_and_dislikes_half_the_weight_each():
+    from papa.algos.papa import label_weights
+    y = torch.tensor([1, -1, -1, -1, 0])
+    w = label_weights(y)  # n = 4 labelled: the like 4 / 2 = 2, each dislike 4 / 6
+    assert torch.allclose(w, torch.tensor([2.0, 2 / 3, 2 / 3, 2 / 3, 1.0], dtype=torch.float64))
+    assert w[y > 0].sum() == pytest.approx(w[y < 0].sum())
+    rare = label_weights(torch.tensor([1] + [-1] * 9))  # one like in ten: 5, clipped to 3
+    assert rare[0] == 3.0 and rare[1:].allclose(torch.full((9,), 10 / 18, dtype=torch.float64))
+    assert torch.equal(label_weights(torch.tensor([1, 1, 0])), torch.ones(3, dtype=torch.float64))  # one kind: as is

@@ -103,6 +103,21 @@ def liked_weights(x: torch.Tensor, y: torch.Tensor, pool: torch.Tensor, f: float
     return w
 
 
+def label_weights(y: torch.Tensor, max_weight: float = 3.0) -> torch.Tensor:
+    """Per-sample weights (N,) that give a round's likes and its dislikes half the total weight each
+    (`papa.label_balance`): n / (2 n_+) for every like and n / (2 n_−) for every dislike, n = n_+ + n_−, each clipped
+    at `max_weight`; 1 where a round holds only one kind, and for unlabeled samples. A round with one like in ten then
+    weighs its like 5× (clipped to 3) and its dislikes 0.56×, one with eight likes weighs its two dislikes 2.5×."""
+    w = torch.ones(len(y), dtype=torch.float64)
+    pos, neg = y > 0, y < 0
+    n_pos, n_neg = int(pos.sum()), int(neg.sum())
+    if n_pos and n_neg:
+        n = n_pos + n_neg
+        w[pos] = min(n / (2 * n_pos), max_weight)
+        w[neg] = min(n / (2 * n_neg), max_weight)
+    return w
+
+
 def balance_features(unet: torch.nn.Module, sched: NoiseSchedule, images: torch.Tensor, t: int) -> torch.Tensor:
     """(N, 576) features for balancing likes: the frozen base UNet's bottleneck at step t, pooled 3 × 3 (the selectors'
     features, papa.select.unet_features), with one noise draw shared by every image so that an image's feature is a
@@ -220,6 +235,8 @@ class PAPASettings:
     t0_weight: str = "reference"      # lambda_0: reference (alpha_bar_{-1} wraps to alpha_bar_{T-1}) | skip | clamp
     negative_weight: float = 1.0      # scale of the unlikelihood term of disliked samples (reference 1.0: unbounded)
     noise_per_timestep: bool = False  # false: one eps draw reused for every t (reference)
+    label_balance: bool = False       # weight a round's likes and dislikes so each kind carries half its weight
+                                      # (label_weights); false: every labelled sample alike (reference)
 
     def check(self, cfg, require) -> None:
         T = cfg.diffusion.num_timesteps
@@ -289,6 +306,13 @@ class PAPA(ImageLabels, Method):
         return self.select(merged, torch.randperm(self.num_units(merged), generator=gen)[:self.s.replay_size])
 
     def prepare(self, data: dict, history: list[dict]) -> dict:
+        data = self._balance_likes(data, history)
+        if self.s.label_balance:
+            w = data["w"] if "w" in data else torch.ones(len(data["y"]), dtype=torch.float64)
+            data = {**data, "w": w * label_weights(data["y"])}
+        return data
+
+    def _balance_likes(self, data: dict, history: list[dict]) -> dict:
         if self.s.liked_balance <= 0:
             return data
         s = self.s
