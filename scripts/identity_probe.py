@@ -20,17 +20,16 @@ from papa.models.classifier import NUM_CLASSES, REJECT_CLASS
 from papa.sampling import sample_trajectories
 
 
+@torch.no_grad()
 def finish(unet, sched, x: torch.Tensor, ts: list[int], j: int, sampler: str, eta: float,
            gen: torch.Generator) -> torch.Tensor:
     """Run the sampler from x (at step j of ts) to the image with fresh noise from `gen`."""
-    x = x.clone()
     for i in range(j, len(ts)):
         t, t_prev = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
         tt = torch.full((x.shape[0],), t, dtype=torch.long)
         coef = sched.fused_coefficients(tt, torch.full_like(tt, t_prev), sampler, eta)
         z = torch.randn(x.shape, generator=gen) if t_prev >= 0 else torch.zeros_like(x)
-        with torch.no_grad():
-            x, _, _ = ops.fused_step(x, unet(x, tt), z, coef)
+        x, _, _ = ops.fused_step(x, unet(x, tt), z, coef)
     return x.clamp(-1, 1)
 
 
@@ -50,7 +49,7 @@ def main() -> None:
     cfg, unet, sched = shipped_base(args.dataset)
     d = cfg.diffusion
     ev = load_classifier("evaluator", cfg.checkpoints.evaluator, dataset=args.dataset)
-    tr = sample_trajectories(unet, sched, args.num, steps=d.sample_steps, sampler=d.sampler, eta=1.0, seed=args.seed)
+    tr = sample_trajectories(unet, sched, args.num, steps=d.sample_steps, sampler=d.sampler, eta=d.eta, seed=args.seed)
     ts = tr["t"].tolist()
     first = classify(ev, tr.images.clamp(-1, 1))[0].argmax(1)
     flips = {}
@@ -59,7 +58,7 @@ def main() -> None:
         j = next((i for i, t in enumerate(ts) if t < k), len(ts))
         other = torch.zeros(args.num)
         for _ in range(args.repeats):
-            other += (classify(ev, finish(unet, sched, tr["x"][:, j], ts, j, d.sampler, 1.0, gen))[0].argmax(1)
+            other += (classify(ev, finish(unet, sched, tr["x"][:, j], ts, j, d.sampler, d.eta, gen))[0].argmax(1)
                       != first).float()
         flips[k] = other / args.repeats
         print(f"k = {k}: finished from t = {ts[j] if j < len(ts) else 'the image'}", flush=True)

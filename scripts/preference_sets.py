@@ -47,8 +47,8 @@ import sys
 import time
 from pathlib import Path
 
-# the bounds every set is held to (docs/ALIGNMENT.md): on the final evaluation, against the base's round 0
 from papa.config import PREFERENCE_SETS_FILE, preference_sets
+# the bounds every set is held to (docs/ALIGNMENT.md): on the final evaluation, against the base's round 0
 from papa.evaluation import BOUNDS, FID_MAX, PRECISION_MIN, REJECT_MAX, TARGET_RATE, bounds_met
 
 ROOT = Path(__file__).resolve().parent.parent
