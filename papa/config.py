@@ -161,6 +161,11 @@ class SelectConfig:
     l2: float = 0.1                   # their L2 penalty on standardised features
     feature_t: int = 200              # the noise step at which the frozen base UNet's bottleneck is read
     diversity_weight: float = 1.0     # uncertainty_ / exploit_diversity: weight of the distance term (each in [0, 1])
+    pseudo_labels: int = 0            # > 0: after the person answers, the preference model (refitted on every answer
+                                      # so far) labels up to this many of the pool's other candidates, the surest
+                                      # first, and the update trains on them too; they cost no label. 0: off
+    pseudo_confidence: float = 0.9    # a pseudo-like needs mean p(like) >= this, a pseudo-dislike <= 1 - this
+    pseudo_weight: float = 1.0        # a pseudo-label's weight in the update, relative to a person's label
 
 
 @dataclass
@@ -395,6 +400,18 @@ def validate(cfg: Config) -> Config:
     _require(sc.l2 > 0, "select.l2", "must be > 0")
     _require(0 <= sc.feature_t < d.num_timesteps, "select.feature_t", f"must be in [0, {d.num_timesteps})")
     _require(sc.diversity_weight >= 0, "select.diversity_weight", "must be >= 0")
+    _require(sc.pseudo_labels >= 0, "select.pseudo_labels", "must be >= 0 (0: off)")
+    if sc.pseudo_labels:
+        _require(sc.selector != "none", "select.pseudo_labels",
+                 "labels candidates of a pool, so it needs select.selector (random, exploit, ...); set it to 0")
+        _require(method.feedback == "label", "select.pseudo_labels",
+                 f"needs a method that learns from one label per image (papa, diffusion_kto); train.algo={t.algo} "
+                 f"asks for {method.feedback}s; set it to 0")
+        _require(sc.pool_size > t.samples_per_round, "select.pool_size",
+                 f"must be > train.samples_per_round ({t.samples_per_round}) for pseudo-labels to have candidates "
+                 f"left, got {sc.pool_size}")
+    _require(0.5 < sc.pseudo_confidence < 1.0, "select.pseudo_confidence", "must be in (0.5, 1)")
+    _require(sc.pseudo_weight > 0, "select.pseudo_weight", "must be > 0")
     ac = cfg.adapter
     _require(ac.rank >= 0, "adapter.rank", "must be >= 0 (0: full fine-tuning)")
     _require(ac.alpha > 0, "adapter.alpha", "must be > 0")

@@ -103,6 +103,7 @@ class Engine:
         self.base_eval = BaseEvalCache(Path(cfg.train.output_dir) / cfg.task_name, base_eval_key, self.records.log)
         self.state = RunState()
         self._asking: tuple | None = None  # select: the features and record of the round's chosen candidates
+        self._pool: tuple | None = None    # select: the round's pool, its features and the chosen indices
         # called as progress("update", steps done, steps in the round) after each optimiser step: how a front end (the
         # browser app, papa.serve) shows the update advancing; None for papa.train, whose bar is tqdm's
         self.progress: Callable[[str, int, int], None] | None = None
@@ -247,6 +248,7 @@ class Engine:
         idx, rec = choose(sc, feats, labelled, a.get("y", torch.zeros(0)), k, seed)
         rec.update(pool_seconds=round(t1 - t0, 2), select_seconds=round(time.time() - t1, 2))
         self._asking = (feats[idx], rec)
+        self._pool = (pool, feats, idx)
         if self.main:
             from papa.records import round_dir, save_grid
             shown = torch.full((len(pool),), False)
@@ -300,6 +302,9 @@ class Engine:
         tensors, stats = self.method.build(samples, answers, q)
         if self.cfg.select.selector != "none":
             stats.update(self._remember_asked(answers))
+        if self.cfg.select.pseudo_labels:
+            tensors, more = self._add_pseudo_labels(r, tensors)
+            stats.update(more)
         return RoundData(samples.images, self.method.record(q, answers), len(q.ids), tensors, stats)
 
     def _remember_asked(self, answers: torch.Tensor) -> dict:
@@ -314,6 +319,24 @@ class Engine:
         a.update(f=torch.cat([a["f"], feats]), y=torch.cat([a["y"], y]))
         return {**prediction_stats(rec.get("p_like"), y), "pool_seconds": rec["pool_seconds"],
                 "select_seconds": rec["select_seconds"], "select_fallback": int(rec["fallback"] is not None)}
+
+    def _add_pseudo_labels(self, r: int, tensors: dict) -> tuple[dict, dict]:
+        """The round's training tensors with the pool candidates the preference model labels (papa.select.
+        pseudo_labels) appended, and a per-unit `trust`: 1 for the person's labels, select.pseudo_weight for the
+        model's. The choice goes into rounds/NNN/pool.json beside the selection."""
+        from papa.select import pseudo_labels
+        sc, a = self.cfg.select, self.state.asked
+        pool, feats, asked = self._pool
+        idx, y, p = pseudo_labels(sc, feats, asked, a["f"], a["y"], round_seed(self.cfg.train.seed, r))
+        n = len(tensors["y"])
+        out = {"x": torch.cat([tensors["x"], pool[idx].cpu()]),
+               "y": torch.cat([tensors["y"], y.to(tensors["y"].dtype)]),
+               "trust": torch.cat([torch.ones(n), torch.full((len(idx),), sc.pseudo_weight)])}
+        if self.main:
+            from papa.records import round_dir
+            rec = {**self._asking[1], "pseudo": idx, "pseudo_labels": [int(v) for v in y], "pseudo_p_like": p}
+            checkpoint.atomic_write_text(round_dir(self.run_dir, r + 1) / "pool.json", json.dumps(rec, indent=1))
+        return out, {"pseudo_positive": int((y > 0).sum()), "pseudo_negative": int((y < 0).sum())}
 
     # ------------------------------------------------------------------ evaluation
     @property

@@ -23,6 +23,12 @@ Selectors (`select.selector`), each one small class in `SELECTORS`:
   picked this round: the likely liked, spread over the liked classes rather than the surest one.
 - `thompson`: for each of the k picks, one ensemble member drawn at random, and its most likely liked candidate.
 
+Pseudo-labels (`select.pseudo_labels`, off by default; `pseudo_labels` below): after the person answers, the
+preference model labels the pool candidates it is surest of among those not asked about, and the update trains on
+them beside the person's labels, each at `select.pseudo_weight`. They cost no label, and they are never used to fit
+the preference model itself. This makes the preference model steer the update, so it is a separate option from the
+selectors and reported apart from them.
+
 Everything random derives from (train.seed, round), so a resumed run selects exactly as an uninterrupted one.
 """
 from __future__ import annotations
@@ -266,6 +272,27 @@ def choose(settings, feats: torch.Tensor, labelled: torch.Tensor, y: torch.Tenso
         rec["p_like"] = [round(float(v), 4) for v in probs.mean(0)[idx]]
         rec["pool_p_like_mean"] = round(float(probs.mean()), 4)
     return idx, rec
+
+
+def pseudo_labels(settings, feats: torch.Tensor, asked: list[int], labelled: torch.Tensor, y: torch.Tensor,
+                  seed: int) -> tuple[list[int], torch.Tensor, list[float]]:
+    """The pool's candidates the preference model labels in the person's stead (`select.pseudo_labels`): the model
+    is refitted on every answer so far (this round's included; never the oracle's or the evaluator's), and of the
+    candidates not asked about, those with mean p(like) >= `pseudo_confidence` become likes (+1) and those with
+    p <= 1 − it dislikes (−1), at most `pseudo_labels` of them, the surest (farthest from 1/2) first, ties by index.
+    Returns (pool indices, labels, their p(like)); nothing while the model cannot be fitted (no like or no dislike)."""
+    model = PreferenceModel.fit(labelled, y, settings.ensemble, settings.l2, seed * 11 + 5)
+    if model is None:
+        return [], torch.zeros(0), []
+    p = model.probs(feats).mean(0)
+    c = settings.pseudo_confidence
+    rest = torch.ones(len(p), dtype=torch.bool)
+    rest[asked] = False
+    sure = rest & ((p >= c) | (p <= 1 - c))
+    cand = sure.nonzero().flatten()
+    order = torch.argsort((p[cand] - 0.5).abs(), descending=True, stable=True)
+    idx = cand[order][:settings.pseudo_labels]
+    return idx.tolist(), torch.where(p[idx] >= 0.5, 1.0, -1.0), [round(float(v), 4) for v in p[idx]]
 
 
 def prediction_stats(p_like: list[float] | None, y: torch.Tensor) -> dict:

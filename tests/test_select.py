@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from papa.config import ConfigError, SelectConfig
-from papa.select import SELECTORS, Pool, PreferenceModel, bald, choose, prediction_stats
+from papa.select import SELECTORS, Pool, PreferenceModel, bald, choose, prediction_stats, pseudo_labels
 from test_train import args_for, overrides, run_dir, tiny  # noqa: F401 - tiny: the module fixture
 from testutil import assert_same_metrics, metrics
 
@@ -140,7 +140,50 @@ def test_pool_rounds_count_only_the_asked_and_resume_exactly(tiny, tmp_path):
     assert a["chosen"] == b["chosen"] and a["p_like"] == b["p_like"] and a["fallback"] is None
 
 
+def test_pseudo_labels_take_the_surest_unasked_candidates():
+    # one feature decides the taste: likes at +3, dislikes at -3; the pool holds sure likes, sure dislikes, doubtful ones
+    lab = torch.tensor([[3.0], [2.5], [3.5], [-3.0], [-2.5], [-3.5]])
+    y = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    feats = torch.tensor([[4.0], [0.0], [-4.0], [0.1], [3.0], [-3.0], [5.0]])
+    s = SelectConfig(selector="random", ensemble=3, l2=0.01, pseudo_labels=3, pseudo_confidence=0.9)
+    idx, labels, p = pseudo_labels(s, feats, asked=[6], labelled=lab, y=y, seed=0)
+    assert len(idx) == 3 and 6 not in idx and 1 not in idx and 3 not in idx          # never asked, never doubtful
+    assert set(idx) <= {0, 2, 4, 5} and all(min(v, 1 - v) <= 0.1 for v in p)
+    assert all((lv > 0) == (feats[i, 0] > 0) for i, lv in zip(idx, labels.tolist()))   # likes on the liked side
+    again = pseudo_labels(s, feats, [6], lab, y, seed=0)
+    assert again[0] == idx and torch.equal(again[1], labels)                          # deterministic
+    # every sure candidate when the cap allows, the surest first
+    idx4, _, p4 = pseudo_labels(SelectConfig(selector="random", ensemble=3, l2=0.01, pseudo_labels=10), feats, [6], lab, y, 0)
+    assert sorted(idx4) == [0, 2, 4, 5] and [abs(v - 0.5) for v in p4] == sorted((abs(v - 0.5) for v in p4), reverse=True)
+    # nothing before the model can be fitted (no dislike yet)
+    assert pseudo_labels(s, feats, [6], lab[:3], y[:3], seed=0)[0] == []
+
+
+def test_pseudo_label_rounds_count_only_the_persons_labels_and_resume_exactly(tiny, tmp_path):
+    from papa.train import main
+    extra = ["select.selector=random", "select.pool_size=8", "select.ensemble=2", "select.pseudo_labels=3",
+             "select.pseudo_confidence=0.6", "papa.replay=true", "papa.replay_size=2"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(args_for(overrides(tiny, whole, rounds=3, extra=extra))) == 0
+    rows = metrics(run_dir(whole))
+    assert [r["labels_used"] for r in rows] == [0, 4, 8, 12]          # pseudo-labels cost nothing
+    added = [r.get("pseudo_positive", 0) + r.get("pseudo_negative", 0) for r in rows[1:]]
+    assert all(0 <= a <= 3 for a in added) and sum(added) > 0
+    for r, a in zip((1, 2, 3), added):
+        rec = json.loads((run_dir(whole) / "rounds" / f"{r:03d}" / "pool.json").read_text())
+        assert len(rec["pseudo"]) == a and not set(rec["pseudo"]) & set(rec["chosen"])
+        assert len(json.loads((run_dir(whole) / "rounds" / f"{r:03d}" / "labels.json").read_text())) == 4
+    assert main(args_for(overrides(tiny, cut, rounds=3, extra=extra))) == 0
+    (run_dir(cut) / "checkpoints" / "round_003.pt").unlink()
+    assert main(["--resume", str(run_dir(cut))]) == 0
+    assert_same_metrics(rows, metrics(run_dir(cut)))
+
+
 @pytest.mark.parametrize("extra, key", [
+    (["select.pseudo_labels=5"], "select.pseudo_labels"),                              # no pool to label
+    (["select.selector=random", "select.pseudo_labels=5", "select.pool_size=10"], "select.pool_size"),
+    (["select.pseudo_confidence=0.4"], "select.pseudo_confidence"),
+    (["select.pseudo_weight=0"], "select.pseudo_weight"),
     (["select.selector=bogus"], "select.selector"),
     (["select.selector=random", "train.algo=d3po"], "select.selector"),
     (["select.selector=random", "select.pool_size=2"], "select.pool_size"),

@@ -117,6 +117,8 @@ class DiffusionKTO(ImageLabels, Method):
         eps = torch.randn(x.shape, generator=gen)
         sign = yd.repeat_interleave(M)
         lam = torch.where(sign > 0, self.s.desirable_weight, self.s.undesirable_weight)
+        if "trust" in data:  # pseudo-labels (select.pseudo_labels) at their weight
+            lam = lam * data["trust"][decided].float().repeat_interleave(M)
         items = Items(x=x, t=t, eps=eps, y=sign, w=lam / (len(units) * M))
         if self.s.reference_over == "step":
             # 1. every item's denoising error under the policy and the reference, 2. the reference point from them

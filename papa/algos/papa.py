@@ -326,6 +326,8 @@ class PAPA(ImageLabels, Method):
     def step_items(self, data: dict, units: torch.Tensor, gen: torch.Generator):
         x0 = data["x"][units]
         w = data["w"][units] if "w" in data else None
+        if "trust" in data:  # pseudo-labels (select.pseudo_labels) at their weight
+            w = data["trust"][units].double() * (1.0 if w is None else w)
         return x0.to(self.device), plan_items(x0, data["y"][units], self.sched, self.s, self.lam, gen, w)
 
     def loss(self, x0: torch.Tensor, chunk: WorkItems):
