@@ -358,7 +358,7 @@ def cmd_asked(args) -> int:
 def cmd_user(args) -> int:
     """How the run's simulated user answers one evaluation's images (`--round`, default 0: the base model's samples),
     per class the evaluator puts them in: the share the user is sure is that class (so would like it when the class
-    is preferred), the share it skips as unsure, the rest (another class or no digit: disliked), and the share it
+    is preferred), the share it skips as unsure, the rest (another class or none: disliked), and the share it
     likes under the run's own preference. Round 0 shows which classes the user is surest of; the last round whether
     the classes the evaluator counts against the preference are ones the user dislikes (so training could remove
     them) or likes (so the two judges disagree and no training could)."""
@@ -388,14 +388,14 @@ def cmd_user(args) -> int:
     liked = sure & torch.isin(arg, torch.tensor(list(fb.preference)))
     lines = [f"{d}, round {args.round} ({len(x)} samples; preference {list(fb.preference)}; skip_below "
              f"{fb.skip_below}, reject {fb.reject})", "",
-             "| evaluator's class | samples | user sure it is that class | skipped | another class or no digit "
+             "| evaluator's class | samples | user sure it is that class | skipped | another class or none "
              "| liked under the preference |", "|---|---|---|---|---|---|"]
     for c in range(NUM_CLASSES + 1):
         m = pred == c
         if m.any():
             agree, skip = float(((arg[m] == c) & sure[m]).float().mean()), float((~sure[m]).float().mean())
             star = "*" if c in fb.preference else ""
-            lines.append(f"| {'no digit (reject)' if c == REJECT_CLASS else f'{c}{star}'} | {int(m.sum())} | "
+            lines.append(f"| {'none of them (reject)' if c == REJECT_CLASS else f'{c}{star}'} | {int(m.sum())} | "
                          f"{agree:.2f} | {skip:.2f} | {1 - agree - skip:.2f} | {float(liked[m].float().mean()):.2f} |")
     lines += ["", "(* a preferred class)"]
     print("\n".join(lines))
