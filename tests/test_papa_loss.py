@@ -266,3 +266,23 @@ def test_label_weights_give_likes_and_dislikes_half_the_weight_each():
     rare = label_weights(torch.tensor([1] + [-1] * 9))  # one like in ten: 5, clipped to 3
     assert rare[0] == 3.0 and rare[1:].allclose(torch.full((9,), 10 / 18, dtype=torch.float64))
     assert torch.equal(label_weights(torch.tensor([1, 1, 0])), torch.ones(3, dtype=torch.float64))  # one kind: as is
+
+
+def test_base_ratio_weights_pull_the_liked_back_to_the_base_proportions():
+    from papa.algos.papa import base_ratio_weights
+    a, b = torch.zeros(2), torch.tensor([10.0, 0.0])          # two far-apart clusters (classes)
+    base = torch.stack([a] * 5 + [b] * 5)                       # the base draws them evenly
+    policy = torch.stack([a] * 9 + [b] * 3)                     # the policy over-draws the first 3 to 1
+    x, y = torch.stack([a, b, a, b]), torch.tensor([1, 1, -1, 0])
+    w = base_ratio_weights(x, y, base, policy, f=0.05)
+    # by hand, narrow kernel: ratio (5/10)/(9/12) = 2/3 in the first cluster, (5/10)/(3/12) = 2 in the second,
+    # normalised to mean 1 over the liked: 0.5 and 1.5; the disliked and the skipped keep 1
+    assert torch.allclose(w, torch.tensor([0.5, 1.5, 1.0, 1.0], dtype=torch.float64))
+    w2 = base_ratio_weights(x, y, base, policy, f=0.05, power=2.0)  # (2/3)^2 and 4, mean 1: 0.2 and 1.8
+    assert torch.allclose(w2, torch.tensor([0.2, 1.8, 1.0, 1.0], dtype=torch.float64))
+    skewed = torch.stack([a] * 30 + [b])                      # 30 to 1: ratios 1 : 30, mean 1 (0.065, 1.935)
+    free = base_ratio_weights(x, y, base, skewed, f=0.05, max_weight=100.0)
+    assert torch.allclose(free[:2], torch.tensor([2 / 31, 60 / 31], dtype=torch.float64))
+    clipped = base_ratio_weights(x, y, base, skewed, f=0.05, max_weight=1.5)   # clipped at 1.5, then mean 1 again
+    assert clipped[:2].mean() == pytest.approx(1.0) and clipped[0] < clipped[1] < free[1]
+    assert torch.equal(base_ratio_weights(x, y, base, policy, f=0.0), torch.ones(4, dtype=torch.float64))  # off

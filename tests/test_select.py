@@ -160,9 +160,11 @@ def test_pseudo_labels_take_the_surest_unasked_candidates():
 
 
 def test_pseudo_label_rounds_count_only_the_persons_labels_and_resume_exactly(tiny, tmp_path):
+    # with the base ratio on the pool's candidates too: both deterministic, both resumed exactly
     from papa.train import main
     extra = ["select.selector=random", "select.pool_size=8", "select.ensemble=2", "select.pseudo_labels=3",
-             "select.pseudo_confidence=0.6", "papa.replay=true", "papa.replay_size=2"]
+             "select.pseudo_confidence=0.6", "papa.replay=true", "papa.replay_size=2",
+             "papa.base_ratio=1", "papa.base_ratio_num=6", "papa.base_ratio_rounds=2"]   # and the base ratio
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(args_for(overrides(tiny, whole, rounds=3, extra=extra))) == 0
     rows = metrics(run_dir(whole))

@@ -28,6 +28,7 @@ list of (sample, t, weights) items so the engine can push chunks of them through
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,31 @@ def liked_weights(x: torch.Tensor, y: torch.Tensor, pool: torch.Tensor, f: float
     inv = torch.exp(-d.square() / (2 * h * h)).sum(1).pow(-power)
     inv = (inv / inv.mean()).clamp_max(max_weight)
     w[liked] = inv / inv.mean()
+    return w
+
+
+def base_ratio_weights(x: torch.Tensor, y: torch.Tensor, base: torch.Tensor, policy: torch.Tensor, f: float,
+                       power: float = 1.0, max_weight: float = 3.0) -> torch.Tensor:
+    """Per-sample weights (N,) that pull the liked samples back to the base model's proportions (`papa.base_ratio`):
+    1 for disliked and unlabeled samples; each liked x_i gets (p̂_base(x_i) / p̂_policy(x_i))^power, the two Gaussian-
+    kernel density estimates over `base` (the frozen base model's samples) and `policy` (the policy's recent samples),
+    bandwidth f × the base set's median pairwise distance; normalised to mean 1 over the liked, clipped at
+    `max_weight` and normalised again. Training on liked policy samples weighted so estimates the likelihood of the
+    base's liked samples instead: a liked class the policy already over-draws (a takeover) gets less weight, one it
+    starves more. x, base and policy are feature vectors (`balance_features`)."""
+    w = torch.ones(len(y), dtype=torch.float64)
+    liked = y > 0
+    if f <= 0 or len(base) < 3 or len(policy) < 3 or not liked.any():
+        return w
+    b, q, xl = base.flatten(1).double(), policy.flatten(1).double(), x[liked].flatten(1).double()
+    db = torch.cdist(b, b)
+    h = f * db[~torch.eye(len(b), dtype=torch.bool)].median().clamp_min(1e-8)
+
+    def log_density(pts: torch.Tensor) -> torch.Tensor:  # log of the mean kernel, stable for a narrow bandwidth
+        return torch.logsumexp(-torch.cdist(xl, pts).square() / (2 * h * h), 1) - math.log(len(pts))
+    r = ((log_density(b) - log_density(q)) * power).clamp(-30, 30).exp()
+    r = (r / r.mean()).clamp_max(max_weight)
+    w[liked] = r / r.mean()
     return w
 
 
@@ -237,6 +263,13 @@ class PAPASettings:
     noise_per_timestep: bool = False  # false: one eps draw reused for every t (reference)
     label_balance: bool = False       # weight a round's likes and dislikes so each kind carries half its weight
                                       # (label_weights); false: every labelled sample alike (reference)
+    base_ratio: float = 0.0           # g > 0: weight liked samples by (base density / policy density)^g on the base
+                                      # UNet's features (base_ratio_weights), so the liked classes keep the base's
+                                      # proportions instead of the one the policy already over-draws growing; 0: off
+    base_ratio_bandwidth: float = 0.3  # the kernel's bandwidth, × the base set's median pairwise distance
+    base_ratio_num: int = 200         # base-model samples drawn once (seeded by train.seed) for the base density
+    base_ratio_rounds: int = 3        # the policy density: the last this many rounds' samples (a pool's every
+                                      # candidate where the round drew one)
 
     def check(self, cfg, require) -> None:
         T = cfg.diffusion.num_timesteps
@@ -250,6 +283,10 @@ class PAPASettings:
         require(self.balance_space in ("pixels", "features"), "balance_space", "must be pixels or features")
         require(0 <= self.balance_t < T, "balance_t", f"must be in [0, diffusion.num_timesteps={T})")
         require(self.balance_power > 0, "balance_power", "must be > 0 (1: inverse density)")
+        require(self.base_ratio >= 0, "base_ratio", "must be >= 0 (0: off)")
+        require(self.base_ratio_bandwidth > 0, "base_ratio_bandwidth", "must be > 0")
+        require(self.base_ratio_num >= 3, "base_ratio_num", "must be >= 3")
+        require(self.base_ratio_rounds >= 1, "base_ratio_rounds", "must be >= 1")
         require(self.replay_size >= 0, "replay_size", "must be >= 0 (0: replay all earlier feedback)")
         require(self.replay or self.replay_size == 0, "replay_size", "applies with papa.replay: true; set it to 0")
         require(self.replay_order in ("mixed", "first"), "replay_order", "must be mixed or first")
@@ -279,7 +316,11 @@ class PAPA(ImageLabels, Method):
 
     @property
     def keeps_history(self) -> bool:
-        return self.s.replay or self.s.liked_balance > 0
+        return self.s.replay or self.s.liked_balance > 0 or self.s.base_ratio > 0
+
+    def observe_draw(self, images: torch.Tensor, r: int) -> None:
+        """Round r's whole draw (a pool's every candidate): the policy's recent samples for `base_ratio`."""
+        self._drawn = (r, images.cpu())
 
     def training_set(self, data: dict, history: list[dict], r: int) -> dict:
         """Round r's training units: its own feedback; with replay (`replay_order: mixed`), the replayed units too,
@@ -310,7 +351,32 @@ class PAPA(ImageLabels, Method):
         if self.s.label_balance:
             w = data["w"] if "w" in data else torch.ones(len(data["y"]), dtype=torch.float64)
             data = {**data, "w": w * label_weights(data["y"])}
+        if self.s.base_ratio > 0:
+            w = data["w"] if "w" in data else torch.ones(len(data["y"]), dtype=torch.float64)
+            data = {**data, "w": w * self._base_ratio(data, history)}
         return data
+
+    def _base_ratio(self, data: dict, history: list[dict]) -> torch.Tensor:
+        """`base_ratio_weights` of the training set: the base density from `base_ratio_num` base-model samples (drawn
+        and featurised once; the same on every rank and after a resume), the policy density from the samples of the
+        last `base_ratio_rounds` rounds, each round's whole pool where it drew one."""
+        s, net = self.s, self.policy.reference_module
+        if getattr(self, "_base_feats", None) is None:
+            from papa.sampling import sample
+            d = self.cfg.diffusion
+            dev = next(net.parameters()).device
+            base = sample(net, self.sched, s.base_ratio_num, steps=d.sample_steps, sampler=d.sampler, eta=d.eta,
+                          seed=self.t.seed * 31_337 + 17, batch_size=self.cfg.eval.batch_size, device=dev,
+                          progress=False)
+            self._base_feats = balance_features(net, self.sched, base, s.balance_t)
+        rounds = history[-s.base_ratio_rounds:]
+        drawn = getattr(self, "_drawn", None)
+        recent = [h["x"] for h in rounds]
+        if drawn is not None and drawn[0] == len(history) - 1:   # this round drew a pool: its every candidate
+            recent[-1] = drawn[1]
+        feats = balance_features(net, self.sched, torch.cat([data["x"], *recent]), s.balance_t)
+        x, policy = feats[:len(data["x"])], feats[len(data["x"]):]
+        return base_ratio_weights(x, data["y"], self._base_feats, policy, s.base_ratio_bandwidth, power=s.base_ratio)
 
     def _balance_likes(self, data: dict, history: list[dict]) -> dict:
         if self.s.liked_balance <= 0:
