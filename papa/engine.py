@@ -249,8 +249,7 @@ class Engine:
         rec.update(pool_seconds=round(t1 - t0, 2), select_seconds=round(time.time() - t1, 2))
         self._asking = (feats[idx], rec)
         self._pool = (pool, feats, idx)
-        if hasattr(self.method, "observe_draw"):
-            self.method.observe_draw(pool, r)
+        self.method.observe_draw(pool, r)
         if self.main:
             from papa.records import round_dir, save_grid
             shown = torch.full((len(pool),), False)

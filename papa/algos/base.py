@@ -71,6 +71,10 @@ class Method:
         """Sampling steps t < k use the frozen reference (ePAPA's switch); 0: the policy throughout."""
         return 0
 
+    def observe_draw(self, images: torch.Tensor, r: int) -> None:
+        """Round r's whole draw where it is more than what is asked about (a selector's pool, every candidate);
+        default: unused."""
+
     def shown(self, samples: Samples) -> torch.Tensor:
         """The images the feedback source is asked about (default: the round's images)."""
         return samples.images

@@ -319,7 +319,7 @@ class PAPA(ImageLabels, Method):
         return self.s.replay or self.s.liked_balance > 0 or self.s.base_ratio > 0
 
     def observe_draw(self, images: torch.Tensor, r: int) -> None:
-        """Round r's whole draw (a pool's every candidate): the policy's recent samples for `base_ratio`."""
+        """Kept as the policy's recent samples for `base_ratio`."""
         self._drawn = (r, images.cpu())
 
     def training_set(self, data: dict, history: list[dict], r: int) -> dict:
