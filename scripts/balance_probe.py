@@ -12,12 +12,18 @@ per dimension over the pool; power 1 and 2. Each cell gives the weight share of 
 share is 0.50, of a pair 0.75; an even share is 1 / the number of liked classes) / the smallest liked class's share,
 per space and f, mean over every class of the set taking over in turn and 3 draws. Weights that undo the takeover
 bring the first number to 1 / n without starving the second.
+
+With `--ratio` it measures the base-ratio weights instead (`papa.base_ratio`, papa.algos.papa.base_ratio_weights) on
+the UNet features: test images 0–199 stand for the base model's samples, and a policy set of 100 others (80 % liked,
+one liked class holding half the liked, of a pair three quarters; 20 % the other classes evenly) both for the
+policy's recent samples and for the round whose liked images are weighted; per bandwidth f and power g, the same two
+numbers, mean over every liked class taking over in turn and 3 draws.
 """
 import argparse
 
 import torch
 
-from papa.algos.papa import balance_features, liked_weights
+from papa.algos.papa import balance_features, base_ratio_weights, liked_weights
 from papa.config import preference_sets
 from papa.data import model_images
 from papa.models import shipped_base
@@ -30,11 +36,14 @@ def main() -> None:
     ap.add_argument("--t", type=int, default=200, help="noise step of the UNet features (default 200)")
     ap.add_argument("--pool", type=int, default=150, help="liked images in a pool (default 150)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ratio", action="store_true", help="measure the base-ratio weights (papa.base_ratio) instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     _, unet, sched = shipped_base(args.dataset)
     x, y = model_images(args.dataset, "test", 3000)
     uf = balance_features(unet, sched, x, args.t)
+    if args.ratio:
+        return ratio_probe(args.dataset, uf, y)
     spaces = {"pixels": (x.flatten(1), False, 1.0), f"UNet t={args.t}": (uf, False, 1.0),
               f"UNet t={args.t}, standardised": (uf, True, 1.0), "pixels, power 2": (x.flatten(1), False, 2.0),
               f"UNet t={args.t}, power 2": (uf, False, 2.0)}
@@ -69,6 +78,41 @@ def main() -> None:
                 cells.append(f"{sum(top) / len(top):.2f} / {sum(low) / len(low):.2f}")
             print(f"| {name} {pref} | {1 / n:.2f} | {sname} | " + " | ".join(cells) + " |", flush=True)
     print("\ncells: weight share of the class that took over (count share 0.50, of a pair 0.75)"
+          " / the smallest liked class's share")
+
+
+def ratio_probe(dataset: str, uf: torch.Tensor, y: torch.Tensor) -> None:
+    settings = ((0.3, 1.0), (0.5, 1.0), (0.3, 2.0), (0.5, 2.0), (0.3, 3.0), (0.5, 3.0))
+    base, rest = torch.arange(200), torch.arange(1000, 3000)
+    print("\n| set | even share | " + " | ".join(f"f = {f}, g = {g:g}" for f, g in settings) + " |")
+    print("|---|---|" + "---|" * len(settings))
+    for name, (pref, _) in preference_sets(dataset).items():
+        n = len(pref)
+        if n < 2:
+            continue  # one liked class: nothing to balance
+        top_share = max(0.5, 1.5 / n)
+        cells = []
+        for f, g in settings:
+            top, low = [], []
+            for big in pref:
+                for s in range(3):
+                    gen = torch.Generator().manual_seed(s)
+                    idx = []
+                    for c in range(10):
+                        share = (0.8 * (top_share if c == big else (1 - top_share) / (n - 1)) if c in pref
+                                 else 0.2 / (10 - n))
+                        members = rest[y[rest] == c]
+                        idx.append(members[torch.randperm(len(members), generator=gen)[:round(100 * share)]])
+                    pol = torch.cat(idx)
+                    lab = torch.where(torch.isin(y[pol], torch.tensor(pref)), 1.0, -1.0)
+                    w = base_ratio_weights(uf[pol], lab, uf[base], uf[pol], f, power=g)
+                    liked = lab > 0
+                    share = torch.stack([w[liked][y[pol][liked] == c].sum() for c in pref]) / w[liked].sum()
+                    top.append(float(share[pref.index(big)]))
+                    low.append(float(share.min()))
+            cells.append(f"{sum(top) / len(top):.2f} / {sum(low) / len(low):.2f}")
+        print(f"| {name} {pref} | {1 / n:.2f} | " + " | ".join(cells) + " |", flush=True)
+    print("\ncells: weight share of the liked class that took over (count share 0.50, of a pair 0.75)"
           " / the smallest liked class's share")
 
 
