@@ -211,7 +211,8 @@ def test_the_selector_comparison_config_plans_every_selector_on_one_budget(tmp_p
     spec = load_compare(ROOT / "configs" / "compare_selectors_mnist.yaml")
     runs = plan(spec)
     chosen = {m: c.select.selector for m, s, c, _ in runs if s == 0}
-    assert chosen == {"no_pool": "none", **{name: name for name in SELECTORS}} and spec["target"] == 0.9
+    assert chosen == {"no_pool": "none", **{name: name for name in SELECTORS}, "random_pseudo": "random"}
+    assert spec["target"] == 0.9 and {m: c.select.pseudo_labels for m, s, c, _ in runs if s == 0}["random_pseudo"] == 30
     bad = tmp_path / "bad.yaml"
     bad.write_text((ROOT / "configs" / "compare_selectors_mnist.yaml").read_text().replace("target: 0.9", "target: 2"))
     with pytest.raises(ConfigError, match="'target'"):
