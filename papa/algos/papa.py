@@ -305,6 +305,8 @@ class PAPA(ImageLabels, Method):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.lam = papa_weights(self.sched, self.s.t0_weight, self.s.weighting)
+        self._drawn: tuple[int, torch.Tensor] | None = None   # base_ratio: the latest round's pool (round, images)
+        self._base_feats: torch.Tensor | None = None         # base_ratio: features of the base-model samples
 
     @property
     def base_below(self) -> int:
@@ -361,7 +363,7 @@ class PAPA(ImageLabels, Method):
         and featurised once; the same on every rank and after a resume), the policy density from the samples of the
         last `base_ratio_rounds` rounds, each round's whole pool where it drew one."""
         s, net = self.s, self.policy.reference_module
-        if getattr(self, "_base_feats", None) is None:
+        if self._base_feats is None:
             from papa.sampling import sample
             d = self.cfg.diffusion
             dev = next(net.parameters()).device
@@ -370,8 +372,7 @@ class PAPA(ImageLabels, Method):
                           progress=False)
             self._base_feats = balance_features(net, self.sched, base, s.balance_t)
         rounds = history[-s.base_ratio_rounds:]
-        drawn = getattr(self, "_drawn", None)
-        recent = [h["x"] for h in rounds]
+        drawn, recent = self._drawn, [h["x"] for h in rounds]
         if drawn is not None and drawn[0] == len(history) - 1:   # this round drew a pool: its every candidate
             recent[-1] = drawn[1]
         feats = balance_features(net, self.sched, torch.cat([data["x"], *recent]), s.balance_t)
