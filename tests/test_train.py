@@ -241,14 +241,18 @@ def test_replay_trains_on_earlier_feedback_and_resumes(tiny, tmp_path):
     assert whole["first"][2]["loss"] != whole["mixed"][2]["loss"]  # the same units, in another order
 
 
-def test_liked_balance_keeps_the_feedback_and_resumes(tiny, tmp_path):
-    """papa.liked_balance weighs liked samples by all liked images so far: the run keeps every round's feedback in
-    its checkpoint (without replay too), its losses differ from the plain run's, and a resumed run matches; here with
-    the density on the base UNet's features, raised to a power (the pixel weights: test_papa_loss)."""
+@pytest.mark.parametrize("weighting", [
+    ["papa.liked_balance=0.4", "papa.balance_space=features", "papa.balance_power=2"],
+    ["papa.liked_balance=0", "papa.base_ratio=2", "papa.base_ratio_num=6"],      # no pool: the rounds' own samples
+])
+def test_liked_balance_keeps_the_feedback_and_resumes(tiny, tmp_path, weighting):
+    """papa.liked_balance weighs liked samples by all liked images so far, papa.base_ratio by the base's density over
+    the policy's: the run keeps every round's feedback in its checkpoint (without replay too), its losses differ from
+    the plain run's, and a resumed run matches; here on the base UNet's features (the weights themselves:
+    test_papa_loss)."""
     from papa.train import main
     plain, bal, cut = tmp_path / "plain", tmp_path / "bal", tmp_path / "cut"
-    ovs = ["papa.liked_balance=0.4", "papa.balance_space=features", "papa.balance_power=2",
-           "train.samples_per_round=8", "train.batch_size=8"]
+    ovs = [*weighting, "train.samples_per_round=8", "train.batch_size=8"]
     assert main(args_for(overrides(tiny, plain, rounds=3, extra=["papa.liked_balance=0", *ovs[3:]]))) == 0
     assert main(args_for(overrides(tiny, bal, rounds=3, extra=ovs))) == 0
     a, b = metrics(run_dir(plain)), metrics(run_dir(bal))
