@@ -62,23 +62,33 @@ def main() -> None:
                 top, low = [], []
                 for big in pref:
                     for s in range(3):
-                        gen = torch.Generator().manual_seed(s)
-                        idx = []
-                        for c in pref:
-                            k = round(args.pool * top_share) if c == big else \
-                                round(args.pool * (1 - top_share) / (n - 1))
-                            members = torch.nonzero(y == c).flatten()
-                            idx.append(members[torch.randperm(len(members), generator=gen)[:k]])
-                        idx = torch.cat(idx)
+                        counts = {c: round(args.pool * top_share) if c == big else
+                                  round(args.pool * (1 - top_share) / (n - 1)) for c in pref}
+                        idx = draw(y, torch.arange(len(y)), counts, s)
                         p = feats[idx]
                         w = liked_weights(p, torch.ones(len(p)), p, f, standardise=std, power=power)
-                        share = torch.stack([w[y[idx] == c].sum() for c in pref]) / w.sum()
-                        top.append(float(share[pref.index(big)]))
-                        low.append(float(share.min()))
+                        shares(w, y[idx], pref, big, top, low)
                 cells.append(f"{sum(top) / len(top):.2f} / {sum(low) / len(low):.2f}")
             print(f"| {name} {pref} | {1 / n:.2f} | {sname} | " + " | ".join(cells) + " |", flush=True)
     print("\ncells: weight share of the class that took over (count share 0.50, of a pair 0.75)"
           " / the smallest liked class's share")
+
+
+def draw(y: torch.Tensor, ids: torch.Tensor, counts: dict[int, int], seed: int) -> torch.Tensor:
+    """counts[c] images of each class c drawn from `ids` without replacement (seeded), in class order."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for c, k in counts.items():
+        members = ids[y[ids] == c]
+        out.append(members[torch.randperm(len(members), generator=gen)[:k]])
+    return torch.cat(out)
+
+
+def shares(w: torch.Tensor, cls: torch.Tensor, pref: list[int], big: int, top: list, low: list) -> None:
+    """Append the weight share of the class that took over, and the smallest liked class's, to `top` and `low`."""
+    share = torch.stack([w[cls == c].sum() for c in pref]) / w.sum()
+    top.append(float(share[pref.index(big)]))
+    low.append(float(share.min()))
 
 
 def ratio_probe(dataset: str, uf: torch.Tensor, y: torch.Tensor) -> None:
@@ -96,20 +106,13 @@ def ratio_probe(dataset: str, uf: torch.Tensor, y: torch.Tensor) -> None:
             top, low = [], []
             for big in pref:
                 for s in range(3):
-                    gen = torch.Generator().manual_seed(s)
-                    idx = []
-                    for c in range(10):
-                        share = (0.8 * (top_share if c == big else (1 - top_share) / (n - 1)) if c in pref
-                                 else 0.2 / (10 - n))
-                        members = rest[y[rest] == c]
-                        idx.append(members[torch.randperm(len(members), generator=gen)[:round(100 * share)]])
-                    pol = torch.cat(idx)
+                    counts = {c: round(100 * (0.8 * (top_share if c == big else (1 - top_share) / (n - 1))
+                                              if c in pref else 0.2 / (10 - n))) for c in range(10)}
+                    pol = draw(y, rest, counts, s)
                     lab = torch.where(torch.isin(y[pol], torch.tensor(pref)), 1.0, -1.0)
                     w = base_ratio_weights(uf[pol], lab, uf[base], uf[pol], f, power=g)
                     liked = lab > 0
-                    share = torch.stack([w[liked][y[pol][liked] == c].sum() for c in pref]) / w[liked].sum()
-                    top.append(float(share[pref.index(big)]))
-                    low.append(float(share.min()))
+                    shares(w[liked], y[pol][liked], pref, big, top, low)
             cells.append(f"{sum(top) / len(top):.2f} / {sum(low) / len(low):.2f}")
         print(f"| {name} {pref} | {1 / n:.2f} | " + " | ".join(cells) + " |", flush=True)
     print("\ncells: weight share of the liked class that took over (count share 0.50, of a pair 0.75)"
