@@ -351,12 +351,16 @@ class PAPA(ImageLabels, Method):
     def prepare(self, data: dict, history: list[dict]) -> dict:
         data = self._balance_likes(data, history)
         if self.s.label_balance:
-            w = data["w"] if "w" in data else torch.ones(len(data["y"]), dtype=torch.float64)
-            data = {**data, "w": w * label_weights(data["y"])}
+            data = self._weigh(data, label_weights(data["y"]))
         if self.s.base_ratio > 0:
-            w = data["w"] if "w" in data else torch.ones(len(data["y"]), dtype=torch.float64)
-            data = {**data, "w": w * self._base_ratio(data, history)}
+            data = self._weigh(data, self._base_ratio(data, history))
         return data
+
+    @staticmethod
+    def _weigh(data: dict, factor: torch.Tensor) -> dict:
+        """The training set with its per-sample weights `w` (1 where none yet) multiplied by `factor`."""
+        w = data["w"] if "w" in data else torch.ones(len(data["y"]), dtype=torch.float64)
+        return {**data, "w": w * factor}
 
     def _base_ratio(self, data: dict, history: list[dict]) -> torch.Tensor:
         """`base_ratio_weights` of the training set: the base density from `base_ratio_num` base-model samples (drawn
