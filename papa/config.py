@@ -154,13 +154,16 @@ class SelectConfig:
     """Active querying (papa.select): each round a pool of candidates, of which a selector picks the
     train.samples_per_round that the feedback source is asked about (and the label budget counts)."""
     selector: str = "none"            # none: every drawn sample is asked about | random | exploit | uncertainty |
-                                      # diversity | uncertainty_diversity | exploit_diversity | thompson
+                                      # diversity | uncertainty_diversity | exploit_diversity | thompson |
+                                      # balanced
     pool_size: int = 64               # candidates drawn per round (>= train.samples_per_round)
     pool_sample_steps: int = 0        # sampling steps for the pool; 0: diffusion.sample_steps
     ensemble: int = 5                 # preference-model members (bootstrap resamples of the labels)
     l2: float = 0.1                   # their L2 penalty on standardised features
     feature_t: int = 200              # the noise step at which the frozen base UNet's bottleneck is read
     diversity_weight: float = 1.0     # uncertainty_ / exploit_diversity: weight of the distance term (each in [0, 1])
+    like_share: float = 0.5           # balanced: the share of the asked images meant to be likes (Thompson picks
+                                      # make up what random picks would miss)
     pseudo_labels: int = 0            # > 0: after the person answers, the preference model (refitted on every answer
                                       # so far) labels up to this many of the pool's other candidates, the surest
                                       # first, and the update trains on them too; they cost no label. 0: off
@@ -400,6 +403,7 @@ def validate(cfg: Config) -> Config:
     _require(sc.l2 > 0, "select.l2", "must be > 0")
     _require(0 <= sc.feature_t < d.num_timesteps, "select.feature_t", f"must be in [0, {d.num_timesteps})")
     _require(sc.diversity_weight >= 0, "select.diversity_weight", "must be >= 0")
+    _require(0 < sc.like_share <= 1, "select.like_share", "must be in (0, 1]")
     _require(sc.pseudo_labels >= 0, "select.pseudo_labels", "must be >= 0 (0: off)")
     if sc.pseudo_labels:
         _require(sc.selector != "none", "select.pseudo_labels",

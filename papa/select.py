@@ -22,6 +22,11 @@ Selectors (`select.selector`), each one small class in `SELECTORS`:
 - `exploit_diversity`: greedy, mean p(like) plus `select.diversity_weight` × the distance to the nearest image
   picked this round: the likely liked, spread over the liked classes rather than the surest one.
 - `thompson`: for each of the k picks, one ensemble member drawn at random, and its most likely liked candidate.
+- `balanced`: Thompson sampling only as far as likes are rare. With s the share of the pool the model calls liked
+  (mean p(like) > 1/2) and τ = `select.like_share`, n = ⌈k (τ − s) / (1 − s)⌉ picks (0 when s ≥ τ) are Thompson
+  sampling's and the other k − n are random, so about τ k of the images asked about are likes: where the policy
+  seldom draws a liked image the person still sees some, and where it often does the choice is random picks, which do
+  not narrow what PAPA is shown to the model's surest class.
 
 Pseudo-labels (`select.pseudo_labels`, off by default; `pseudo_labels` below): after the person answers, the
 preference model labels the pool candidates it is surest of among those not asked about, and the update trains on
@@ -148,6 +153,7 @@ class Selector:
 
     def __init__(self, settings):
         self.s = settings
+        self.info: dict = {}          # anything the round's pool record should show about this choice
 
     def pick(self, pool: Pool, k: int) -> list[int]:
         raise NotImplementedError
@@ -251,6 +257,23 @@ class Thompson(Selector):
         return chosen
 
 
+@register
+class Balanced(Selector):
+    name = "balanced"
+
+    def pick(self, pool, k):
+        share = float((pool.probs.mean(0) > 0.5).float().mean())
+        tau = self.s.like_share
+        n = 0 if share >= tau else min(k, math.ceil(k * (tau - share) / (1.0 - share) - 1e-9))
+        chosen = Thompson(self.s).pick(pool, n) if n else []
+        rest = torch.ones(len(pool.feats), dtype=torch.bool)
+        rest[chosen] = False
+        others = rest.nonzero().flatten()
+        chosen += others[torch.randperm(len(others), generator=pool.gen)[:k - n]].tolist()
+        self.info = {"pool_like_share": round(share, 4), "model_picks": n}
+        return chosen
+
+
 # --------------------------------------------------------------------------- the round's choice
 
 
@@ -267,7 +290,7 @@ def choose(settings, feats: torch.Tensor, labelled: torch.Tensor, y: torch.Tenso
         sel = Random(settings)
     idx = sel.pick(Pool(feats, probs, labelled, gen), min(k, len(feats)))
     rec = {"selector": settings.selector, "fallback": "random" if fallback else None, "pool_size": len(feats),
-           "chosen": idx}
+           "chosen": idx, **sel.info}
     if probs is not None:
         rec["p_like"] = [round(float(v), 4) for v in probs.mean(0)[idx]]
         rec["pool_p_like_mean"] = round(float(probs.mean()), 4)

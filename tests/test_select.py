@@ -25,7 +25,7 @@ def pick(name, p, k, **settings):
 
 def test_registry_holds_every_selector():
     assert set(SELECTORS) == {"random", "exploit", "uncertainty", "diversity", "uncertainty_diversity",
-                              "exploit_diversity", "thompson"}
+                              "exploit_diversity", "thompson", "balanced"}
 
 
 def test_exploit_picks_the_most_likely_liked():
@@ -73,6 +73,25 @@ def test_thompson_takes_each_drawn_members_favourite():
     two = [[0.9, 0.1, 0.0], [0.1, 0.9, 0.0]]  # every pick is one member's top among the rest
     got = pick("thompson", pool([0, 1, 2], two, seed=3), 2)
     assert sorted(got) == [0, 1]
+
+
+def test_balanced_asks_about_likely_likes_only_while_they_are_rare():
+    # 20 candidates; the model calls 2 of them liked (indices 3 and 11): share 0.1 < 0.5, so
+    # n = ceil(10 * 0.4 / 0.9) = 5 picks are Thompson's (both likely likes among them), the other 5 random
+    rare = [[0.95 if i in (3, 11) else 0.3 - 0.01 * i for i in range(20)]]
+    sel = SELECTORS["balanced"](SelectConfig(selector="balanced", like_share=0.5))
+    got = sel.pick(pool(list(range(20)), rare), 10)
+    assert got[:2] == [3, 11] and len(set(got)) == 10
+    assert got[2:5] == [0, 1, 2]                       # the rest of the Thompson picks: the next most likely
+    assert sel.info == {"pool_like_share": 0.1, "model_picks": 5}
+    # likes common (12 of 20 called liked): every pick random, the same as the random selector's
+    common = [[0.9 if i < 12 else 0.1 for i in range(20)]]
+    sel = SELECTORS["balanced"](SelectConfig(selector="balanced", like_share=0.5))
+    got = sel.pick(pool(list(range(20)), common, seed=4), 10)
+    assert sel.info["model_picks"] == 0
+    assert got == pick("random", pool(list(range(20)), seed=4), 10)
+    # like_share 1: every pick Thompson's, which is exploitation with one member
+    assert pick("balanced", pool(list(range(20)), rare), 4, like_share=1.0) == [3, 11, 0, 1]
 
 
 def test_random_is_distinct_and_seeded():
