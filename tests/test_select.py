@@ -209,6 +209,8 @@ def test_pseudo_label_rounds_count_only_the_persons_labels_and_resume_exactly(ti
     (["select.selector=random", "train.algo=d3po"], "select.selector"),
     (["select.selector=random", "select.pool_size=2"], "select.pool_size"),
     (["select.ensemble=0"], "select.ensemble"),
+    (["select.like_share=0"], "select.like_share"),
+    (["select.like_share=1.5"], "select.like_share"),
 ])
 def test_bad_select_settings_are_one_line_errors(extra, key):
     from papa.config import load_config
