@@ -164,6 +164,10 @@ class SelectConfig:
     diversity_weight: float = 1.0     # uncertainty_ / exploit_diversity: weight of the distance term (each in [0, 1])
     like_share: float = 0.5           # balanced: the share of the asked images meant to be likes (Thompson picks
                                       # make up what random picks would miss)
+    like_share_from: str = "answers"  # balanced: the share of likes so far from the answers to random picks, or
+                                      # "model": the share of the pool the preference model calls liked
+    model_min_precision: float = 0.5  # balanced: no model picks in a round after one where fewer than this share of
+                                      # them were liked; 0: always
     pseudo_labels: int = 0            # > 0: after the person answers, the preference model (refitted on every answer
                                       # so far) labels up to this many of the pool's other candidates, the surest
                                       # first, and the update trains on them too; they cost no label. 0: off
@@ -404,6 +408,9 @@ def validate(cfg: Config) -> Config:
     _require(0 <= sc.feature_t < d.num_timesteps, "select.feature_t", f"must be in [0, {d.num_timesteps})")
     _require(sc.diversity_weight >= 0, "select.diversity_weight", "must be >= 0")
     _require(0 < sc.like_share <= 1, "select.like_share", "must be in (0, 1]")
+    _require(sc.like_share_from in ("answers", "model"), "select.like_share_from",
+             f"must be answers or model, got {sc.like_share_from!r}")
+    _require(0 <= sc.model_min_precision <= 1, "select.model_min_precision", "must be in [0, 1] (0: always trust)")
     _require(sc.pseudo_labels >= 0, "select.pseudo_labels", "must be >= 0 (0: off)")
     if sc.pseudo_labels:
         _require(sc.selector != "none", "select.pseudo_labels",

@@ -59,7 +59,8 @@ class RunState:
     history: list = field(default_factory=list)      # per round: the method's training tensors (keeps_history)
     metrics: list = field(default_factory=list)      # rows written to metrics.jsonl
     elapsed: float = 0.0                             # seconds of training so far (across resumes)
-    asked: dict = field(default_factory=dict)        # select: features "f" and answers "y" of every image asked about
+    asked: dict = field(default_factory=dict)        # select: features "f", answers "y", model-picked "m" and round
+                                                     # "r" of every image asked about
 
 
 def default_sample_path(cfg: Config) -> str:
@@ -245,7 +246,8 @@ class Engine:
         feats = unet_features(self.policy.reference_module, self.sched, pool.to(self.device), sc.feature_t,
                               seed=self.cfg.train.seed)
         labelled = a.get("f", torch.zeros(0, feats.shape[1]))
-        idx, rec = choose(sc, feats, labelled, a.get("y", torch.zeros(0)), k, seed)
+        idx, rec = choose(sc, feats, labelled, a.get("y", torch.zeros(0)), k, seed, a.get("m"), a.get("r"))
+        rec["round"] = r + 1
         rec.update(pool_seconds=round(t1 - t0, 2), select_seconds=round(time.time() - t1, 2))
         self._asking = (feats[idx], rec)
         self._pool = (pool, feats, idx)
@@ -317,7 +319,11 @@ class Engine:
         a = self.state.asked
         if not a:
             a.update(f=feats[:0], y=y[:0])
-        a.update(f=torch.cat([a["f"], feats]), y=torch.cat([a["y"], y]))
+        if "m" not in a:             # a checkpoint from before these were kept: its images count as the model's picks
+            a.update(m=torch.ones(len(a["y"]), dtype=torch.bool), r=torch.zeros(len(a["y"]), dtype=torch.long))
+        m = torch.arange(len(y)) < rec["model_picks"]
+        a.update(f=torch.cat([a["f"], feats]), y=torch.cat([a["y"], y]), m=torch.cat([a["m"], m]),
+                 r=torch.cat([a["r"], torch.full((len(y),), rec["round"], dtype=torch.long)]))
         return {**prediction_stats(rec.get("p_like"), y), "pool_seconds": rec["pool_seconds"],
                 "select_seconds": rec["select_seconds"], "select_fallback": int(rec["fallback"] is not None)}
 

@@ -22,11 +22,14 @@ Selectors (`select.selector`), each one small class in `SELECTORS`:
 - `exploit_diversity`: greedy, mean p(like) plus `select.diversity_weight` × the distance to the nearest image
   picked this round: the likely liked, spread over the liked classes rather than the surest one.
 - `thompson`: for each of the k picks, one ensemble member drawn at random, and its most likely liked candidate.
-- `balanced`: Thompson sampling only as far as likes are rare. With s the share of the pool the model calls liked
-  (mean p(like) > 1/2) and τ = `select.like_share`, n = ⌈k (τ − s) / (1 − s)⌉ picks (0 when s ≥ τ) are Thompson
-  sampling's and the other k − n are random, so about τ k of the images asked about are likes: where the policy
-  seldom draws a liked image the person still sees some, and where it often does the choice is random picks, which do
-  not narrow what PAPA is shown to the model's surest class.
+- `balanced`: Thompson sampling only as far as likes are rare. With s the share of likes and τ = `select.like_share`,
+  n = ⌈k (τ − s) / (1 − s)⌉ picks (0 when s ≥ τ) are Thompson sampling's and the other k − n are random, so about
+  τ k of the images asked about are likes: where the policy seldom draws a liked image the person still sees some,
+  and where it often does the choice is random picks, which do not narrow what PAPA is shown to the model's surest
+  class. s is the share of likes among the person's answers to the last 30 random picks (`select.like_share_from:
+  answers`; random picks are a fair sample of the policy), or the share of the pool the model calls liked (`model`,
+  which a model fitted on a few labels underestimates). With `select.model_min_precision` > 0 the model picks
+  nothing in a round after one where fewer than that share of its picks were liked.
 
 Pseudo-labels (`select.pseudo_labels`, off by default; `pseudo_labels` below): after the person answers, the
 preference model labels the pool candidates it is surest of among those not asked about, and the update trains on
@@ -143,6 +146,9 @@ class Pool:
     probs: torch.Tensor | None             # (E, M)
     labelled: torch.Tensor                 # (L, D), L may be 0
     gen: torch.Generator
+    answers: torch.Tensor | None = None    # (L,) the answers to the labelled images (+1, -1, 0 skipped)
+    model_picked: torch.Tensor | None = None   # (L,) bool: asked because the model picked it (not a random pick)
+    asked_round: torch.Tensor | None = None    # (L,) the round each was asked in
 
 
 class Selector:
@@ -262,25 +268,32 @@ class Balanced(Selector):
     name = "balanced"
 
     def pick(self, pool, k):
-        share = float((pool.probs.mean(0) > 0.5).float().mean())
-        tau = self.s.like_share
-        n = 0 if share >= tau else min(k, math.ceil(k * (tau - share) / (1.0 - share) - 1e-9))
+        share, seen = float((pool.probs.mean(0) > 0.5).float().mean()), pool.answers is not None
+        if self.s.like_share_from == "answers" and seen:
+            y = pool.answers[~pool.model_picked & (pool.answers != 0)][-30:]
+            share = float((y > 0).float().mean()) if len(y) else share
+        tau, trusted = self.s.like_share, True
+        if self.s.model_min_precision > 0 and seen and len(pool.answers):
+            last = (pool.asked_round == pool.asked_round.max()) & pool.model_picked & (pool.answers != 0)
+            trusted = not last.any() or float((pool.answers[last] > 0).float().mean()) >= self.s.model_min_precision
+        n = 0 if share >= tau or not trusted else min(k, math.ceil(k * (tau - share) / (1.0 - share) - 1e-9))
         chosen = Thompson(self.s).pick(pool, n) if n else []
         rest = torch.ones(len(pool.feats), dtype=torch.bool)
         rest[chosen] = False
         others = rest.nonzero().flatten()
         chosen += others[torch.randperm(len(others), generator=pool.gen)[:k - n]].tolist()
-        self.info = {"pool_like_share": round(share, 4), "model_picks": n}
+        self.info = {"like_share": round(share, 4), "trusted": trusted, "model_picks": n}
         return chosen
 
 
 # --------------------------------------------------------------------------- the round's choice
 
 
-def choose(settings, feats: torch.Tensor, labelled: torch.Tensor, y: torch.Tensor, k: int,
-           seed: int) -> tuple[list[int], dict]:
+def choose(settings, feats: torch.Tensor, labelled: torch.Tensor, y: torch.Tensor, k: int, seed: int,
+           model_picked: torch.Tensor | None = None, asked_round: torch.Tensor | None = None) -> tuple[list[int], dict]:
     """The k candidates of a pool (features `feats`) that round seed `seed` asks about, given the labelled features
-    and answers so far, and a record: the selector, whether it fell back to random, p(like) of the chosen."""
+    and answers so far (and, for each, whether the model picked it and in which round), and a record: the selector,
+    whether it fell back to random, how many of the chosen (the first ones) the model picked, p(like) of the chosen."""
     gen = torch.Generator().manual_seed(seed * 7 + 3)
     model = PreferenceModel.fit(labelled, y, settings.ensemble, settings.l2, seed)
     probs = model.probs(feats) if model is not None else None
@@ -288,9 +301,11 @@ def choose(settings, feats: torch.Tensor, labelled: torch.Tensor, y: torch.Tenso
     fallback = sel.needs_model and probs is None
     if fallback:
         sel = Random(settings)
-    idx = sel.pick(Pool(feats, probs, labelled, gen), min(k, len(feats)))
+    history = (y, model_picked.bool(), asked_round) if model_picked is not None and len(model_picked) == len(y) \
+        else (None, None, None)
+    idx = sel.pick(Pool(feats, probs, labelled, gen, *history), min(k, len(feats)))
     rec = {"selector": settings.selector, "fallback": "random" if fallback else None, "pool_size": len(feats),
-           "chosen": idx, **sel.info}
+           "chosen": idx, "model_picks": 0 if isinstance(sel, Random) else len(idx), **sel.info}
     if probs is not None:
         rec["p_like"] = [round(float(v), 4) for v in probs.mean(0)[idx]]
         rec["pool_p_like_mean"] = round(float(probs.mean()), 4)

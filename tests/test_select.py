@@ -79,11 +79,12 @@ def test_balanced_asks_about_likely_likes_only_while_they_are_rare():
     # 20 candidates; the model calls 2 of them liked (indices 3 and 11): share 0.1 < 0.5, so
     # n = ceil(10 * 0.4 / 0.9) = 5 picks are Thompson's (both likely likes among them), the other 5 random
     rare = [[0.95 if i in (3, 11) else 0.3 - 0.01 * i for i in range(20)]]
+    # (no answers passed: the share is the model's)
     sel = SELECTORS["balanced"](SelectConfig(selector="balanced", like_share=0.5))
     got = sel.pick(pool(list(range(20)), rare), 10)
     assert got[:2] == [3, 11] and len(set(got)) == 10
     assert got[2:5] == [0, 1, 2]                       # the rest of the Thompson picks: the next most likely
-    assert sel.info == {"pool_like_share": 0.1, "model_picks": 5}
+    assert sel.info == {"like_share": 0.1, "trusted": True, "model_picks": 5}
     # likes common (12 of 20 called liked): every pick random, the same as the random selector's
     common = [[0.9 if i < 12 else 0.1 for i in range(20)]]
     sel = SELECTORS["balanced"](SelectConfig(selector="balanced", like_share=0.5))
@@ -92,6 +93,33 @@ def test_balanced_asks_about_likely_likes_only_while_they_are_rare():
     assert got == pick("random", pool(list(range(20)), seed=4), 10)
     # like_share 1: every pick Thompson's, which is exploitation with one member
     assert pick("balanced", pool(list(range(20)), rare), 4, like_share=1.0) == [3, 11, 0, 1]
+
+
+def test_balanced_counts_likes_among_the_answered_random_picks_and_stops_trusting_a_wrong_model():
+    rare = [[0.95 if i in (3, 11) else 0.3 - 0.01 * i for i in range(20)]]   # the model calls 10 % liked
+    def balanced(y, model, rounds, **settings):
+        p = pool(list(range(20)), rare)
+        p.answers, p.model_picked, p.asked_round = (torch.tensor(y, dtype=torch.float32), torch.tensor(model),
+                                                    torch.tensor(rounds))
+        sel = SELECTORS["balanced"](SelectConfig(selector="balanced", **settings))
+        return sel.pick(p, 10), sel.info
+    # random picks answered: 4 likes, 4 dislikes and 2 skipped: a share of 0.5 -> no model picks; the model's
+    # own picks (all liked) do not count
+    y, model = [1, 1, 1, 1, -1, -1, -1, -1, 0, 0, 1, 1], [False] * 10 + [True] * 2
+    assert balanced(y, model, [1] * 10 + [2] * 2)[1] == {"like_share": 0.5, "trusted": True, "model_picks": 0}
+    # 1 like in 5 answered random picks: 0.2 -> ceil(10 * 0.3 / 0.8) = 4 model picks; the model's opinion (0.1)
+    # is not used; "model" uses it: 5
+    y, model = [1, -1, -1, -1, -1], [False] * 5
+    assert balanced(y, model, [1] * 5)[1]["model_picks"] == 4
+    assert balanced(y, model, [1] * 5, like_share_from="model")[1]["model_picks"] == 5
+    # the last round's model picks were all disliked: this round is random picks only (unless the gate is off);
+    # an earlier round's failures do not count
+    y, model, rounds = [1, -1, -1, -1, -1, -1, -1], [False] * 5 + [True] * 2, [1] * 5 + [2] * 2
+    got, info = balanced(y, model, rounds)
+    assert info == {"like_share": 0.2, "trusted": False, "model_picks": 0}
+    assert balanced(y, model, rounds, model_min_precision=0.0)[1]["model_picks"] == 4
+    assert balanced(y, model, [1] * 7)[1]["trusted"] is False          # all in one round: still the last
+    assert balanced(y + [1], model + [False], rounds + [3])[1]["trusted"] is True      # round 3 had no model picks
 
 
 def test_random_is_distinct_and_seeded():
@@ -132,9 +160,11 @@ def test_choose_is_deterministic_and_falls_back_before_the_model():
     assert prediction_stats(None, torch.tensor([1.0])) == {}
 
 
-def test_pool_rounds_count_only_the_asked_and_resume_exactly(tiny, tmp_path):
+@pytest.mark.parametrize("selector", ["exploit", "balanced"])
+def test_pool_rounds_count_only_the_asked_and_resume_exactly(tiny, tmp_path, selector):
+    # balanced: its choice depends on which earlier images were the model's picks, kept in the checkpoint
     from papa.train import main
-    extra = ["select.selector=exploit", "select.pool_size=8", "select.ensemble=2"]
+    extra = [f"select.selector={selector}", "select.pool_size=8", "select.ensemble=2", "select.like_share=0.9"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(args_for(overrides(tiny, whole, rounds=3, extra=extra))) == 0
     rows = metrics(run_dir(whole))
@@ -157,6 +187,7 @@ def test_pool_rounds_count_only_the_asked_and_resume_exactly(tiny, tmp_path):
     assert_same_metrics(rows, metrics(run_dir(cut)))
     a, b = (json.loads((run_dir(d) / "rounds" / "003" / "pool.json").read_text()) for d in (whole, cut))
     assert a["chosen"] == b["chosen"] and a["p_like"] == b["p_like"] and a["fallback"] is None
+    assert a["round"] == 3 and a["model_picks"] == b["model_picks"] and (selector == "balanced") == ("trusted" in a)
 
 
 def test_pseudo_labels_take_the_surest_unasked_candidates():
@@ -211,6 +242,8 @@ def test_pseudo_label_rounds_count_only_the_persons_labels_and_resume_exactly(ti
     (["select.ensemble=0"], "select.ensemble"),
     (["select.like_share=0"], "select.like_share"),
     (["select.like_share=1.5"], "select.like_share"),
+    (["select.like_share_from=pool"], "select.like_share_from"),
+    (["select.model_min_precision=2"], "select.model_min_precision"),
 ])
 def test_bad_select_settings_are_one_line_errors(extra, key):
     from papa.config import load_config
