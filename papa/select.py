@@ -263,6 +263,9 @@ class Thompson(Selector):
         return chosen
 
 
+SHARE_WINDOW = 30   # balanced: the share of likes is counted over the answers to this many latest random picks
+
+
 @register
 class Balanced(Selector):
     name = "balanced"
@@ -270,7 +273,7 @@ class Balanced(Selector):
     def pick(self, pool, k):
         share, seen = float((pool.probs.mean(0) > 0.5).float().mean()), pool.answers is not None
         if self.s.like_share_from == "answers" and seen:
-            y = pool.answers[~pool.model_picked & (pool.answers != 0)][-30:]
+            y = pool.answers[~pool.model_picked & (pool.answers != 0)][-SHARE_WINDOW:]
             share = float((y > 0).float().mean()) if len(y) else share
         tau, trusted = self.s.like_share, True
         if self.s.model_min_precision > 0 and seen and len(pool.answers):
