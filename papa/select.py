@@ -304,8 +304,7 @@ def choose(settings, feats: torch.Tensor, labelled: torch.Tensor, y: torch.Tenso
     fallback = sel.needs_model and probs is None
     if fallback:
         sel = Random(settings)
-    history = (y, model_picked.bool(), asked_round) if model_picked is not None and len(model_picked) == len(y) \
-        else (None, None, None)
+    history = (y, model_picked.bool(), asked_round) if model_picked is not None else (None, None, None)
     idx = sel.pick(Pool(feats, probs, labelled, gen, *history), min(k, len(feats)))
     rec = {"selector": settings.selector, "fallback": "random" if fallback else None, "pool_size": len(feats),
            "chosen": idx, "model_picks": 0 if isinstance(sel, Random) else len(idx), **sel.info}
