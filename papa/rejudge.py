@@ -1,6 +1,6 @@
 """Judge finished runs' evaluation images again, with another evaluator (or with their own, as a check).
 
-    python -m papa.rejudge RUN_DIR [RUN_DIR ...] [--evaluator FILE] [--out FILE.json] [--threads N]
+    python -m papa.rejudge RUN_DIR [RUN_DIR ...] [--evaluator FILE] [--out FILE.json] [--grids DIR] [--threads N]
 
 A run keeps the images of its first and last evaluations (`rounds/000/eval_images.pt`, the base model's, and
 `rounds/<last>/eval_images.pt`; eval.final_num of each). This judges both with `--evaluator` (default: the run's own
@@ -9,7 +9,10 @@ base, which needs the weights), and prints per run the recorded and the new legi
 smallest liked share, precision and FID of the last evaluation, and the bounds of docs/ALIGNMENT.md it meets against
 the base judged by the same evaluator. Judged by the run's own evaluator, the figures equal the recorded ones
 (tests/test_train.py), so any difference is the evaluator's. A run made before evaluation images were kept, or
-whose round-0 evaluation came from a cache without them, is a one-line error naming what is missing.
+whose round-0 evaluation came from a cache without them, is a one-line error naming what is missing. With `--grids
+DIR`, what the evaluator now rejects in each run's last evaluation, beside what it accepts in a preferred class (up to
+64 each, in sample order), goes to DIR/<run>_rejected.png and DIR/<run>_accepted.png, <run> being the run directory's
+last three parts joined by "__".
 """
 from __future__ import annotations
 
@@ -38,9 +41,15 @@ def _images(path: Path) -> torch.Tensor:
     return x
 
 
-def rejudge(run: Path, evaluator: str | None = None) -> dict:
+def grid_name(run: Path) -> str:
+    """The file stem of a run's grids under --grids: the run directory's last three parts joined by "__"."""
+    return "__".join(Path(run).parts[-3:])
+
+
+def rejudge(run: Path, evaluator: str | None = None, grids: Path | None = None) -> dict:
     """The run's base and last evaluations judged again: {"run", "evaluator", "base", "final", "recorded_base",
-    "recorded_final", "bounds"} (metric dicts as in metrics.jsonl, without the KL)."""
+    "recorded_final", "bounds"} (metric dicts as in metrics.jsonl, without the KL). With `grids`, the last
+    evaluation's rejected and accepted-preferred samples as PNG grids there (module docstring)."""
     from papa.data import load_dataset
     from papa.evaluation import RunEvaluator, TARGET_RATE, bounds_met
     from papa.models import load_classifier
@@ -60,7 +69,15 @@ def rejudge(run: Path, evaluator: str | None = None) -> dict:
     ev = RunEvaluator(net, xte, yte, cfg, NoiseSchedule.from_config(cfg.diffusion))
     judged = {}
     for name, row in (("base", base_row), ("final", last_row)):
-        judged[name] = ev.judge_images(_images(run / "rounds" / f"{row['round']:03d}" / "eval_images.pt"))[0]
+        images = _images(run / "rounds" / f"{row['round']:03d}" / "eval_images.pt")
+        judged[name], decisions = ev.judge_images(images)
+    if grids is not None:
+        from papa.models.classifier import REJECT_CLASS
+        from papa.records import save_grid
+        for what, keep in (("rejected", decisions == REJECT_CLASS),
+                           ("accepted", torch.isin(decisions, torch.tensor(list(cfg.feedback.preference))))):
+            if keep.any():
+                save_grid(images[keep][:64], Path(grids) / f"{grid_name(run)}_{what}.png", nrow=8)
     target = TARGET_RATE.get(cfg.data.dataset, 0.9)
     return {"run": str(run), "evaluator": str(path), "evaluator_sha256": checkpoint.sha256_file(path),
             **judged, "recorded_base": base_row, "recorded_final": last_row,
@@ -77,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished papa.train run directories")
     ap.add_argument("--evaluator", default=None, help="evaluator file (default: each run's checkpoints.evaluator)")
     ap.add_argument("--out", default="", help="also write every result to this JSON file")
+    ap.add_argument("--grids", default="", metavar="DIR", help="also write each run's rejected and accepted-preferred "
+                    "samples of its last evaluation as PNG grids under DIR")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.evaluator and not Path(args.evaluator).is_file():
@@ -87,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | " + " | ".join(f"{label} (recorded → now)" for _, label in SHOWN) + " | bounds failed |")
     print("|---" * (len(SHOWN) + 2) + "|")
     for run in args.runs:
-        res = rejudge(Path(run), args.evaluator)
+        res = rejudge(Path(run), args.evaluator, Path(args.grids) if args.grids else None)
         results.append(res)
         failed = [k for k, ok in res["bounds"].items() if ok is False]
         print(f"| {run} | " + " | ".join(f"{_fmt(res['recorded_final'].get(k))} → {_fmt(res['final'].get(k))}"

@@ -516,8 +516,20 @@ def test_rejudge_reproduces_the_recorded_evaluation_and_judges_anew(tiny, tmp_pa
     other = rejudge(second, str(tmp_path / "other.pt"))
     assert other["final"]["class_fraction"] != res["final"]["class_fraction"]
     assert rejudge_main([str(first), str(second), "--evaluator", str(tmp_path / "other.pt"),
-                         "--out", str(tmp_path / "r.json")]) == 0
+                         "--out", str(tmp_path / "r.json"), "--grids", str(tmp_path / "grids")]) == 0
     assert [r["run"] for r in json.loads((tmp_path / "r.json").read_text())] == [str(first), str(second)]
+    # the grids hold what the new evaluator rejects / accepts as preferred, and nothing else
+    from papa.models import load_classifier
+    from papa.models.classifier import REJECT_CLASS
+    from papa.oracle import predict
+    from papa.rejudge import grid_name
+    cfg = load_config(second / "config.yaml")
+    dec = predict(load_classifier("evaluator", tmp_path / "other.pt", cfg.data.dataset),
+                  torch.load(second / "rounds" / "002" / "eval_images.pt"))
+    wanted = {"rejected": bool((dec == REJECT_CLASS).any()),
+              "accepted": bool(torch.isin(dec, torch.tensor(list(cfg.feedback.preference))).any())}
+    for what, present in wanted.items():
+        assert (tmp_path / "grids" / f"{grid_name(second)}_{what}.png").is_file() == present, what
     (first / "rounds" / "002" / "eval_images.pt").unlink()
     with pytest.raises(ConfigError, match="eval_images.pt is missing"):
         rejudge(first)
