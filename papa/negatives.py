@@ -85,7 +85,8 @@ cross erosions when too many pixels sit at the peak, with a plain scale-down onl
   collapse a policy can fall into when it is pushed away from everything shown to it (SDPO on every seed and PAPA
   on one, on Fashion-MNIST [5, 7, 9], docs/COMPARE.md), which no real image resembles: its mean ink is at least
   `FLAT_MIN_INK` = 0.8 of the canvas, and the brightest real training image reaches 0.752 on Fashion-MNIST and 0.398
-  on MNIST. The shipped judges were trained without it (`TRAINED_KINDS`); it is measured in their reject report.
+  on MNIST. The MNIST evaluator shipped on 2026-12-07 is trained on it (its kinds are in `configs/mnist.yaml`); the
+  other shipped judges were trained without it (`TRAINED_KINDS`); it is measured in every reject report.
 
 Limits, honestly: these are heuristics. A small share of negatives can still read as a digit (a blob elongated like
 a bold 1, a scribble that happens to form a 7, a blend whose second digit is mostly hidden, a blur of a 0 or a 1 whose
@@ -93,7 +94,7 @@ silhouette a person can still guess, a fragment that reads as a short stroke). F
 confidence is the caller's option; none is done here.
 
 `negative_batch(x, y, gen, kinds=None)` returns one negative per input image, kinds drawn uniformly from `kinds`
-(default `TRAINED_KINDS`, the kinds the shipped judges were trained on: all but `flat`), with their kind indices
+(default `TRAINED_KINDS`: all but `flat`, the kinds the first reject-aware judges were trained on), with their kind indices
 (into `KIND_NAMES`); a caller mixes them into classifier training with target `REJECT_CLASS`.
 
 Distance from the sources: no negative is a copy of a real image; the tests check that every negative's L2
@@ -717,7 +718,7 @@ NEGATIVE_KINDS: dict[str, Callable[..., torch.Tensor]] = {
     "flat": flat,
 }
 KIND_NAMES: tuple[str, ...] = tuple(NEGATIVE_KINDS)
-TRAINED_KINDS: tuple[str, ...] = tuple(k for k in KIND_NAMES if k != "flat")   # what the shipped judges saw
+TRAINED_KINDS: tuple[str, ...] = tuple(k for k in KIND_NAMES if k != "flat")   # the default: all but the slab
 
 
 def make_negatives(x: torch.Tensor, kind: str, gen: torch.Generator, y: torch.Tensor | None = None) -> torch.Tensor:

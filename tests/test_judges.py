@@ -18,12 +18,12 @@ from testutil import ROOT
 
 N_REAL, N_NEG = 600, 200          # small and fast; the manifest's figures use the whole test split
 JUDGES = [(ds, kind) for ds in ("mnist", "fashion_mnist") for kind in ("evaluator", "oracle")]
-# The share of each kind of held-out negative a shipped judge must reject. The aim is 95 % for every kind; where a
-# judge falls short (docs/ALIGNMENT.md, the reject option's entry, has the measured figures and why: a blend of two
-# shirts is often a legible shirt, and the digit-stroke negatives fit clothes less), the floor is set below what it
-# measures, so that a retrained judge may not do worse unnoticed.
+# The share of each kind of held-out negative a shipped judge must reject. The aim is 95 % for every kind, which the
+# MNIST evaluator meets; where a judge falls short (docs/ALIGNMENT.md, the reject option's entries, has the measured
+# figures and why: a blend of two shirts is often a legible shirt, and the digit-stroke negatives fit clothes less),
+# the floor is set below what it measures, so that a retrained judge may not do worse unnoticed.
 TARGET = 0.95
-FLOORS = {("mnist", "evaluator"): {"blend": 0.85, "scribble": 0.90},
+FLOORS = {("mnist", "evaluator"): {},
           ("mnist", "oracle"): {"blend": 0.80, "scribble": 0.90},
           ("fashion_mnist", "evaluator"): {"blend": 0.55, "fragment": 0.85, "broken": 0.90, "scribble": 0.90},
           ("fashion_mnist", "oracle"): {"blend": 0.25, "blur": 0.70, "fragment": 0.60, "broken": 0.90,
@@ -64,8 +64,15 @@ def test_real_images_plain_thinned_and_thickened_are_accepted(ds, kind):
         assert float((net(x).argmax(1) == y).float().mean()) >= 0.85
 
 
-@pytest.mark.parametrize("ds,kind", JUDGES)
-@pytest.mark.parametrize("neg_kind", ng.TRAINED_KINDS)     # flat: measured in the report, not trained on yet
+# The judges trained on the slab (`flat`); the others read most slabs as a class (the reject report measures it).
+TRAINED_ON_FLAT = {("mnist", "evaluator")}
+
+
+def kinds_of(ds, kind):
+    return ng.TRAINED_KINDS + (("flat",) if (ds, kind) in TRAINED_ON_FLAT else ())
+
+
+@pytest.mark.parametrize("ds,kind,neg_kind", [(ds, kind, k) for ds, kind in JUDGES for k in kinds_of(ds, kind)])
 def test_every_kind_of_negative_is_rejected(ds, kind, neg_kind):
     x, y = _test_images(ds)
     neg = ng.make_negatives(x[:N_NEG], neg_kind, torch.Generator().manual_seed(5), y[:N_NEG])
@@ -81,8 +88,8 @@ def test_the_manifest_ships_the_reject_figures_it_promises(ds):
         assert files[kind]["file"].endswith(f"{kind}_reject.pt")
         for name in ("real", "thinned", "thickened"):   # every class; the MNIST oracle: 1.33 % of real 0s
             assert rep[f"rejected_{name}"]["max"] <= (0.01 if kind == "evaluator" else 0.015), (ds, kind, name)
-        assert set(ng.TRAINED_KINDS) <= set(rep["rejected_negatives"])
-        for neg_kind in ng.TRAINED_KINDS:
+        assert set(kinds_of(ds, kind)) <= set(rep["rejected_negatives"])
+        for neg_kind in kinds_of(ds, kind):
             share = rep["rejected_negatives"][neg_kind]
             assert share >= floor(ds, kind, neg_kind), (ds, kind, neg_kind, share)
 
