@@ -27,6 +27,16 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     checkpoint.atomic_write_bytes(path, buf.getvalue())
 
 
+def save_decision_grids(images: torch.Tensor, decisions: torch.Tensor, preference, path_for) -> None:
+    """The samples an evaluator rejects as no member of any class, and those it accepts in a preferred class, up to
+    64 each in sample order, as PNG grids at path_for("rejected") and path_for("accepted") (none where there are none)."""
+    decisions = decisions.cpu()
+    for what, keep in (("rejected", decisions == REJECT_CLASS),
+                       ("accepted", torch.isin(decisions, torch.tensor(list(preference))))):
+        if keep.any():
+            save_grid(images[keep][:64], path_for(what), nrow=8)
+
+
 def round_dir(run_dir: Path, r: int) -> Path:
     return Path(run_dir) / "rounds" / f"{r:03d}"
 
@@ -83,12 +93,8 @@ class Records:
             buf = io.BytesIO()
             torch.save(images.detach().to("cpu", torch.float32).clone(), buf)
             checkpoint.atomic_write_bytes(d / "eval_images.pt", buf.getvalue())
-        if decisions is None:
-            return
-        for name, keep in (("rejected", decisions == REJECT_CLASS),
-                           ("accepted", torch.isin(decisions, torch.tensor(preference or [])))):
-            if keep.any():
-                save_grid(images[keep.cpu()][:64], d / f"eval_{name}.png", nrow=8)
+        if decisions is not None:
+            save_decision_grids(images, decisions, preference or [], lambda what: d / f"eval_{what}.png")
 
     def line(self, row: dict) -> None:
         """One line per round on the console and in log.txt."""

@@ -71,13 +71,10 @@ def rejudge(run: Path, evaluator: str | None = None, grids: Path | None = None) 
     for name, row in (("base", base_row), ("final", last_row)):
         images = _images(run / "rounds" / f"{row['round']:03d}" / "eval_images.pt")
         judged[name], decisions = ev.judge_images(images)
-    if grids is not None:
-        from papa.models.classifier import REJECT_CLASS
-        from papa.records import save_grid
-        for what, keep in (("rejected", decisions == REJECT_CLASS),
-                           ("accepted", torch.isin(decisions, torch.tensor(list(cfg.feedback.preference))))):
-            if keep.any():
-                save_grid(images[keep][:64], Path(grids) / f"{grid_name(run)}_{what}.png", nrow=8)
+    if grids is not None:   # images and decisions are the last evaluation's
+        from papa.records import save_decision_grids
+        save_decision_grids(images, decisions, cfg.feedback.preference,
+                            lambda what: Path(grids) / f"{grid_name(run)}_{what}.png")
     target = TARGET_RATE.get(cfg.data.dataset, 0.9)
     return {"run": str(run), "evaluator": str(path), "evaluator_sha256": checkpoint.sha256_file(path),
             **judged, "recorded_base": base_row, "recorded_final": last_row,
