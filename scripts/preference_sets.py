@@ -35,6 +35,14 @@ the labels used (mean and band of ± 1 std over seeds, one line per tag) in `<ou
 `<out>/<name>_<dataset>.md` the rate at every evaluation, the labels until it first reaches the dataset's target
 (interpolated between evaluations), the rejected rate, precision and FID at the last evaluation within the labels,
 the preference model's accuracy on the answers it had not seen (active querying) and the seconds per round.
+    .venv/bin/python scripts/preference_sets.py reach --dataset mnist --tags b150_random_epochs2_ratio
+                                                      b150_thompson_epochs2_ratio [--sets ...] [--labels 150]
+
+`reach` counts, per run, the labels to the first evaluation (within `--labels`) where the legible preferred rate
+is at or above the dataset's target *and* every bound holds at that evaluation (each liked class ≥ half its fair
+share; rejected, precision and FID within their factors of the run's round 0): no interpolation, since a bound is
+only known at an evaluation. Per set and tag: the seeds that get there, and the mean labels to it with a run that
+never does counted as `--labels` + 50 (so a variant cannot win by failing); `<out>/<name>_<dataset>.md`.
 """
 from __future__ import annotations
 
@@ -49,7 +57,8 @@ from pathlib import Path
 
 from papa.config import PREFERENCE_SETS_FILE, preference_sets
 # the bounds every set is held to (docs/ALIGNMENT.md): on the final evaluation, against the base's round 0
-from papa.evaluation import BOUNDS, FID_MAX, PRECISION_MIN, REJECT_MAX, TARGET_RATE, bounds_met
+from papa.checkpoint import atomic_write_bytes
+from papa.evaluation import BOUNDS, FID_MAX, PRECISION_MIN, REJECT_MAX, TARGET_RATE, bounds_met, within
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -308,6 +317,64 @@ def cmd_curves(args) -> int:
     return 0
 
 
+def first_inside(rows: list[dict], n_liked: int, target: float, labels: int) -> tuple[float, dict]:
+    """The labels at the first evaluation (up to `labels`) at or above `target` with every bound holding there,
+    against the run's round 0; nan when none. Also that evaluation's row, or the last one within `labels`."""
+    ev = [r for r in rows if "legible_preferred_rate" in r and r["labels_used"] <= labels]
+    for r in ev[1:]:
+        if within(bounds_met(r, ev[0], n_liked, target)):
+            return float(r["labels_used"]), r
+    return math.nan, ev[-1]
+
+
+def cmd_reach(args) -> int:
+    sets = load_sets(args.dataset)
+    target = TARGET_RATE[args.dataset]
+    missing = args.labels + 50
+    names = args.sets or list(sets)
+    lines = [f"# {args.dataset}: labels to a legible preferred rate of {target} inside every bound", "",
+             f"`scripts/preference_sets.py reach --dataset {args.dataset} --tags {' '.join(args.tags)} --labels "
+             f"{args.labels}`. Per run: the labels at the first evaluation at or above {target} where every bound "
+             "holds (each liked class ≥ half its fair share, rejected ≤ "
+             f"{REJECT_MAX}×, precision ≥ {PRECISION_MIN}×, FID ≤ {FID_MAX}× the run's round 0); '—' where no "
+             f"evaluation within {args.labels} labels gets there, counted as {missing} in the mean. In brackets: the "
+             "rate at that evaluation, or at the last one and the bounds it breaks.", "",
+             "| set | variant | per seed: labels (rate) | seeds there | mean labels |", "|---|---|---|---|---|"]
+    found = False
+    for name in names:
+        if name not in sets:
+            sys.exit(f"error: unknown set {name!r}; {PREFERENCE_SETS_FILE} has {list(sets)}")
+        pref = sets[name][0]
+        for tag in args.tags:
+            runs = sorted((d for d in (Path(args.out) / tag / args.dataset).glob(f"{name}_s*") if finished(d)),
+                          key=lambda d: int(d.name.rsplit("_s", 1)[1]))
+            if not runs:
+                continue
+            found = True
+            cells, got = [], []
+            for d in runs:
+                rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+                n, row = first_inside(rows, len(pref), target, args.labels)
+                seed = d.name.rsplit("_s", 1)[1]
+                if math.isfinite(n):
+                    cells.append(f"s{seed}: {n:.0f} ({row['legible_preferred_rate']:.3f})")
+                else:
+                    ev = [r for r in rows if "legible_preferred_rate" in r]
+                    broken = [k for k, v in bounds_met(row, ev[0], len(pref), target).items() if v is False]
+                    cells.append(f"s{seed}: — ({row['legible_preferred_rate']:.3f}; {', '.join(broken)})")
+                got.append(n)
+            there = [n for n in got if math.isfinite(n)]
+            mean = statistics.mean(n if math.isfinite(n) else missing for n in got)
+            lines.append(f"| {name} {pref} | {tag} | {'; '.join(cells)} | {len(there)}/{len(got)} | {mean:.0f} |")
+    if not found:
+        sys.exit(f"error: no finished runs of tags {args.tags} under {args.out}")
+    out = Path(args.out) / f"{args.name}_{args.dataset}.md"
+    atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
+    print("\n".join(lines))
+    print(f"\nwrote {out}")
+    return 0
+
+
 def cmd_asked(args) -> int:
     """What each run asked the user about: the evaluator's class of every labelled image (rounds/NNN/images.pt with its
     labels.json), counted among the likes and among the dislikes, over the first and the second half of the rounds."""
@@ -406,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/preference_sets.py", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "report", "curves", "asked", "user"):
+    for name in ("run", "report", "curves", "reach", "asked", "user"):
         p = sub.add_parser(name)
         if name == "user":
             p.add_argument("run", help="a run directory (its config and an evaluation's images)")
@@ -423,12 +490,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
             p.add_argument("--records", default="docs/results/preference_sets",
                            help="keep each finished run's small files here (skip a run recorded there); '' : none")
-        if name == "curves":
+        if name in ("curves", "reach"):
             p.add_argument("--tags", nargs="+", required=True, help="the variants to set side by side")
             p.add_argument("--labels", type=int, default=150, help="the label budget the curves stop at")
-            p.add_argument("--name", default="selectors", help="the output files' name")
+            p.add_argument("--name", default="selectors" if name == "curves" else "reach", help="the output files' name")
+        if name == "reach":
+            p.add_argument("--sets", nargs="*", default=None, help="set names (default: all of the dataset's)")
     args = ap.parse_args(argv)
-    return {"run": cmd_run, "report": cmd_report, "curves": cmd_curves, "asked": cmd_asked,
+    return {"run": cmd_run, "report": cmd_report, "curves": cmd_curves, "reach": cmd_reach, "asked": cmd_asked,
             "user": cmd_user}[args.cmd](args)
 
 

@@ -1,6 +1,7 @@
 """The online trainer end to end on tiny models: records, resume after SIGKILL, corrupt checkpoints, bad configs,
 NaN losses, and two ranks against one. Tiny UNets and few steps keep each run to seconds."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -331,6 +332,28 @@ def test_bounds_met():
     assert not within(met, ("rejected", "precision", "fid"))
     # a base value that is not finite cannot bound anything
     assert bounds_met({"fid_preferred": 9.0}, {"fid_preferred": nan}, 4, 0.9)["fid"] is None
+
+
+def test_reach_counts_the_first_evaluation_inside_every_bound():
+    """scripts/preference_sets.py reach: the first evaluation at or above the target where every bound holds, no
+    interpolation; one that reaches the rate while breaking a bound does not count."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("preference_sets", ROOT / "scripts" / "preference_sets.py")
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    base = {"labels_used": 0, "legible_preferred_rate": 0.4, "min_liked_share": 0.1, "precision": 0.7,
+            "fid_preferred": 6.0, "rejected_rate": 0.02}
+    ev = lambda n, rate, **kw: {**base, "labels_used": n, "legible_preferred_rate": rate, "min_liked_share": 0.2, **kw}
+    rows = [base, {"labels_used": 10, "loss": 1.0}, ev(50, 0.92, fid_preferred=9.5),  # the rate, FID 1.58x: no
+            ev(100, 0.88), ev(150, 0.91), ev(200, 0.95)]
+    n, row = ps.first_inside(rows, 4, 0.9, 150)
+    assert n == 150 and row["legible_preferred_rate"] == 0.91
+    n, row = ps.first_inside(rows, 4, 0.9, 100)        # within 100 labels: never, and the last row is 100's
+    assert math.isnan(n) and row["labels_used"] == 100
+    rows[2]["fid_preferred"] = 8.9                      # inside the bound now: the 50-label evaluation counts
+    assert ps.first_inside(rows, 4, 0.9, 150)[0] == 50
+    rows[2]["min_liked_share"] = 0.1                    # a liked class under half its fair share (0.125 of four)
+    assert ps.first_inside(rows, 4, 0.9, 150)[0] == 150
 
 
 def test_compare_runs_reuses_and_reports(tiny, tmp_path):
