@@ -54,6 +54,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from papa.config import PREFERENCE_SETS_FILE, preference_sets
 # the bounds every set is held to (docs/ALIGNMENT.md): on the final evaluation, against the base's round 0
@@ -317,14 +318,47 @@ def cmd_curves(args) -> int:
     return 0
 
 
-def first_inside(rows: list[dict], n_liked: int, target: float, labels: int) -> tuple[float, dict]:
+def first_inside(rows: list[dict], n_liked: int, target: float, labels: int,
+                 base_at: Callable[[dict], dict] | None = None) -> tuple[float, dict]:
     """The labels at the first evaluation (up to `labels`) at or above `target` with every bound holding there,
-    against the run's round 0; nan when none. Also that evaluation's row, or the last one within `labels`."""
+    against the run's round 0 (or, with `base_at`, against `base_at(row)`: the base judged on as many samples as that
+    evaluation); nan when none. Also that evaluation's row, or the last one within `labels`."""
     ev = [r for r in rows if "legible_preferred_rate" in r and r["labels_used"] <= labels]
     for r in ev[1:]:
-        if within(bounds_met(r, ev[0], n_liked, target)):
+        base = base_at(r) if base_at is not None else ev[0]
+        if within(bounds_met(r, base, n_liked, target)):
             return float(r["labels_used"]), r
     return math.nan, ev[-1]
+
+
+def base_judge(d: Path) -> Callable[[dict], dict]:
+    """An evaluation's row → the run's base (round 0) judged again by the run's own evaluator on as many of its kept
+    images as that evaluation judged (`eval.final_num` at the first and last, `eval.num` between): the FID and
+    precision of fewer samples read worse, so an evaluation of 200 is held to the base's first 200."""
+    import torch
+
+    from papa.config import load_config
+    from papa.data import load_dataset
+    from papa.evaluation import RunEvaluator
+    from papa.models import load_classifier
+    from papa.schedule import NoiseSchedule
+    images = d / "rounds" / "000" / "eval_images.pt"
+    if not images.is_file():
+        sys.exit(f"error: {images} is missing (a record keeps no images); --same-n needs the run directory itself, "
+                 "under --out")
+    cfg = load_config(d / "config.yaml")
+    net = load_classifier("evaluator", cfg.checkpoints.evaluator, dataset=cfg.data.dataset)
+    xte, yte = load_dataset(cfg.data.dataset, "test", root=cfg.data.root or None)
+    ev = RunEvaluator(net, xte, yte, cfg, NoiseSchedule.from_config(cfg.diffusion))
+    x = torch.load(images, weights_only=True)
+    cache: dict[int, dict] = {}
+
+    def at(row: dict) -> dict:
+        n = cfg.eval.final_num if row["round"] in (0, cfg.train.rounds) else cfg.eval.num
+        if n not in cache:
+            cache[n] = ev.judge_images(x[:n])[0]
+        return cache[n]
+    return at
 
 
 def cmd_reach(args) -> int:
@@ -334,9 +368,11 @@ def cmd_reach(args) -> int:
     names = args.sets or list(sets)
     lines = [f"# {args.dataset}: labels to a legible preferred rate of {target} inside every bound", "",
              f"`scripts/preference_sets.py reach --dataset {args.dataset} --tags {' '.join(args.tags)} --labels "
-             f"{args.labels}`. Per run: the labels at the first evaluation at or above {target} where every bound "
-             "holds (each liked class ≥ half its fair share, rejected ≤ "
-             f"{REJECT_MAX}×, precision ≥ {PRECISION_MIN}×, FID ≤ {FID_MAX}× the run's round 0); '—' where no "
+             f"{args.labels}{' --same-n' if args.same_n else ''}`. Per run: the labels at the first evaluation at or "
+             f"above {target} where every bound holds (each liked class ≥ half its fair share, rejected ≤ "
+             f"{REJECT_MAX}×, precision ≥ {PRECISION_MIN}×, FID ≤ {FID_MAX}× the run's round 0"
+             + (", judged again on as many of its samples as the evaluation had" if args.same_n else "")
+             + f"); '—' where no "
              f"evaluation within {args.labels} labels gets there, counted as {missing} in the mean. In brackets: the "
              "rate at that evaluation, or at the last one and the bounds it breaks.", "",
              "| set | variant | per seed: labels (rate) | seeds there | mean labels |", "|---|---|---|---|---|"]
@@ -354,13 +390,15 @@ def cmd_reach(args) -> int:
             cells, got = [], []
             for d in runs:
                 rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
-                n, row = first_inside(rows, len(pref), target, args.labels)
+                base_at = base_judge(d) if args.same_n else None
+                n, row = first_inside(rows, len(pref), target, args.labels, base_at)
                 seed = d.name.rsplit("_s", 1)[1]
                 if math.isfinite(n):
                     cells.append(f"s{seed}: {n:.0f} ({row['legible_preferred_rate']:.3f})")
                 else:
                     ev = [r for r in rows if "legible_preferred_rate" in r]
-                    broken = [k for k, v in bounds_met(row, ev[0], len(pref), target).items() if v is False]
+                    base = base_at(row) if base_at is not None else ev[0]
+                    broken = [k for k, v in bounds_met(row, base, len(pref), target).items() if v is False]
                     cells.append(f"s{seed}: — ({row['legible_preferred_rate']:.3f}; {', '.join(broken)})")
                 got.append(n)
             there = [n for n in got if math.isfinite(n)]
@@ -496,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--name", default="selectors" if name == "curves" else "reach", help="the output files' name")
         if name == "reach":
             p.add_argument("--sets", nargs="*", default=None, help="set names (default: all of the dataset's)")
+            p.add_argument("--same-n", action="store_true", help="hold an evaluation of fewer samples than round 0's "
+                           "to the base judged on as many (its first kept images; needs the run directories)")
     args = ap.parse_args(argv)
     return {"run": cmd_run, "report": cmd_report, "curves": cmd_curves, "reach": cmd_reach, "asked": cmd_asked,
             "user": cmd_user}[args.cmd](args)

@@ -354,6 +354,10 @@ def test_reach_counts_the_first_evaluation_inside_every_bound():
     assert ps.first_inside(rows, 4, 0.9, 150)[0] == 50
     rows[2]["min_liked_share"] = 0.1                    # a liked class under half its fair share (0.125 of four)
     assert ps.first_inside(rows, 4, 0.9, 150)[0] == 150
+    # held to the base judged on as many samples (`--same-n`): a base FID of 7.0 at the evaluation lets FID 9.5 pass
+    rows[2].update(min_liked_share=0.2, fid_preferred=9.5)
+    same_n = lambda row: {**base, "fid_preferred": 7.0 if row["labels_used"] == 50 else 6.0}
+    assert ps.first_inside(rows, 4, 0.9, 150)[0] == 150 and ps.first_inside(rows, 4, 0.9, 150, same_n)[0] == 50
 
 
 def test_compare_runs_reuses_and_reports(tiny, tmp_path):
