@@ -256,7 +256,9 @@ def cmd_curves(args) -> int:
     sets = load_sets(args.dataset)
     target = TARGET_RATE[args.dataset]
     found = {}
-    for name in sets:
+    for name in args.sets or sets:
+        if name not in sets:
+            sys.exit(f"error: unknown set {name!r}; {PREFERENCE_SETS_FILE} has {list(sets)}")
         for tag in args.tags:
             runs = [d for d in sorted((Path(args.out) / tag / args.dataset).glob(f"{name}_s*")) if finished(d)]
             if runs:
@@ -532,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--tags", nargs="+", required=True, help="the variants to set side by side")
             p.add_argument("--labels", type=int, default=150, help="the label budget the curves stop at")
             p.add_argument("--name", default="selectors" if name == "curves" else "reach", help="the output files' name")
-        if name == "reach":
+        if name in ("curves", "reach"):
             p.add_argument("--sets", nargs="*", default=None, help="set names (default: all of the dataset's)")
+        if name == "reach":
             p.add_argument("--same-n", action="store_true", help="hold an evaluation of fewer samples than round 0's "
                            "to the base judged on as many (its first kept images; needs the run directories)")
     args = ap.parse_args(argv)
