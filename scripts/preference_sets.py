@@ -17,7 +17,7 @@ the worst seed) of the legible preferred rate, the rejected rate, the smallest l
 recall, FID and the wall time, beside the base model's (round 0) and the bounds each is held to, and
 `<out>/<tag>/<dataset>_grids.png`: for each set, the base's evaluation samples beside the aligned model's (seed 0).
 
-    .venv/bin/python scripts/preference_sets.py curves --dataset mnist --tags default40 pool_random pool_exploit
+    .venv/bin/python scripts/preference_sets.py curves --dataset mnist --tags default40 pool_random pool_exploit [--sets ...]
                                                        [--labels 150] [--name selectors]
 
     .venv/bin/python scripts/preference_sets.py asked --dataset mnist --tag exploit_diversity
