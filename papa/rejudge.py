@@ -46,15 +46,24 @@ def grid_name(run: Path) -> str:
     return "__".join(Path(run).parts[-3:])
 
 
+def evaluator_for(cfg, path: str | None = None):
+    """A RunEvaluator for a run's config, with the evaluator file `path` (default: the run's own), as its
+    evaluation built it: its preference, test images and fixed real sets."""
+    from papa.data import load_dataset
+    from papa.evaluation import RunEvaluator
+    from papa.models import load_classifier
+    from papa.schedule import NoiseSchedule
+    net = load_classifier("evaluator", path or cfg.checkpoints.evaluator, cfg.data.dataset)
+    xte, yte = load_dataset(cfg.data.dataset, "test", root=cfg.data.root or None)
+    return RunEvaluator(net, xte, yte, cfg, NoiseSchedule.from_config(cfg.diffusion))
+
+
 def rejudge(run: Path, evaluator: str | None = None, grids: Path | None = None) -> dict:
     """The run's base and last evaluations judged again: {"run", "evaluator", "base", "final", "recorded_base",
     "recorded_final", "bounds"} (metric dicts as in metrics.jsonl, without the KL). With `grids`, the last
     evaluation's rejected and accepted-preferred samples as PNG grids there (module docstring)."""
-    from papa.data import load_dataset
-    from papa.evaluation import RunEvaluator, TARGET_RATE, bounds_met
-    from papa.models import load_classifier
+    from papa.evaluation import TARGET_RATE, bounds_met
     from papa.compare import read_metrics
-    from papa.schedule import NoiseSchedule
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{run} has no config.yaml: pass a run directory of papa.train")
@@ -64,9 +73,7 @@ def rejudge(run: Path, evaluator: str | None = None, grids: Path | None = None) 
         raise ConfigError(f"{run} is not finished (no final evaluation in its metrics.jsonl); finish it first")
     base_row, last_row = rows[0], rows[-1]
     path = evaluator or cfg.checkpoints.evaluator
-    net = load_classifier("evaluator", path, cfg.data.dataset)
-    xte, yte = load_dataset(cfg.data.dataset, "test", root=cfg.data.root or None)
-    ev = RunEvaluator(net, xte, yte, cfg, NoiseSchedule.from_config(cfg.diffusion))
+    ev = evaluator_for(cfg, path)
     judged = {}
     for name, row in (("base", base_row), ("final", last_row)):
         images = _images(run / "rounds" / f"{row['round']:03d}" / "eval_images.pt")

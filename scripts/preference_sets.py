@@ -35,6 +35,7 @@ the labels used (mean and band of ± 1 std over seeds, one line per tag) in `<ou
 `<out>/<name>_<dataset>.md` the rate at every evaluation, the labels until it first reaches the dataset's target
 (interpolated between evaluations), the rejected rate, precision and FID at the last evaluation within the labels,
 the preference model's accuracy on the answers it had not seen (active querying) and the seconds per round.
+
     .venv/bin/python scripts/preference_sets.py reach --dataset mnist --tags b150_random_epochs2_ratio
                                                       b150_thompson_epochs2_ratio [--sets ...] [--labels 150]
 
@@ -56,9 +57,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from papa.checkpoint import atomic_write_bytes
 from papa.config import PREFERENCE_SETS_FILE, preference_sets
 # the bounds every set is held to (docs/ALIGNMENT.md): on the final evaluation, against the base's round 0
-from papa.checkpoint import atomic_write_bytes
 from papa.evaluation import BOUNDS, FID_MAX, PRECISION_MIN, REJECT_MAX, TARGET_RATE, bounds_met, within
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -340,26 +341,22 @@ def base_judge(d: Path) -> Callable[[dict], dict]:
     import torch
 
     from papa.config import load_config
-    from papa.data import load_dataset
-    from papa.evaluation import RunEvaluator
-    from papa.models import load_classifier
-    from papa.schedule import NoiseSchedule
+    from papa.rejudge import evaluator_for
     images = d / "rounds" / "000" / "eval_images.pt"
     if not images.is_file():
         sys.exit(f"error: {images} is missing (a record keeps no images); --same-n needs the run directory itself, "
                  "under --out")
     cfg = load_config(d / "config.yaml")
-    net = load_classifier("evaluator", cfg.checkpoints.evaluator, dataset=cfg.data.dataset)
-    xte, yte = load_dataset(cfg.data.dataset, "test", root=cfg.data.root or None)
-    ev = RunEvaluator(net, xte, yte, cfg, NoiseSchedule.from_config(cfg.diffusion))
+    ev = evaluator_for(cfg)
     x = torch.load(images, weights_only=True)
-    cache: dict[int, dict] = {}
+    cache: dict[int, dict] = {}   # samples judged → the base's metrics on that many (read back by cmd_reach)
 
     def at(row: dict) -> dict:
         n = cfg.eval.final_num if row["round"] in (0, cfg.train.rounds) else cfg.eval.num
         if n not in cache:
             cache[n] = ev.judge_images(x[:n])[0]
         return cache[n]
+    at.cache = cache
     return at
 
 
@@ -376,9 +373,10 @@ def cmd_reach(args) -> int:
              + (", judged again on as many of its samples as the evaluation had" if args.same_n else "")
              + f"); '—' where no "
              f"evaluation within {args.labels} labels gets there, counted as {missing} in the mean. In brackets: the "
-             "rate at that evaluation, or at the last one and the bounds it breaks.", "",
+             "rate, rejected rate and FID (× the base's) and smallest liked share at that evaluation, or at the last "
+             "one with the bounds it breaks.", "",
              "| set | variant | per seed: labels (rate) | seeds there | mean labels |", "|---|---|---|---|---|"]
-    found = False
+    found, bases = False, {}
     for name in names:
         if name not in sets:
             sys.exit(f"error: unknown set {name!r}; {PREFERENCE_SETS_FILE} has {list(sets)}")
@@ -395,19 +393,26 @@ def cmd_reach(args) -> int:
                 base_at = base_judge(d) if args.same_n else None
                 n, row = first_inside(rows, len(pref), target, args.labels, base_at)
                 seed = d.name.rsplit("_s", 1)[1]
-                if math.isfinite(n):
-                    cells.append(f"s{seed}: {n:.0f} ({row['legible_preferred_rate']:.3f})")
-                else:
-                    ev = [r for r in rows if "legible_preferred_rate" in r]
-                    base = base_at(row) if base_at is not None else ev[0]
-                    broken = [k for k, v in bounds_met(row, base, len(pref), target).items() if v is False]
-                    cells.append(f"s{seed}: — ({row['legible_preferred_rate']:.3f}; {', '.join(broken)})")
+                base = base_at(row) if base_at is not None else \
+                    next(r for r in rows if "legible_preferred_rate" in r)
+                broken = [k for k, v in bounds_met(row, base, len(pref), target).items() if v is False]
+                quality = (f"rejected {row['rejected_rate'] / max(base['rejected_rate'], 1e-9):.2f}×, FID "
+                           f"{row['fid_preferred'] / base['fid_preferred']:.2f}×, smallest liked "
+                           f"{row['min_liked_share']:.3f}")
+                cells.append(f"s{seed}: {n:.0f} ({row['legible_preferred_rate']:.3f}; {quality})" if math.isfinite(n)
+                             else f"s{seed}: — ({row['legible_preferred_rate']:.3f}; {quality}; breaks "
+                                  f"{', '.join(broken)})")
+                if base_at is not None:
+                    bases.setdefault(name, {k: v["fid_preferred"] for k, v in sorted(base_at.cache.items())})
                 got.append(n)
             there = [n for n in got if math.isfinite(n)]
             mean = statistics.mean(n if math.isfinite(n) else missing for n in got)
             lines.append(f"| {name} {pref} | {tag} | {'; '.join(cells)} | {len(there)}/{len(got)} | {mean:.0f} |")
     if not found:
         sys.exit(f"error: no finished runs of tags {args.tags} under {args.out}")
+    if bases:
+        lines += ["", "The base's FID on its first N kept samples (the first run of each set): " + "; ".join(
+            f"{name}: " + ", ".join(f"{v:.2f} on {n}" for n, v in fids.items()) for name, fids in bases.items())]
     out = Path(args.out) / f"{args.name}_{args.dataset}.md"
     atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
@@ -534,7 +539,6 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--tags", nargs="+", required=True, help="the variants to set side by side")
             p.add_argument("--labels", type=int, default=150, help="the label budget the curves stop at")
             p.add_argument("--name", default="selectors" if name == "curves" else "reach", help="the output files' name")
-        if name in ("curves", "reach"):
             p.add_argument("--sets", nargs="*", default=None, help="set names (default: all of the dataset's)")
         if name == "reach":
             p.add_argument("--same-n", action="store_true", help="hold an evaluation of fewer samples than round 0's "
