@@ -115,6 +115,7 @@ __all__ = [
     "REJECT_CLASS", "DEFAULT_P", "STYLE_OPS", "THIN_MIN_INK", "FRAGMENT_MAX_KEEP", "ONE_ELONGATION",
     "MIN_L2_TO_SOURCE", "ink", "ink_area", "thin", "thick", "affine", "contrast", "augment_style",
     "noise", "blend", "blur", "fragment", "broken", "scribble", "flat", "FLAT_MAX_MARGIN", "FLAT_MIN_INK",
+    "blend_apart", "stick_out", "APART_INK", "APART_CANDIDATES",
     "NEGATIVE_KINDS", "KIND_NAMES", "TRAINED_KINDS", "make_negatives", "negative_batch",
 ]
 
@@ -129,6 +130,8 @@ ONE_ELONGATION = 10.0
 MIN_L2_TO_SOURCE = 4.0
 FLAT_MAX_MARGIN = 1.5
 FLAT_MIN_INK = 0.8
+APART_INK = 0.1
+APART_CANDIDATES = 16
 
 
 # --------------------------------------------------------------------------- helpers
@@ -494,16 +497,46 @@ def _partners(n, m, index, y, gen, dev):
     return torch.where(ok, score, torch.full_like(score, -1.0)).argmax(1)
 
 
-def blend(x: torch.Tensor, gen: torch.Generator, y: torch.Tensor | None = None, index: torch.Tensor | None = None,
-          return_info: bool = False):
-    """Max (½) or mean of two different real images shifted against each other by ±d/2, |dx|, |dy| ~ U(2, 6) px.
-    With `return_info`, also {"src", "partner", "shift_src" (m, 2), "shift_partner" (m, 2) (dx, dy px),
-    "use_max" (m,) bool}."""
+def _silhouette(p: torch.Tensor) -> torch.Tensor:
+    """Where an image has ink (p > `APART_INK`), grown by a pixel (a 3 × 3 max): what another image's ink can hide in."""
+    return F.max_pool2d((p > APART_INK).to(p.dtype), 3, 1, 1) > 0
+
+
+def stick_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """min(share of a's ink outside b's silhouette, share of b's ink outside a's): how much of the less visible of two
+    overlaid images shows beside the other, p in [0, 1], (m, 1, H, W) each → (m,)."""
+    def out(u, v):
+        return (u * ~_silhouette(v)).sum((1, 2, 3)) / u.sum((1, 2, 3)).clamp(min=1e-6)
+    return torch.minimum(out(a, b), out(b, a))
+
+
+def _apart_partners(p, index, y, gen, dev):
+    """For each built position i, of `APART_CANDIDATES` random partners j ≠ i (of another class when y is given and
+    one exists), the one that sticks out of i's silhouette most, measured by `stick_out` on the unshifted images."""
+    n, m = p.shape[0], len(index)
+    if n < 2:
+        raise ValueError("blend needs at least two real images")
+    score = _rand(gen, (m, n), dev)
+    ok = torch.ones(m, n, dtype=torch.bool, device=dev)
+    ok[torch.arange(m, device=dev), index] = False
+    if y is not None:
+        other = y[None, :] != y[index][:, None]
+        ok = torch.where(other.any(1, keepdim=True), ok & other, ok)
+    score = torch.where(ok, score, torch.full_like(score, -1.0))
+    c = min(APART_CANDIDATES, n - 1)
+    cand = score.topk(c, dim=1).indices                                        # (m, c), valid ones first
+    valid = ok.gather(1, cand)
+    so = stick_out(p[index].repeat_interleave(c, 0), p[cand.flatten()]).view(m, c)
+    so = torch.where(valid, so, torch.full_like(so, -1.0))
+    return cand.gather(1, so.argmax(1, keepdim=True))[:, 0]
+
+
+def _blend(x, gen, y, index, return_info, apart):
     p, y, index, ink_all, _, _ = _setup(x, y, index)
     n, m, dev = p.shape[0], len(index), p.device
     if m == 0:
         return (x[:0].clone(), {}) if return_info else x[:0].clone()
-    j = _partners(n, m, index, y, gen, dev)
+    j = _apart_partners(p, index, y, gen, dev) if apart else _partners(n, m, index, y, gen, dev)
     mag = _rand(gen, (m, 2), dev, 2.0, 6.0)
     sign = torch.where(_rand(gen, (m, 2), dev) < 0.5, -1.0, 1.0)
     d = mag * sign
@@ -518,6 +551,21 @@ def blend(x: torch.Tensor, gen: torch.Generator, y: torch.Tensor | None = None, 
     if return_info:
         return out, {"src": index, "partner": j, "shift_src": d / 2, "shift_partner": -d / 2, "use_max": use_max}
     return out
+
+
+def blend(x: torch.Tensor, gen: torch.Generator, y: torch.Tensor | None = None, index: torch.Tensor | None = None,
+          return_info: bool = False):
+    """Max (½) or mean of two different real images shifted against each other by ±d/2, |dx|, |dy| ~ U(2, 6) px.
+    With `return_info`, also {"src", "partner", "shift_src" (m, 2), "shift_partner" (m, 2) (dx, dy px),
+    "use_max" (m,) bool}."""
+    return _blend(x, gen, y, index, return_info, apart=False)
+
+
+def blend_apart(x: torch.Tensor, gen: torch.Generator, y: torch.Tensor | None = None,
+                index: torch.Tensor | None = None, return_info: bool = False):
+    """`blend` with the partner, of `APART_CANDIDATES` random ones, that sticks out of the source's silhouette most
+    (and the source out of its): two overlaid images a person sees as two, not one hidden inside the other."""
+    return _blend(x, gen, y, index, return_info, apart=True)
 
 
 def blur(x: torch.Tensor, gen: torch.Generator, y: torch.Tensor | None = None,
@@ -715,10 +763,10 @@ def flat(x: torch.Tensor, gen: torch.Generator, y: torch.Tensor | None = None,
 
 NEGATIVE_KINDS: dict[str, Callable[..., torch.Tensor]] = {
     "noise": noise, "blend": blend, "blur": blur, "fragment": fragment, "broken": broken, "scribble": scribble,
-    "flat": flat,
+    "flat": flat, "blend_apart": blend_apart,
 }
 KIND_NAMES: tuple[str, ...] = tuple(NEGATIVE_KINDS)
-TRAINED_KINDS: tuple[str, ...] = tuple(k for k in KIND_NAMES if k != "flat")   # the default: all but the slab
+TRAINED_KINDS: tuple[str, ...] = ("noise", "blend", "blur", "fragment", "broken", "scribble")   # the first judges' six
 
 
 def make_negatives(x: torch.Tensor, kind: str, gen: torch.Generator, y: torch.Tensor | None = None) -> torch.Tensor:

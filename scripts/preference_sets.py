@@ -27,6 +27,13 @@ and among the dislikes, in the first and the second half of the rounds.
 
     .venv/bin/python scripts/preference_sets.py user RUN_DIR [--round 30]
 
+    .venv/bin/python scripts/preference_sets.py calibration --dataset mnist --tags b150_random_epochs2_ratio
+                                                            b150_thompson_epochs2_ratio [--name calibration]
+
+`calibration` says how well the selectors' preference model foresaw the answers it had not yet seen: per variant,
+over its runs' asked images, the share liked against the predicted p(like) in bins, the expected calibration error,
+accuracy and Brier score (from each round's pool.json and labels.json, which records keep).
+
 `user` says how a run's simulated user answers the base model's samples (or, with `--round`, a later evaluation's),
 per class the evaluator puts them in, and which of them it likes under the run's preference.
 
@@ -129,7 +136,9 @@ def save_record(d: Path, rec: Path | None) -> None:
         return
     from papa.checkpoint import atomic_write_bytes
     from papa.compare import RECORD_FILES, first_last_grids
-    for n in [*RECORD_FILES, *first_last_grids(rows_of(d)), "wall.json"]:  # wall.json last: it marks the record finished
+    asked = [str(p.relative_to(d)) for p in sorted(d.glob("rounds/*/pool.json")) + sorted(d.glob("rounds/*/labels.json"))
+             if (p.parent / "pool.json").is_file()]     # what the selector predicted and the person answered
+    for n in [*RECORD_FILES, *first_last_grids(rows_of(d)), *asked, "wall.json"]:  # wall.json last: marks it finished
         if (d / n).is_file():
             atomic_write_bytes(rec / n, (d / n).read_bytes())
     print(f"recorded in {rec}", flush=True)
@@ -467,6 +476,75 @@ def cmd_asked(args) -> int:
     return 0
 
 
+CALIBRATION_BINS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+def asked_answers(d: Path) -> list[tuple[float, int]]:
+    """(p(like) the preference model gave an image before it was asked, the answer: 1 like, 0 dislike) for every
+    image a selector chose and the person answered (skips left out), from rounds/NNN/pool.json and labels.json."""
+    out = []
+    for pool in sorted(d.glob("rounds/*/pool.json")):
+        p = json.loads(pool.read_text()).get("p_like")
+        labels = pool.parent / "labels.json"
+        if p is None or not labels.is_file():
+            continue                         # no model yet (the first rounds), or a round without answers kept
+        answers = json.loads(labels.read_text())
+        y = [answers[k] for k in sorted(answers)]
+        if len(y) != len(p):
+            raise ValueError(f"{pool}: {len(p)} predictions for {len(y)} answers")
+        out += [(float(pi), int(yi > 0)) for pi, yi in zip(p, y) if yi != 0]
+    return out
+
+
+def calibration_rows(pairs: list[tuple[float, int]]) -> dict:
+    """Reliability over `CALIBRATION_BINS`: per bin the images, mean p(like) and the share liked; the expected
+    calibration error (ECE, the bins' |mean p − share liked| weighted by their images), accuracy of p > 0.5, Brier."""
+    n = len(pairs)
+    bins = []
+    for lo, hi in zip(CALIBRATION_BINS, CALIBRATION_BINS[1:]):
+        b = [(p, y) for p, y in pairs if lo <= p < hi or (hi == 1.0 and p == 1.0)]
+        if b:
+            bins.append({"lo": lo, "hi": hi, "n": len(b), "p": statistics.mean(p for p, _ in b),
+                         "liked": statistics.mean(y for _, y in b)})
+    return {"n": n, "bins": bins,
+            "ece": sum(b["n"] / n * abs(b["p"] - b["liked"]) for b in bins) if n else math.nan,
+            "acc": statistics.mean(int((p > 0.5) == bool(y)) for p, y in pairs) if n else math.nan,
+            "brier": statistics.mean((p - y) ** 2 for p, y in pairs) if n else math.nan}
+
+
+def cmd_calibration(args) -> int:
+    """How well the selectors' preference model foresaw the answers it had not yet seen, per tag over its runs: a
+    reliability table (predicted p(like) against the share the person liked, per bin), ECE, accuracy and Brier."""
+    head = ["| variant | runs | answers | " + " | ".join(f"p in [{lo:.1f}, {hi:.1f})" for lo, hi in
+                                                    zip(CALIBRATION_BINS, CALIBRATION_BINS[1:]))
+            + " | ECE | accuracy | Brier |", "|---|---|---|" + "---|" * (len(CALIBRATION_BINS) - 1) + "---|---|---|"]
+    lines = list(head)
+    for tag in args.tags:
+        runs = sorted(d for d in (Path(args.out) / tag / args.dataset).glob("*_s*")
+                      if not args.sets or d.name.rsplit("_s", 1)[0] in args.sets)
+        pairs = [pa for d in runs for pa in asked_answers(d)]
+        if not pairs:
+            print(f"error: no run under {Path(args.out) / tag / args.dataset} kept a selector's predictions "
+                  "(rounds/NNN/pool.json with p_like, and labels.json); run it with select.selector set",
+                  file=sys.stderr)
+            return 2
+        c = calibration_rows(pairs)
+        cells = []
+        for lo, hi in zip(CALIBRATION_BINS, CALIBRATION_BINS[1:]):
+            b = next((b for b in c["bins"] if b["lo"] == lo), None)
+            cells.append(f"{b['liked']:.2f} liked at {b['p']:.2f} (n {b['n']})" if b else "—")
+        lines.append(f"| {tag} | {len(runs)} | {c['n']} | " + " | ".join(cells)
+                     + f" | {c['ece']:.3f} | {c['acc']:.3f} | {c['brier']:.3f} |")
+    text = "\n".join(lines) + ("\n\nEach cell: the share of the asked images the person liked, at the preference "
+                               "model's mean p(like) for them, among the images it gave a p(like) in that bin before "
+                               "they were asked (skips left out). ECE: the bins' |mean p − share liked|, weighted by "
+                               "their images.\n")
+    path = Path(args.out) / f"{args.name}_{args.dataset}.md"
+    atomic_write_bytes(path, text.encode())
+    print(text + f"\nwritten: {path}")
+    return 0
+
+
 def cmd_user(args) -> int:
     """How the run's simulated user answers one evaluation's images (`--round`, default 0: the base model's samples),
     per class the evaluator puts them in: the share the user is sure is that class (so would like it when the class
@@ -518,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/preference_sets.py", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "report", "curves", "reach", "asked", "user"):
+    for name in ("run", "report", "curves", "reach", "asked", "user", "calibration"):
         p = sub.add_parser(name)
         if name == "user":
             p.add_argument("run", help="a run directory (its config and an evaluation's images)")
@@ -535,6 +613,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
             p.add_argument("--records", default="docs/results/preference_sets",
                            help="keep each finished run's small files here (skip a run recorded there); '' : none")
+        if name == "calibration":
+            p.add_argument("--tags", nargs="+", required=True, help="the variants (selectors) to set side by side")
+            p.add_argument("--name", default="calibration", help="the output file's name")
+            p.add_argument("--sets", nargs="*", default=None, help="set names (default: every run of the tag)")
         if name in ("curves", "reach"):
             p.add_argument("--tags", nargs="+", required=True, help="the variants to set side by side")
             p.add_argument("--labels", type=int, default=150, help="the label budget the curves stop at")
@@ -545,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
                            "to the base judged on as many (its first kept images; needs the run directories)")
     args = ap.parse_args(argv)
     return {"run": cmd_run, "report": cmd_report, "curves": cmd_curves, "reach": cmd_reach, "asked": cmd_asked,
-            "user": cmd_user}[args.cmd](args)
+            "user": cmd_user, "calibration": cmd_calibration}[args.cmd](args)
 
 
 if __name__ == "__main__":

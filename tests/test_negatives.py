@@ -67,8 +67,8 @@ def test_shapes_range_and_kinds(synth):
     assert imgs.shape == x.shape and kinds.shape == (len(x),) and kinds.dtype == torch.int64
     assert set(kinds.tolist()) == {ng.KIND_NAMES.index("blur"), ng.KIND_NAMES.index("scribble")}
     assert ng.REJECT_CLASS == 10 and set(ng.NEGATIVE_KINDS) == set(ng.KIND_NAMES) == {
-        "noise", "blend", "blur", "fragment", "broken", "scribble", "flat"}
-    assert set(ng.TRAINED_KINDS) == set(ng.KIND_NAMES) - {"flat"}
+        "noise", "blend", "blur", "fragment", "broken", "scribble", "flat", "blend_apart"}
+    assert set(ng.TRAINED_KINDS) == set(ng.KIND_NAMES) - {"flat", "blend_apart"}
     drawn = ng.negative_batch(torch.cat([x] * 4), torch.cat([y] * 4), _gen(2))[1]   # the default: trained kinds only
     assert set(drawn.tolist()) == {ng.KIND_NAMES.index(k) for k in ng.TRAINED_KINDS}
     with pytest.raises(ValueError, match="unknown negative kind"):
@@ -223,6 +223,42 @@ def test_blend_combines_two_distinct_sources(real):
     assert ca.median() > 0.6 and cb.median() > 0.6, (ca.median(), cb.median())
     assert (torch.minimum(ca, cb) > 0.2).float().mean() > 0.9, torch.minimum(ca, cb)
     # and it is far from either source alone, as placed in the blend
+    for i, shift in ((src, info["shift_src"]), (par, info["shift_partner"])):
+        placed = ng.affine(x[i], shift=(shift[:, 0], shift[:, 1]))
+        assert (v - placed).flatten(1).norm(dim=1).min() > ng.MIN_L2_TO_SOURCE
+
+
+def test_stick_out_against_hand_counted_squares():
+    """Two 4 × 4 squares: a's ink outside b's silhouette (b's ink grown by a pixel) and b's outside a's, by hand."""
+    a = torch.zeros(1, 1, 12, 12)
+    b = torch.zeros(1, 1, 12, 12)
+    a[..., 2:6, 2:6] = 1.0                    # 16 pixels
+    b[..., 2:6, 6:10] = 1.0                   # beside a: b's silhouette covers a's column 5 only (4 of 16 pixels)
+    assert float(ng.stick_out(a, b)) == pytest.approx(12 / 16)
+    b2 = torch.zeros(1, 1, 12, 12)
+    b2[..., 3:5, 3:5] = 1.0                   # inside a: none of it shows beside a
+    assert float(ng.stick_out(a, b2)) == 0.0
+    far = torch.zeros(1, 1, 12, 12)
+    far[..., 8:12, 8:12] = 0.5                # apart (any ink above APART_INK counts): all of both shows
+    assert float(ng.stick_out(a, far)) == 1.0
+
+
+def test_blend_apart_picks_partners_that_stick_out(real):
+    x, y = real
+    p = (x + 1) / 2
+    v, info = ng.blend_apart(x, _gen(13), y, return_info=True)
+    src, par = info["src"], info["partner"]
+    assert (src != par).all() and (y[src] != y[par]).all()
+    apart = ng.stick_out(p[src], p[par])
+    _, plain = ng.blend(x, _gen(13), y, return_info=True)
+    rand = ng.stick_out(p[plain["src"]], p[plain["partner"]])
+    # the best of 16 candidates: nine in ten partners stick out at least as much as the median random one
+    assert apart.median() > rand.median() + 0.1, (apart.median(), rand.median())
+    assert (apart >= rand.median()).float().mean() > 0.9
+    # each is the best of its candidates: no other image of another class sticks out more than 0.25 further
+    best = torch.stack([torch.where(y != y[i], ng.stick_out(p[i].expand_as(p), p), torch.tensor(-1.0)).max()
+                        for i in src.tolist()])
+    assert ((best - apart) < 0.25).float().mean() > 0.9
     for i, shift in ((src, info["shift_src"]), (par, info["shift_partner"])):
         placed = ng.affine(x[i], shift=(shift[:, 0], shift[:, 1]))
         assert (v - placed).flatten(1).norm(dim=1).min() > ng.MIN_L2_TO_SOURCE

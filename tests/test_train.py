@@ -334,6 +334,32 @@ def test_bounds_met():
     assert bounds_met({"fid_preferred": 9.0}, {"fid_preferred": nan}, 4, 0.9)["fid"] is None
 
 
+def test_calibration_reads_the_asked_images_and_bins_them_by_hand(tmp_path):
+    """scripts/preference_sets.py calibration: each asked image's p(like) paired with the answer in round order,
+    skips left out, rounds without a model skipped; the bins, ECE, accuracy and Brier by hand."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("preference_sets", ROOT / "scripts" / "preference_sets.py")
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    run = tmp_path / "set_s0"
+    for r, p, y in (("001", None, [1, -1]), ("002", [0.95, 0.05, 0.6], [1, 1, 0]), ("003", [0.92, 0.2], [-1, -1])):
+        (run / "rounds" / r).mkdir(parents=True)
+        (run / "rounds" / r / "pool.json").write_text(json.dumps({"p_like": p} if p else {}))
+        (run / "rounds" / r / "labels.json").write_text(json.dumps({f"r{r}_{i:03d}": v for i, v in enumerate(y)}))
+    pairs = ps.asked_answers(run)
+    assert pairs == [(0.95, 1), (0.05, 1), (0.92, 0), (0.2, 0)]      # the skip (0) and the model-less round left out
+    c = ps.calibration_rows(pairs)
+    by = {b["lo"]: b for b in c["bins"]}
+    assert set(by) == {0.0, 0.1, 0.9} and by[0.9]["n"] == 2 and by[0.9]["p"] == pytest.approx(0.935)
+    assert by[0.9]["liked"] == 0.5 and by[0.0]["liked"] == 1.0
+    # ECE: 2/4 * |0.935 - 0.5| + 1/4 * |0.05 - 1| + 1/4 * |0.2 - 0|
+    assert c["ece"] == pytest.approx(0.5 * 0.435 + 0.25 * 0.95 + 0.25 * 0.2)
+    assert c["acc"] == 0.5 and c["brier"] == pytest.approx((0.05 ** 2 + 0.95 ** 2 + 0.92 ** 2 + 0.2 ** 2) / 4)
+    (run / "rounds" / "003" / "labels.json").write_text(json.dumps({"r003_000": 1}))
+    with pytest.raises(ValueError, match="2 predictions for 1 answers"):
+        ps.asked_answers(run)
+
+
 def test_reach_counts_the_first_evaluation_inside_every_bound():
     """scripts/preference_sets.py reach: the first evaluation at or above the target where every bound holds, no
     interpolation; one that reaches the rate while breaking a bound does not count."""
