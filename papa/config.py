@@ -85,7 +85,7 @@ class ClassifierTrainConfig:
                                       # (papa.negatives, drawn from this seed) beside style-augmented real images
     negative_fraction: float = 0.5    # reject training: negatives per real image in each batch
     # the kinds of negative (papa.negatives.KIND_NAMES), each negative's kind drawn uniformly from this list (a kind
-    # named twice is drawn twice as often); default: papa.negatives.TRAINED_KINDS (all but the slab)
+    # named twice is drawn twice as often); default: papa.negatives.TRAINED_KINDS (the first judges' six kinds)
     negative_kinds: list[str] = field(default_factory=lambda: list(_trained_kinds()))
     init: str = ""                    # start from this 10-class classifier file (its head gains the reject row)
 
