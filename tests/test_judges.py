@@ -18,14 +18,15 @@ from testutil import ROOT
 
 N_REAL, N_NEG = 600, 200          # small and fast; the manifest's figures use the whole test split
 JUDGES = [(ds, kind) for ds in ("mnist", "fashion_mnist") for kind in ("evaluator", "oracle")]
-# The share of each kind of held-out negative a shipped judge must reject. The aim is 95 % for every kind, which the
-# MNIST evaluator meets; where a judge falls short (docs/ALIGNMENT.md, the reject option's entries, has the measured
-# figures and why: a blend of two shirts is often a legible shirt, and the digit-stroke negatives fit clothes less),
-# the floor is set below what it measures, so that a retrained judge may not do worse unnoticed.
+# The share of each kind of held-out negative a shipped judge must reject. The aim is 95 % for every kind it was
+# trained on, which both evaluators meet; where a judge falls short, or for a kind it was not trained on (the
+# Fashion-MNIST evaluator's `blend`, random partners: a blend of two shirts is often a legible shirt, so it trains on
+# `blend_apart` instead; docs/ALIGNMENT.md has the measured figures and why), the floor is set below what it measures,
+# so that a retrained judge may not do worse unnoticed.
 TARGET = 0.95
 FLOORS = {("mnist", "evaluator"): {},
           ("mnist", "oracle"): {"blend": 0.80, "scribble": 0.90},
-          ("fashion_mnist", "evaluator"): {"blend": 0.55, "fragment": 0.85, "broken": 0.90, "scribble": 0.90},
+          ("fashion_mnist", "evaluator"): {"blend": 0.65},
           ("fashion_mnist", "oracle"): {"blend": 0.25, "blur": 0.70, "fragment": 0.60, "broken": 0.90,
                                         "scribble": 0.85}}
 
