@@ -61,7 +61,7 @@ cross erosions when too many pixels sit at the peak, with a plain scale-down onl
   images. Why: a random partner often hides inside the source's silhouette or the source inside its own, and then the
   blend is a legible member (on Fashion-MNIST test images a quarter of random partners show under 1.1 % of the less
   visible garment's ink: a pullover over a shirt is a pullover); the median share is 0.38 for `blend_apart` against
-  0.085 for `blend` there (MNIST: 0.42 against 0.20). Not a member of any class: two garments or digits a person
+  0.085 for `blend` there (MNIST: 0.42 against 0.20; `scripts/blend_probe.py`). Not a member of any class: two garments or digits a person
   sees as two.
 - `blur`: a Gaussian blur (σ ~ U(2, 3) px) of a real image, renormalised to peak 1 ("as bright as ink") and then
   fitted to the source's ink (which trims the faint halo). Not a digit: at σ ≥ 2 px a 2–3 px pen stroke is smeared

@@ -134,10 +134,9 @@ def record_dir(args, name: str, seed: int) -> Path | None:
 def save_record(d: Path, rec: Path | None) -> None:
     if rec is None:
         return
-    from papa.checkpoint import atomic_write_bytes
     from papa.compare import RECORD_FILES, first_last_grids
-    asked = [str(p.relative_to(d)) for p in sorted(d.glob("rounds/*/pool.json")) + sorted(d.glob("rounds/*/labels.json"))
-             if (p.parent / "pool.json").is_file()]     # what the selector predicted and the person answered
+    asked = [str(f.relative_to(d)) for pool in sorted(d.glob("rounds/*/pool.json"))
+             for f in (pool, pool.with_name("labels.json"))]    # what the selector predicted and the person answered
     for n in [*RECORD_FILES, *first_last_grids(rows_of(d)), *asked, "wall.json"]:  # wall.json last: marks it finished
         if (d / n).is_file():
             atomic_write_bytes(rec / n, (d / n).read_bytes())
@@ -515,10 +514,9 @@ def calibration_rows(pairs: list[tuple[float, int]]) -> dict:
 def cmd_calibration(args) -> int:
     """How well the selectors' preference model foresaw the answers it had not yet seen, per tag over its runs: a
     reliability table (predicted p(like) against the share the person liked, per bin), ECE, accuracy and Brier."""
-    head = ["| variant | runs | answers | " + " | ".join(f"p in [{lo:.1f}, {hi:.1f})" for lo, hi in
+    lines = ["| variant | runs | answers | " + " | ".join(f"p in [{lo:.1f}, {hi:.1f})" for lo, hi in
                                                     zip(CALIBRATION_BINS, CALIBRATION_BINS[1:]))
             + " | ECE | accuracy | Brier |", "|---|---|---|" + "---|" * (len(CALIBRATION_BINS) - 1) + "---|---|---|"]
-    lines = list(head)
     for tag in args.tags:
         runs = sorted(d for d in (Path(args.out) / tag / args.dataset).glob("*_s*")
                       if not args.sets or d.name.rsplit("_s", 1)[0] in args.sets)
