@@ -1,4 +1,6 @@
 """PAPA loss against a plain loop written from the formula (docs/ALGORITHMS.md §2), its weights, and its estimator."""
+import math
+
 import pytest
 import torch
 
@@ -286,3 +288,46 @@ def test_base_ratio_weights_pull_the_liked_back_to_the_base_proportions():
     clipped = base_ratio_weights(x, y, base, skewed, f=0.05, max_weight=1.5)   # clipped at 1.5, then mean 1 again
     assert clipped[:2].mean() == pytest.approx(1.0) and clipped[0] < clipped[1] < free[1]
     assert torch.equal(base_ratio_weights(x, y, base, policy, f=0.0), torch.ones(4, dtype=torch.float64))  # off
+
+
+def test_elbo_log_ratio_against_the_sum_written_from_the_formula():
+    """log p_base − log p_policy ≈ Σ_{t ≥ k} (λ_t / 2) · D · (mse(ε_policy, ε) − mse(ε_base, ε)); with every step
+    (steps ≥ the trained ones) the estimate is that sum, here for two toy 'models' that predict constant noise."""
+    from papa.algos.papa import elbo_log_ratio, papa_weights
+    from papa.schedule import NoiseSchedule
+    sched = NoiseSchedule(20, 1e-4, 0.2)
+    lam = papa_weights(sched)
+    policy = lambda x, t: torch.full_like(x, 0.5)
+    base = lambda x, t: torch.zeros_like(x)
+    x0 = torch.randn(3, 1, 2, 2)
+    k = 12
+    got = elbo_log_ratio(policy, base, sched, x0, lam, k, steps=100, gen=torch.Generator().manual_seed(0))
+    # the draws of elbo_log_ratio: the strata's offsets first (all zero here: strata of one step), then ε
+    g = torch.Generator().manual_seed(0)
+    torch.rand((3, 20 - k), generator=g, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=g)
+    want = torch.zeros(3, dtype=torch.float64)
+    for i in range(3):
+        for t in range(k, 20):
+            mse_p = float(((0.5 - eps[i]) ** 2).mean())
+            mse_b = float((eps[i] ** 2).mean())
+            want[i] += float(lam[t]) / 2 * 4 * (mse_p - mse_b)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    same = elbo_log_ratio(base, base, sched, x0, lam, k, steps=3, gen=torch.Generator().manual_seed(1))
+    assert torch.equal(same, torch.zeros(3, dtype=torch.float64))      # one model against itself: no ratio
+    a = elbo_log_ratio(policy, base, sched, x0, lam, k, steps=3, gen=torch.Generator().manual_seed(2))
+    b = elbo_log_ratio(policy, base, sched, x0, lam, k, steps=3, gen=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)                                            # deterministic given the generator
+
+
+def test_tempered_weights_by_hand():
+    from papa.algos.papa import tempered_weights
+    y = torch.tensor([1, 1, -1, 0])
+    log_r = torch.tensor([0.0, math.log(3.0), 5.0, -5.0], dtype=torch.float64)
+    # ratios 1 and 3 over the liked, mean 1: 0.5 and 1.5; the disliked and the skipped keep 1, whatever their ratio
+    assert torch.allclose(tempered_weights(log_r, y), torch.tensor([0.5, 1.5, 1.0, 1.0], dtype=torch.float64))
+    # power 2: 1 and 9, mean 1: 0.2 and 1.8
+    assert torch.allclose(tempered_weights(log_r, y, 2.0), torch.tensor([0.2, 1.8, 1.0, 1.0], dtype=torch.float64))
+    big = tempered_weights(torch.tensor([0.0, 0.0, 0.0, 50.0], dtype=torch.float64), torch.ones(4), max_weight=2.0)
+    assert big.mean() == pytest.approx(1.0) and torch.isfinite(big).all() and big[3] > big[0]   # clipped, no overflow
+    assert torch.equal(tempered_weights(log_r, torch.tensor([-1, 0, -1, 0])), torch.ones(4, dtype=torch.float64))

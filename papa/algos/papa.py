@@ -129,6 +129,55 @@ def base_ratio_weights(x: torch.Tensor, y: torch.Tensor, base: torch.Tensor, pol
     return w
 
 
+def tempered_weights(log_r: torch.Tensor, y: torch.Tensor, power: float = 1.0, max_weight: float = 3.0) -> torch.Tensor:
+    """Per-sample weights (N,) from log density ratios log_r (N,): 1 for disliked and unlabeled samples; each liked one
+    gets exp(power · log_r), normalised to mean 1 over the liked, clipped at `max_weight` and normalised again (the
+    normalisation of `base_ratio_weights`)."""
+    w = torch.ones(len(y), dtype=torch.float64)
+    liked = y > 0
+    if not liked.any():
+        return w
+    a = log_r[liked].double() * power
+    r = (a - a.max()).exp()
+    r = (r / r.mean()).clamp_max(max_weight)
+    w[liked] = r / r.mean()
+    return w
+
+
+@torch.no_grad()
+def elbo_log_ratio(policy, base, sched: NoiseSchedule, x0: torch.Tensor, lam: torch.Tensor, k: int, steps: int,
+                   gen: torch.Generator, batch_size: int = 256) -> torch.Tensor:
+    """(N,) estimates of log p_base(x0) − log p_policy(x0) from the two models' evidence lower bounds:
+    Σ_{t ≥ k} (λ_t / 2) · D · (mse(ε_policy(x_t, t), ε) − mse(ε_base(x_t, t), ε)), D the values per image. The steps
+    below k cancel (ePAPA samples them with the base model). The sum is estimated on `steps` stratified steps of
+    t ≥ k (one uniform draw per stratum, weighted by its size) with one noise draw per sample shared by both models,
+    so most of the noise of the two bounds cancels in the difference. `policy` and `base` are callables
+    (x, t) -> ε̂; deterministic given `gen`."""
+    T = sched.T
+    trained = torch.arange(k, T)
+    trained = trained[lam[trained] > 0]
+    n, N = len(trained), len(x0)
+    M = min(steps, n) if steps > 0 else n
+    edges = torch.linspace(0, n, M + 1, dtype=torch.float64).round().long()
+    size = (edges[1:] - edges[:-1]).clamp_min(1)
+    off = (torch.rand((N, M), generator=gen, dtype=torch.float64) * size).long()
+    t = trained[edges[:-1] + off]                                    # (N, M)
+    coef = (lam[t] / 2 * size * x0[0].numel()).reshape(-1)           # (N·M,)
+    eps = torch.randn(x0.shape, generator=gen)
+    sample_of = torch.arange(N).repeat_interleave(M)
+    t = t.reshape(-1)
+    dev = x0.device
+    diff = torch.empty(len(t), dtype=torch.float64)
+    for a in range(0, len(t), batch_size):
+        sl = slice(a, a + batch_size)
+        e = eps[sample_of[sl]].to(dev)
+        tt = t[sl].to(dev)
+        x_t = sched.add_noise(x0[sample_of[sl]].to(dev), e, tt)
+        mse = lambda net: (net(x_t, tt) - e).square().flatten(1).mean(1).double().cpu()
+        diff[sl] = mse(policy) - mse(base)
+    return torch.zeros(N, dtype=torch.float64).index_add_(0, sample_of, diff * coef)
+
+
 def label_weights(y: torch.Tensor, max_weight: float = 3.0) -> torch.Tensor:
     """Per-sample weights (N,) that give a round's likes and its dislikes half the total weight each
     (`papa.label_balance`): n / (2 n_+) for every like and n / (2 n_−) for every dislike, n = n_+ + n_−, each clipped
@@ -270,6 +319,9 @@ class PAPASettings:
     base_ratio_num: int = 200         # base-model samples drawn once (seeded by train.seed) for the base density
     base_ratio_rounds: int = 3        # the policy density: the last this many rounds' samples (a pool's every
                                       # candidate where the round drew one)
+    base_ratio_estimate: str = "features"  # features: the kernel densities above | elbo: the difference of the two
+                                      # models' evidence lower bounds on each sample (elbo_log_ratio), no kernel
+    base_ratio_steps: int = 100       # elbo: stratified steps of t >= epapa_k per sample (more: less noise, more cost)
 
     def check(self, cfg, require) -> None:
         T = cfg.diffusion.num_timesteps
@@ -287,6 +339,8 @@ class PAPASettings:
         require(self.base_ratio_bandwidth > 0, "base_ratio_bandwidth", "must be > 0")
         require(self.base_ratio_num >= 3, "base_ratio_num", "must be >= 3")
         require(self.base_ratio_rounds >= 1, "base_ratio_rounds", "must be >= 1")
+        require(self.base_ratio_estimate in ("features", "elbo"), "base_ratio_estimate", "must be features or elbo")
+        require(self.base_ratio_steps >= 1, "base_ratio_steps", "must be >= 1")
         require(self.replay_size >= 0, "replay_size", "must be >= 0 (0: replay all earlier feedback)")
         require(self.replay or self.replay_size == 0, "replay_size", "applies with papa.replay: true; set it to 0")
         require(self.replay_order in ("mixed", "first"), "replay_order", "must be mixed or first")
@@ -365,8 +419,15 @@ class PAPA(ImageLabels, Method):
     def _base_ratio(self, data: dict, history: list[dict]) -> torch.Tensor:
         """`base_ratio_weights` of the training set: the base density from `base_ratio_num` base-model samples (drawn
         and featurised once; the same on every rank and after a resume), the policy density from the samples of the
-        last `base_ratio_rounds` rounds, each round's whole pool where it drew one."""
+        last `base_ratio_rounds` rounds, each round's whole pool where it drew one. With `base_ratio_estimate: elbo`,
+        the log ratio of each sample is the difference of the base model's and the policy's evidence lower bounds
+        (`elbo_log_ratio`, seeded by the seed and round) and the weights are `tempered_weights` of it."""
         s, net = self.s, self.policy.reference_module
+        if s.base_ratio_estimate == "elbo":
+            gen = torch.Generator().manual_seed(self.t.seed * 7_919 + len(history))
+            log_r = elbo_log_ratio(self.policy.policy, self.policy.reference, self.sched, data["x"].to(self.device),
+                                   self.lam, s.epapa_k, s.base_ratio_steps, gen)
+            return tempered_weights(log_r, data["y"], s.base_ratio)
         if self._base_feats is None:
             from papa.sampling import sample
             d = self.cfg.diffusion
