@@ -245,6 +245,7 @@ def test_replay_trains_on_earlier_feedback_and_resumes(tiny, tmp_path):
 @pytest.mark.parametrize("weighting", [
     ["papa.liked_balance=0.4", "papa.balance_space=features", "papa.balance_power=2"],
     ["papa.liked_balance=0", "papa.base_ratio=2", "papa.base_ratio_num=6"],      # no pool: the rounds' own samples
+    ["papa.liked_balance=0", "papa.base_ratio=1", "papa.base_ratio_estimate=elbo", "papa.base_ratio_steps=3"],
 ])
 def test_liked_balance_keeps_the_feedback_and_resumes(tiny, tmp_path, weighting):
     """papa.liked_balance weighs liked samples by all liked images so far, papa.base_ratio by the base's density over
@@ -254,7 +255,7 @@ def test_liked_balance_keeps_the_feedback_and_resumes(tiny, tmp_path, weighting)
     from papa.train import main
     plain, bal, cut = tmp_path / "plain", tmp_path / "bal", tmp_path / "cut"
     ovs = [*weighting, "train.samples_per_round=8", "train.batch_size=8"]
-    assert main(args_for(overrides(tiny, plain, rounds=3, extra=["papa.liked_balance=0", *ovs[3:]]))) == 0
+    assert main(args_for(overrides(tiny, plain, rounds=3, extra=["papa.liked_balance=0", *ovs[len(weighting):]]))) == 0
     assert main(args_for(overrides(tiny, bal, rounds=3, extra=ovs))) == 0
     a, b = metrics(run_dir(plain)), metrics(run_dir(bal))
     assert [r["round_positive"] for r in a[1:2]] == [r["round_positive"] for r in b[1:2]]  # same first samples
