@@ -25,7 +25,8 @@ import torch
 
 from papa import checkpoint
 from papa.algos.papa import balance_features, base_ratio_weights, elbo_log_ratio, papa_weights, tempered_weights
-from papa.config import load_config
+from papa.cli import run_main
+from papa.config import ConfigError, load_config
 from papa.metrics import classify
 from papa.models import load_classifier, load_unet
 from papa.models.classifier import NUM_CLASSES, REJECT_CLASS
@@ -33,7 +34,7 @@ from papa.sampling import sample
 from papa.schedule import NoiseSchedule
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a run directory (its config.yaml and checkpoints/round_NNN.pt)")
@@ -43,13 +44,17 @@ def main() -> None:
     ap.add_argument("--powers", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="weight = ratio^power")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.num < 2 or args.steps < 1:
+        ap.error("--num must be >= 2 and --steps >= 1")
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     cfg = load_config(run / "config.yaml")
     rounds = checkpoint.round_files(run / "checkpoints")
     if not rounds:
-        raise SystemExit(f"{run}: no checkpoints/round_NNN.pt; pass a run directory that kept its round checkpoints")
+        raise ConfigError(f"{run}: no checkpoints/round_NNN.pt; pass a run directory that kept its round checkpoints")
+    if args.round is not None and args.round not in dict(rounds):
+        raise ConfigError(f"--round {args.round}: {run}/checkpoints has rounds {[r for r, _ in rounds]}; pass one of them")
     path = dict(rounds)[args.round] if args.round is not None else rounds[-1][1]
     ds, d, s = cfg.data.dataset, cfg.diffusion, cfg.methods["papa"]
     base = load_unet(cfg.model, cfg.checkpoints.base, dataset=ds).eval()
@@ -98,7 +103,8 @@ def main() -> None:
     print("| total variation from the base | | | | " + " | ".join(f"{v:.3f}" for v in tv.values()) + " |")
     print("\n(columns after the fourth: each liked class's share of the weight over the policy's liked samples; "
           "none = the policy's own shares)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
