@@ -404,7 +404,9 @@ def cmd_reach(args) -> int:
                 base = base_at(row) if base_at is not None else \
                     next(r for r in rows if "legible_preferred_rate" in r)
                 broken = [k for k, v in bounds_met(row, base, len(pref), target).items() if v is False]
-                quality = (f"rejected {row['rejected_rate'] / max(base['rejected_rate'], 1e-9):.2f}×, FID "
+                rej = (f"{row['rejected_rate'] / base['rejected_rate']:.2f}×" if base["rejected_rate"] > 0 else
+                       f"{100 * row['rejected_rate']:.1f} % (base none)")
+                quality = (f"rejected {rej}, FID "
                            f"{row['fid_preferred'] / base['fid_preferred']:.2f}×, smallest liked "
                            f"{row['min_liked_share']:.3f}")
                 cells.append(f"s{seed}: {n:.0f} ({row['legible_preferred_rate']:.3f}; {quality})" if math.isfinite(n)
