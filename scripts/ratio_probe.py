@@ -9,14 +9,16 @@ config) and as many from the frozen base model, puts each in a class with the ev
 true ratio of the class shares (base share / policy share) with two estimates of the per-sample ratio:
 
 - `kde`: the shipped estimator, Gaussian kernel densities on the base UNet's features (`base_ratio_weights`, the run's
-  bandwidth and power, a base set of `base_ratio_num` base samples, the policy set the probe's policy samples);
+  bandwidth; the base set the probe's base samples, the policy set its policy samples);
 - `elbo`: the difference of the two models' evidence lower bounds, log p_base(x) − log p_policy(x) ≈
   Σ_{t ≥ k} (λ_t / 2) · D · (mse(ε_policy(x_t, t), ε) − mse(ε_base(x_t, t), ε)), D the pixels per image, on `--steps`
   stratified steps of t ≥ k with one noise draw per sample shared by both models (`papa.algos.papa.elbo_log_ratio`).
 
-For each estimate it prints the weight share each class gets among the policy's samples after the weights
-(normalised to mean 1, clipped at 3, as `base_ratio_weights` does), beside the policy's share (no weights) and the
-base's share: an estimate that sees the over-drawn class brings its share toward the base's.
+For each estimate and power (`--powers`) it prints the share of the weight each liked class gets over the policy's
+liked samples (normalised to mean 1 and clipped at 3, as in training), beside the policy's own shares (`none`) and
+the base's shares of its liked samples, and each column's total variation from the base's: an estimate that sees
+the over-drawn class brings its share toward the base's. It also prints how well two independent ELBO estimates
+of the same samples agree (their correlation), a measure of the estimate's noise.
 """
 import argparse
 from pathlib import Path
@@ -29,7 +31,6 @@ from papa.cli import run_main
 from papa.config import ConfigError, load_config
 from papa.metrics import classify
 from papa.models import load_classifier, load_unet
-from papa.models.classifier import NUM_CLASSES, REJECT_CLASS
 from papa.sampling import sample
 from papa.schedule import NoiseSchedule
 
@@ -68,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     cp, cb = (classify(ev, x)[0].argmax(1) for x in (xp, xb))
     lam = papa_weights(sched, s.t0_weight, s.weighting)
     gen = torch.Generator().manual_seed(args.seed + 2)
-    with torch.no_grad():
-        log_r = elbo_log_ratio(policy, base, sched, xp, lam, s.epapa_k, args.steps, gen)
-        log_r2 = elbo_log_ratio(policy, base, sched, xp, lam, s.epapa_k, args.steps, gen)
+    log_r = elbo_log_ratio(policy, base, sched, xp, lam, s.epapa_k, args.steps, gen)
+    log_r2 = elbo_log_ratio(policy, base, sched, xp, lam, s.epapa_k, args.steps, gen)   # the same draw, new noise
     fb = balance_features(base, sched, xb, s.balance_t)
     fp = balance_features(base, sched, xp, s.balance_t)
     liked_classes = list(cfg.feedback.preference)

@@ -80,6 +80,20 @@ def trained_steps(s: PAPASettings, T: int, lam: torch.Tensor) -> torch.Tensor:
     return steps[lam[steps] > 0]
 
 
+def mean_one_clipped(r: torch.Tensor, max_weight: float) -> torch.Tensor:
+    """Positive weights r normalised to mean 1, clipped at `max_weight` (one odd sample must not dominate a step) and
+    normalised to mean 1 again: the last step of every per-sample weighting here."""
+    r = (r / r.mean()).clamp_max(max_weight)
+    return r / r.mean()
+
+
+def strata(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, size) of m near-equal strata of n steps (each at least one step long): the stratified subsample of the
+    trained steps draws one step uniformly in each and weights it by the stratum's size."""
+    edges = torch.linspace(0, n, m + 1, dtype=torch.float64).round().long()
+    return edges[:-1], (edges[1:] - edges[:-1]).clamp_min(1)
+
+
 def liked_weights(x: torch.Tensor, y: torch.Tensor, pool: torch.Tensor, f: float,
                   max_weight: float = 3.0, standardise: bool = False, power: float = 1.0) -> torch.Tensor:
     """Per-sample weights (N,) of a training set x (N, …) with labels y: 1 for disliked and unlabeled samples; for liked
@@ -98,9 +112,7 @@ def liked_weights(x: torch.Tensor, y: torch.Tensor, pool: torch.Tensor, f: float
     dp = torch.cdist(p, p)
     h = f * dp[~torch.eye(len(p), dtype=torch.bool)].median().clamp_min(1e-8)
     d = torch.cdist(x[liked].flatten(1).double(), p)
-    inv = torch.exp(-d.square() / (2 * h * h)).sum(1).pow(-power)
-    inv = (inv / inv.mean()).clamp_max(max_weight)
-    w[liked] = inv / inv.mean()
+    w[liked] = mean_one_clipped(torch.exp(-d.square() / (2 * h * h)).sum(1).pow(-power), max_weight)
     return w
 
 
@@ -123,9 +135,7 @@ def base_ratio_weights(x: torch.Tensor, y: torch.Tensor, base: torch.Tensor, pol
 
     def log_density(pts: torch.Tensor) -> torch.Tensor:  # log of the mean kernel, stable for a narrow bandwidth
         return torch.logsumexp(-torch.cdist(xl, pts).square() / (2 * h * h), 1) - math.log(len(pts))
-    r = ((log_density(b) - log_density(q)) * power).clamp(-30, 30).exp()
-    r = (r / r.mean()).clamp_max(max_weight)
-    w[liked] = r / r.mean()
+    w[liked] = mean_one_clipped(((log_density(b) - log_density(q)) * power).clamp(-30, 30).exp(), max_weight)
     return w
 
 
@@ -138,9 +148,7 @@ def tempered_weights(log_r: torch.Tensor, y: torch.Tensor, power: float = 1.0, m
     if not liked.any():
         return w
     a = log_r[liked].double() * power
-    r = (a - a.max()).exp()
-    r = (r / r.mean()).clamp_max(max_weight)
-    w[liked] = r / r.mean()
+    w[liked] = mean_one_clipped((a - a.max()).exp(), max_weight)   # less the largest: no overflow, same after normalising
     return w
 
 
@@ -157,11 +165,10 @@ def elbo_log_ratio(policy, base, sched: NoiseSchedule, x0: torch.Tensor, lam: to
     trained = torch.arange(k, T)
     trained = trained[lam[trained] > 0]
     n, N = len(trained), len(x0)
-    M = min(steps, n) if steps > 0 else n
-    edges = torch.linspace(0, n, M + 1, dtype=torch.float64).round().long()
-    size = (edges[1:] - edges[:-1]).clamp_min(1)
+    M = min(steps, n)
+    start, size = strata(n, M)
     off = (torch.rand((N, M), generator=gen, dtype=torch.float64) * size).long()
-    t = trained[edges[:-1] + off]                                    # (N, M)
+    t = trained[start + off]                                         # (N, M)
     coef = (lam[t] / 2 * size * x0[0].numel()).reshape(-1)           # (N·M,)
     eps = torch.randn(x0.shape, generator=gen)
     sample_of = torch.arange(N).repeat_interleave(M)
@@ -216,10 +223,9 @@ def plan_items(x0: torch.Tensor, y: torch.Tensor, sched: NoiseSchedule, cfg_trai
         if M >= n:
             t_i, imp = steps, torch.ones(n, dtype=torch.float64)
         else:  # stratified: M strata of the trained steps, one uniform draw in each, weight = stratum size
-            edges = torch.linspace(0, n, M + 1, dtype=torch.float64).round().long()
-            size = (edges[1:] - edges[:-1]).clamp_min(1)
+            start, size = strata(n, M)
             off = (torch.rand(M, generator=gen, dtype=torch.float64) * size).long()
-            t_i, imp = steps[edges[:-1] + off], size.double()
+            t_i, imp = steps[start + off], size.double()
         y_i = float(y[i])
         if y_i == 0:
             continue  # an unlabeled (ignored) sample contributes nothing
